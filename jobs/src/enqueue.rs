@@ -1,0 +1,33 @@
+//! Typed jobs and putting them on the queue inside the caller's transaction.
+
+use apalis::prelude::{TaskBuilder, TaskId};
+use apalis_postgres::PgTask;
+use serde::{Serialize, de::DeserializeOwned};
+use sqlx::PgConnection;
+use ulid::Ulid;
+
+use crate::Error;
+
+/// A job type: a small serde value (IDs, timestamps) plus where it queues.
+pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The queue name stored in `apalis.jobs.job_type`. Explicit, so renaming or
+    /// moving the Rust type never strands queued jobs.
+    const QUEUE: &'static str;
+    /// How many times a job of this type runs before it is given up.
+    const MAX_ATTEMPTS: usize;
+}
+
+/// Puts `job` on its queue using `conn`, typically `&mut *tx` of the
+/// transaction whose write caused the job: the job then exists if and only if
+/// that transaction commits, and workers are woken (NOTIFY) at commit.
+///
+/// Returns the job's id (a ULID, as apalis-postgres requires).
+pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, Error> {
+    let id = Ulid::generate();
+    let task: PgTask = TaskBuilder::new(serde_json::to_vec(job)?)
+        .task_id(TaskId::from_ulid(id))
+        .max_attempts(J::MAX_ATTEMPTS)
+        .build();
+    apalis_postgres::queries::push_tasks(conn, J::QUEUE, vec![task]).await?;
+    Ok(id)
+}
