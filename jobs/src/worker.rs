@@ -20,6 +20,8 @@ use crate::{Error, Job, JobContext, trim_visits::{self, TrimVisits}};
 
 /// Worker settings (flags and environment variables of `worker` and `web`).
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "worker")]
+#[command(next_help_heading = "Worker")]
 pub struct WorkerConfig {
     /// Jobs this process runs at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]

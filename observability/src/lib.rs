@@ -25,6 +25,8 @@ pub enum LogFormat {
 
 /// Telemetry settings, shared by both binaries' command lines.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "telemetry")]
+#[command(next_help_heading = "Telemetry")]
 pub struct Config {
     /// Log line format on stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

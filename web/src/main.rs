@@ -1,1 +1,66 @@
-fn main() {}
+//! The `web` binary: migrates the database, serves the VisitMe page, and (by
+//! default) runs a job worker in the same process.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use migrations::PoolSettings;
+use tokio::net::TcpListener;
+use web::{AppState, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let _telemetry = observability::init("visitme-web", &config.telemetry)?;
+    let shutdown = jobs::shutdown::on_signal();
+
+    // Bind first, so a port in use is reported at once, before any waiting on the database.
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let address = listener.local_addr()?;
+
+    let request_pool = PoolSettings::default();
+    let pool = tokio::select! {
+        pool = migrations::connect(&config.database_url, &request_pool) => pool.context("cannot connect to the database")?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    migrations::run(&pool).await.context("cannot migrate the database")?;
+
+    let worker = if config.embedded_worker {
+        // Its own pool with a patient acquire timeout: a short database blip
+        // must not fail heartbeats, while requests should fail fast.
+        let worker_pool = PoolSettings {
+            max_connections: u32::from(config.worker.concurrency) + 3,
+            acquire_timeout: Duration::from_secs(30),
+            ..PoolSettings::default()
+        };
+        let worker_pool = migrations::connect(&config.database_url, &worker_pool).await?;
+        let token = shutdown.clone();
+        let worker_config = config.worker.clone();
+        Some(tokio::spawn(async move {
+            let result = jobs::run(worker_pool, worker_config, token.clone()).await;
+            // A worker that gave up takes the process down, so a supervisor restarts it.
+            token.cancel();
+            result
+        }))
+    } else {
+        tracing::info!("embedded worker off (EMBEDDED_WORKER=false): run `worker` processes");
+        None
+    };
+
+    let state = AppState {
+        pool: pool.clone(),
+        trust_proxy: config.trust_proxy,
+    };
+    tracing::info!(%address, "VisitMe is up: open http://{address}/");
+    web::serve(listener, state, shutdown.clone().cancelled_owned()).await?;
+    shutdown.cancel();
+    if let Some(worker) = worker {
+        worker.await.context("worker task panicked")??;
+    }
+    pool.close().await;
+    tracing::info!("web stopped");
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! The `web` binary's settings: flags with environment-variable fallbacks.
+
+use std::net::SocketAddr;
+
+use clap::{ArgAction, Parser};
+use jobs::WorkerConfig;
+
+/// Serves the VisitMe page: records each visit, lists the 10 newest, and
+/// enqueues a background job that deletes older visits.
+///
+/// By default the same process also runs a job worker, so this one command is
+/// the whole app; set EMBEDDED_WORKER=false when running `worker` processes
+/// separately.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "web", version)]
+pub struct Config {
+    /// Postgres URL; the database is created if missing and migrated at start.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://localhost/visitme",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Address the HTTP server listens on (port 0 picks a free port).
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Also run a job worker inside this process (true/false).
+    #[arg(long, env = "EMBEDDED_WORKER", default_value_t = true, action = ArgAction::Set)]
+    pub embedded_worker: bool,
+
+    /// Take the visitor's address from the last `X-Forwarded-For` entry, i.e.
+    /// the address our reverse proxy saw (true/false). Only enable behind a
+    /// proxy you run: anyone can send that header.
+    #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = ArgAction::Set)]
+    pub trust_proxy: bool,
+
+    /// Worker settings (used when the embedded worker runs).
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+
+    /// Logging and telemetry settings.
+    #[command(flatten)]
+    pub telemetry: observability::Config,
+}

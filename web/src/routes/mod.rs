@@ -1,0 +1,5 @@
+//! HTTP routes, one module per resource.
+
+pub mod assets;
+pub mod health;
+pub mod visits;

@@ -1,0 +1,62 @@
+//! `GET /`: record the visit, show the newest ten, enqueue the trim.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::{
+    Router,
+    extract::{ConnectInfo, State},
+    http::{HeaderMap, header},
+    routing::get,
+};
+use maud::Markup;
+
+use crate::{AppState, Error, views, visits};
+
+/// Longest user agent stored; longer ones are cut (on a character boundary).
+pub const MAX_USER_AGENT_CHARS: usize = 512;
+
+/// `/`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/", get(index))
+}
+
+async fn index(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Markup, Error> {
+    let visitor = visitor_label(client_ip(peer, &headers, state.trust_proxy), &headers);
+    let mut tx = state.pool.begin().await?;
+    let recorded = visits::record_visit(&mut tx, &visitor).await?;
+    tx.commit().await?;
+    let threshold = recorded.threshold.to_rfc3339();
+    tracing::info!(
+        trim.threshold = %threshold,
+        job.id = %recorded.job_id,
+        "Delete entities older than {threshold}"
+    );
+    Ok(views::visits::page(&recorded))
+}
+
+/// The client's address: the TCP peer, or with `trust_proxy` the last
+/// `X-Forwarded-For` entry (the one our own proxy appended; entries before it
+/// are whatever the client claimed).
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trust_proxy: bool) -> IpAddr {
+    let forwarded = trust_proxy
+        .then(|| headers.get_all("x-forwarded-for").iter().next_back())
+        .flatten()
+        .and_then(|value| value.to_str().ok())
+        .and_then(|list| list.rsplit(',').next())
+        .and_then(|last| last.trim().parse::<IpAddr>().ok());
+    forwarded.unwrap_or(peer.ip()).to_canonical()
+}
+
+/// `"<address>: <user agent>"`, as the original sample stored it.
+pub fn visitor_label(ip: IpAddr, headers: &HeaderMap) -> String {
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let user_agent: String = user_agent.chars().take(MAX_USER_AGENT_CHARS).collect();
+    format!("{ip}: {user_agent}")
+}

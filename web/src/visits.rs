@@ -1,0 +1,63 @@
+//! Recording a visit and reading the newest ones: the data side of `GET /`.
+
+use chrono::{DateTime, Utc};
+use jobs::TrimVisits;
+use sqlx::PgConnection;
+
+use crate::Error;
+
+/// How many visits the page shows (and therefore keeps).
+pub const SHOWN_VISITS: i64 = 10;
+
+/// One row of `visits`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Visit {
+    /// Database id.
+    pub id: i64,
+    /// `"<address>: <user agent>"`.
+    pub visitor: String,
+    /// When the visit was recorded (database clock).
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a page view recorded and read, ready to render.
+#[derive(Debug, Clone)]
+pub struct RecordedVisit {
+    /// The newest visits, newest first (this one included).
+    pub visits: Vec<Visit>,
+    /// The oldest shown visit's time: older visits are being deleted.
+    pub threshold: DateTime<Utc>,
+    /// The id of the enqueued `TrimVisits` job.
+    pub job_id: String,
+}
+
+/// Inserts a visit, reads the newest [`SHOWN_VISITS`], and enqueues
+/// `TrimVisits { older_than: <oldest shown> }`, all on `conn`.
+///
+/// Call it inside a transaction (`&mut *tx`): the visit and its job then
+/// commit or roll back together.
+pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<RecordedVisit, Error> {
+    let new_visit: Visit = sqlx::query_as(
+        "insert into visits (visitor) values ($1) returning id, visitor, created_at",
+    )
+    .bind(visitor)
+    .fetch_one(&mut *conn)
+    .await?;
+    let visits: Vec<Visit> = sqlx::query_as(
+        "select id, visitor, created_at from visits
+         order by created_at desc, id desc
+         limit $1",
+    )
+    .bind(SHOWN_VISITS)
+    .fetch_all(&mut *conn)
+    .await?;
+    // Our own insert is visible in this transaction, so the list is never empty;
+    // fall back to it anyway rather than trusting that in an `expect`.
+    let threshold = visits.last().map_or(new_visit.created_at, |oldest| oldest.created_at);
+    let job_id = jobs::enqueue(conn, &TrimVisits { older_than: threshold }).await?;
+    Ok(RecordedVisit {
+        visits,
+        threshold,
+        job_id: job_id.to_string(),
+    })
+}
