@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
         pool = migrations::connect(&cli.database_url, &pool_settings) => pool.context("cannot connect to the database")?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    migrations::run(&pool).await.context("cannot migrate the database")?;
+    migrations::run(&pool)
+        .await
+        .context("cannot migrate the database")?;
 
     jobs::run(pool.clone(), cli.worker, shutdown).await?;
     pool.close().await;

@@ -57,7 +57,11 @@ impl TrimVisits {
         }
         let threshold = self.older_than.to_rfc3339();
         if ids.is_empty() {
-            tracing::info!(job.id = job_id, visits.deleted = 0, "No entities older than: {threshold}");
+            tracing::info!(
+                job.id = job_id,
+                visits.deleted = 0,
+                "No entities older than: {threshold}"
+            );
         } else {
             let shown: Vec<String> = ids.iter().take(SUMMARY_IDS).map(i64::to_string).collect();
             let more = match ids.len().saturating_sub(SUMMARY_IDS) {

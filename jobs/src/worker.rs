@@ -16,7 +16,10 @@ use apalis::prelude::{
 use apalis_postgres::{Config, PgPool, PostgresStorage, Pubsub};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Job, JobContext, trim_visits::{self, TrimVisits}};
+use crate::{
+    Error, Job, JobContext,
+    trim_visits::{self, TrimVisits},
+};
 
 /// Worker settings (flags and environment variables of `worker` and `web`).
 #[derive(Debug, Clone, clap::Args)]
@@ -52,7 +55,9 @@ impl Default for WorkerConfig {
 }
 
 fn parse_seconds(value: &str) -> Result<Duration, String> {
-    let seconds: f64 = value.parse().map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    let seconds: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("{value:?}: {err}"))
 }
 
@@ -95,7 +100,10 @@ fn worker_name(queue: &str, generation: u32) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    format!("{queue}@{host}-{}-{started_ms}-{generation}", std::process::id())
+    format!(
+        "{queue}@{host}-{}-{started_ms}-{generation}",
+        std::process::id()
+    )
 }
 
 /// Queue settings for one job type.
@@ -169,7 +177,11 @@ async fn run_monitor(
 /// returns `Ok`. If the worker dies on its own it is restarted with a backoff;
 /// after [`MAX_RESTARTS`] quick deaths in a row this returns
 /// [`Error::WorkerDied`].
-pub async fn run(pool: PgPool, config: WorkerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    pool: PgPool,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     tracing::info!(
         queues = TrimVisits::QUEUE,
         concurrency = config.concurrency,
@@ -188,10 +200,15 @@ pub async fn run(pool: PgPool, config: WorkerConfig, shutdown: CancellationToken
         }
         failures += 1;
         if failures > MAX_RESTARTS {
-            return Err(Error::WorkerDied { restarts: MAX_RESTARTS });
+            return Err(Error::WorkerDied {
+                restarts: MAX_RESTARTS,
+            });
         }
         let delay = Duration::from_secs(1 << (failures - 1).min(4));
-        tracing::warn!(attempt = failures, "worker stopped unexpectedly; restarting in {delay:?}");
+        tracing::warn!(
+            attempt = failures,
+            "worker stopped unexpectedly; restarting in {delay:?}"
+        );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => return Ok(()),

@@ -154,7 +154,10 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Er
     // CREATE DATABASE cannot take a bound parameter, so the name is quoted as
     // an identifier (double quotes doubled); it comes from our own config.
     let statement = format!("create database \"{}\"", name.replace('"', "\"\""));
-    match sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await {
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+        .execute(&mut admin)
+        .await
+    {
         Ok(_) => tracing::info!(db.namespace = %name, "created database"),
         // 42P04 duplicate_database / 23505 unique_violation: another process won the race.
         Err(sqlx::Error::Database(db))
@@ -207,7 +210,10 @@ pub async fn is_up_to_date(pool: &PgPool) -> Result<bool, Error> {
     )
     .fetch_one(pool)
     .await?;
-    Ok(ours >= latest_version(&MIGRATOR) && queue >= latest_version(&PostgresStorage::migrations()))
+    Ok(
+        ours >= latest_version(&MIGRATOR)
+            && queue >= latest_version(&PostgresStorage::migrations()),
+    )
 }
 
 fn latest_version(migrator: &Migrator) -> Option<i64> {

@@ -32,7 +32,11 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,jobs=debug`.
-    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info,sqlx::postgres::notice=warn")]
+    #[arg(
+        long = "log-filter",
+        env = "RUST_LOG",
+        default_value = "info,sqlx::postgres::notice=warn"
+    )]
     pub log_filter: String,
 }
 
@@ -59,7 +63,10 @@ pub fn init(service_name: &str, config: &Config) -> Result<Guard, Error> {
             .with(tracing_subscriber::fmt::layer().json())
             .try_init()?,
     }
-    tracing::info!(service.name = service_name, "telemetry: logs to stdout, OTLP export off");
+    tracing::info!(
+        service.name = service_name,
+        "telemetry: logs to stdout, OTLP export off"
+    );
     Ok(Guard {
         service_name: service_name.to_owned(),
     })

@@ -29,7 +29,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found() -> impl IntoResponse {
-    (StatusCode::NOT_FOUND, views::errors::page(StatusCode::NOT_FOUND))
+    (
+        StatusCode::NOT_FOUND,
+        views::errors::page(StatusCode::NOT_FOUND),
+    )
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` completes, then lets

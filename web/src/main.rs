@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
         pool = migrations::connect(&config.database_url, &request_pool) => pool.context("cannot connect to the database")?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    migrations::run(&pool).await.context("cannot migrate the database")?;
+    migrations::run(&pool)
+        .await
+        .context("cannot migrate the database")?;
 
     let worker = if config.embedded_worker {
         // Its own pool with a patient acquire timeout: a short database blip

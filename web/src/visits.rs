@@ -53,8 +53,16 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     .await?;
     // Our own insert is visible in this transaction, so the list is never empty;
     // fall back to it anyway rather than trusting that in an `expect`.
-    let threshold = visits.last().map_or(new_visit.created_at, |oldest| oldest.created_at);
-    let job_id = jobs::enqueue(conn, &TrimVisits { older_than: threshold }).await?;
+    let threshold = visits
+        .last()
+        .map_or(new_visit.created_at, |oldest| oldest.created_at);
+    let job_id = jobs::enqueue(
+        conn,
+        &TrimVisits {
+            older_than: threshold,
+        },
+    )
+    .await?;
     Ok(RecordedVisit {
         visits,
         threshold,

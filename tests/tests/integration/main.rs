@@ -1,1 +1,6 @@
-fn main() {}
+//! VisitMe's one integration-test binary: everything against real Postgres.
+
+mod jobs;
+mod migrations;
+mod processes;
+mod web;

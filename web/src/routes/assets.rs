@@ -1,11 +1,6 @@
 //! Static assets compiled into the binary.
 
-use axum::{
-    Router,
-    http::header,
-    response::IntoResponse,
-    routing::get,
-};
+use axum::{Router, http::header, response::IntoResponse, routing::get};
 
 use crate::AppState;
 

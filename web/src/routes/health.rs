@@ -20,10 +20,16 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     match migrations::is_up_to_date(&state.pool).await {
         Ok(true) => (StatusCode::OK, "ready".to_owned()),
-        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: migrations pending".to_owned()),
+        Ok(false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: migrations pending".to_owned(),
+        ),
         Err(err) => {
             tracing::warn!(error = %err, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready: database unavailable".to_owned())
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: database unavailable".to_owned(),
+            )
         }
     }
 }

@@ -13,7 +13,10 @@ pub fn page(status: StatusCode) -> Markup {
             "Temporarily unavailable",
             "The database is not answering right now. Please try again in a few seconds.",
         ),
-        _ => ("Something went wrong", "The error has been logged. Please try again."),
+        _ => (
+            "Something went wrong",
+            "The error has been logged. Please try again.",
+        ),
     };
     layout::page(
         title,

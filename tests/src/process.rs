@@ -1,0 +1,168 @@
+//! The real `web` and `worker` binaries as child processes.
+
+use std::{
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+};
+
+/// Path of a workspace binary (`web` or `worker`), built once per test run.
+///
+/// `cargo test` builds libraries and test harnesses but not other packages'
+/// executables, so the first call runs `cargo build --bins` for them, in the
+/// same profile and target directory as this test binary.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    Ok(dir.join(name))
+}
+
+fn build_binaries() -> anyhow::Result<PathBuf> {
+    // <target>/<profile>/deps/integration-<hash>  ->  <target>/<profile>
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary is not inside a target directory")?
+        .to_path_buf();
+    let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    build.args(["build", "--quiet", "-p", "web", "-p", "jobs", "--bins"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let status = build.status().context("run cargo build for the binaries")?;
+    if !status.success() {
+        bail!("cargo build of the web/worker binaries failed: {status}");
+    }
+    Ok(profile_dir)
+}
+
+/// A running child process whose stdout+stderr lines are collected.
+/// Killed (SIGKILL) if still running when dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Spawns binary `name` with extra environment variables.
+    pub fn spawn(name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary(name)?);
+        command
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,sqlx::postgres::notice=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().with_context(|| format!("spawn {name}"))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        for (stream, lines) in [
+            (
+                Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                lines.clone(),
+            ),
+            (Box::new(stderr), lines.clone()),
+        ] {
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().expect("log buffer lock").push(line);
+                }
+            });
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+        })
+    }
+
+    /// Every line printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().expect("log buffer lock").clone()
+    }
+
+    /// Waits for a line containing `needle`; fails on exit or after `deadline`.
+    pub async fn wait_for_line(
+        &mut self,
+        needle: &str,
+        deadline: Duration,
+    ) -> anyhow::Result<String> {
+        let give_up = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Let the readers catch up with what it printed before exiting.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
+                    return Ok(line);
+                }
+                bail!(
+                    "{} exited ({status}) before printing {needle:?}:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                );
+            }
+            if tokio::time::Instant::now() >= give_up {
+                bail!(
+                    "{} did not print {needle:?} within {deadline:?}:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the web server's "VisitMe is up" line and returns its address.
+    pub async fn web_address(&mut self) -> anyhow::Result<String> {
+        let line = self
+            .wait_for_line("VisitMe is up: open http://", Duration::from_secs(60))
+            .await?;
+        let start = line.find("http://").context("url in line")? + "http://".len();
+        let rest = &line[start..];
+        Ok(rest[..rest.find('/').context("url end")?].to_owned())
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits (with a deadline) for the exit status.
+    pub async fn terminate(mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "{} still running {deadline:?} after SIGTERM:\n{}",
+                self.name,
+                self.output().join("\n")
+            ),
+        }
+    }
+}

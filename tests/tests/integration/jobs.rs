@@ -1,0 +1,155 @@
+//! The `TrimVisits` job and the worker that runs it.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use jobs::TrimVisits;
+use tests::{Process, TestApp, TestDb};
+
+/// Values of `field` in the JSON log lines of a process.
+fn logged_values(lines: &[String], field: &str) -> Vec<i64> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|record| record["fields"][field].as_i64())
+        .collect()
+}
+
+#[tokio::test]
+async fn worker_process_trims_to_the_ten_shown_and_logs_each_deleted_id() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let mut page = None;
+    for n in 1..=25 {
+        page = Some(app.visit(&format!("browser-{n}")).await?);
+    }
+    let shown = page.expect("visits were made").ids();
+    let before = app.db.visit_ids().await?;
+    let oldest_fifteen: Vec<i64> = before[..15].to_vec();
+
+    let mut worker = Process::spawn(
+        "worker",
+        &[
+            ("DATABASE_URL", app.db.url.as_str()),
+            ("LOG_FORMAT", "json"),
+        ],
+    )?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+
+    let mut remaining = app.db.visit_ids().await?;
+    remaining.reverse();
+    assert_eq!(remaining, shown, "exactly the 10 visits shown remain");
+
+    // The summary lines are written after the per-id records, so wait for the last one.
+    worker
+        .wait_for_line("Deleting", Duration::from_secs(10))
+        .await?;
+    let mut logged = logged_values(&worker.output(), "visit.id");
+    logged.sort_unstable();
+    assert_eq!(
+        logged, oldest_fifteen,
+        "each deleted visit is logged once with visit.id"
+    );
+    let summarised: i64 = logged_values(&worker.output(), "visits.deleted")
+        .iter()
+        .sum();
+    assert_eq!(summarised, 15, "summaries add up to the deleted count");
+
+    let status = worker.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "worker exits 0 on SIGTERM, got {status}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn running_the_same_trim_twice_is_harmless() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    for n in 1..=12 {
+        app.visit(&format!("browser-{n}")).await?;
+    }
+    let ids = app.db.visit_ids().await?;
+    let third_oldest: chrono::DateTime<Utc> =
+        sqlx::query_scalar("select created_at from visits where id = $1")
+            .bind(ids[2])
+            .fetch_one(&app.db.pool)
+            .await?;
+    let job = TrimVisits {
+        older_than: third_oldest,
+    };
+
+    let first = job.perform(&app.db.pool, "first").await?;
+    let second = job.perform(&app.db.pool, "second").await?;
+    assert_eq!(first.deleted, 2, "the two visits before the threshold go");
+    assert_eq!(second.deleted, 0, "the second run finds nothing");
+    assert_eq!(app.db.visit_ids().await?, ids[2..].to_vec());
+    app.stop().await
+}
+
+#[tokio::test]
+async fn trim_older_than_every_visit_deletes_nothing() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    for n in 1..=3 {
+        app.visit(&format!("browser-{n}")).await?;
+    }
+    let job = TrimVisits {
+        older_than: Utc::now() - TimeDelta::days(365),
+    };
+    assert_eq!(job.perform(&app.db.pool, "ancient").await?.deleted, 0);
+    assert_eq!(app.db.visit_ids().await?.len(), 3);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn trim_deletes_only_visits_strictly_older_than_threshold() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let at = Utc::now();
+    for offset in [-2, -1, 0, 1] {
+        sqlx::query("insert into visits (visitor, created_at) values ('x', $1)")
+            .bind(at + TimeDelta::microseconds(offset))
+            .execute(&db.pool)
+            .await?;
+    }
+    let outcome = TrimVisits { older_than: at }
+        .perform(&db.pool, "edge")
+        .await?;
+    assert_eq!(
+        outcome.deleted, 2,
+        "a visit exactly at the threshold is kept"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn undecodable_job_dies_with_its_reason_and_the_worker_keeps_going() -> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    // Rows no handler can decode: invalid JSON, and valid JSON of the wrong shape.
+    for payload in ["{not json", r#"{"older_than": 42}"#] {
+        sqlx::query(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+             values (apalis.generate_ulid(), 'trim_visits', convert_to($1, 'UTF8'), 'Pending', 0, 5, now())",
+        )
+        .bind(payload)
+        .execute(&app.db.pool)
+        .await?;
+    }
+    app.start_worker();
+    app.visit("after the bad rows").await?;
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
+
+    let outcomes: Vec<(String, String)> = sqlx::query_as(
+        "select status, coalesce(last_result::text, '') from apalis.jobs order by id",
+    )
+    .fetch_all(&app.db.pool)
+    .await?;
+    let dead: Vec<&(String, String)> = outcomes.iter().filter(|(s, _)| s == "Killed").collect();
+    assert_eq!(dead.len(), 2, "both bad rows are dead: {outcomes:?}");
+    assert!(
+        dead.iter()
+            .all(|(_, r)| r.contains("cannot decode TrimVisits payload")),
+        "{outcomes:?}"
+    );
+    let done = outcomes.iter().filter(|(s, _)| s == "Done").count();
+    assert_eq!(done, 1, "the good job after them still ran: {outcomes:?}");
+    app.stop().await
+}

@@ -1,0 +1,91 @@
+//! The `web` and `worker` binaries as a user runs them.
+
+use std::time::Duration;
+
+use tests::{Process, TestDb, VisitsPage};
+
+#[tokio::test]
+async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut web = Process::spawn(
+        "web",
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("BIND", "127.0.0.1:0"),
+            ("EMBEDDED_WORKER", "false"),
+        ],
+    )?;
+    let mut worker = Process::spawn("worker", &[("DATABASE_URL", db.url.as_str())])?;
+    let address = web.web_address().await?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+
+    let client = reqwest::Client::new();
+    for n in 1..=12 {
+        let body = client
+            .get(format!("http://{address}/"))
+            .header("user-agent", format!("process-{n}"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        VisitsPage::parse(&body)?;
+    }
+    assert_eq!(
+        client
+            .get(format!("http://{address}/readyz"))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    db.drain_queue(Duration::from_secs(30)).await?;
+    assert_eq!(
+        db.visit_ids().await?.len(),
+        10,
+        "the separate worker trimmed to 10"
+    );
+
+    for process in [web, worker] {
+        let status = process.terminate(Duration::from_secs(30)).await?;
+        assert!(status.success(), "exit {status}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn web_with_embedded_worker_is_the_whole_app() -> anyhow::Result<()> {
+    let db = TestDb::empty().await?;
+    let mut web = Process::spawn(
+        "web",
+        &[("DATABASE_URL", db.url.as_str()), ("BIND", "127.0.0.1:0")],
+    )?;
+    let address = web.web_address().await?;
+    let client = reqwest::Client::new();
+    for n in 1..=15 {
+        client
+            .get(format!("http://{address}/"))
+            .header("user-agent", format!("embedded-{n}"))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    db.drain_queue(Duration::from_secs(30)).await?;
+    assert_eq!(db.visit_ids().await?.len(), 10);
+    let status = web.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "exit {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn web_reports_a_port_in_use_in_one_clear_line() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let bind = taken.local_addr()?.to_string();
+    let mut web = Process::spawn("web", &[("BIND", bind.as_str())])?;
+    let line = web
+        .wait_for_line("cannot listen on", Duration::from_secs(30))
+        .await?;
+    assert!(line.contains(&bind), "{line}");
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The page: what `GET /` records, shows and enqueues.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use tests::{TestApp, TestDb};
+
+#[tokio::test]
+async fn visiting_25_times_records_25_rows_and_shows_the_10_newest() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let mut page = None;
+    for n in 1..=25 {
+        page = Some(app.visit(&format!("browser-{n}")).await?);
+    }
+    let page = page.expect("25 visits were made");
+
+    let all_ids = app.db.visit_ids().await?;
+    assert_eq!(
+        all_ids.len(),
+        25,
+        "no worker runs, so nothing is trimmed yet"
+    );
+    let newest_ten: Vec<i64> = all_ids.iter().rev().take(10).copied().collect();
+    assert_eq!(
+        page.ids(),
+        newest_ten,
+        "the page lists the 10 newest, newest first"
+    );
+    let oldest_shown = page.rows.last().expect("rows").1;
+    assert_eq!(
+        page.threshold, oldest_shown,
+        "threshold is the oldest visit shown"
+    );
+    assert!(
+        page.rows.windows(2).all(|w| w[0].1 >= w[1].1),
+        "newest first"
+    );
+    assert_eq!(
+        page.rows[0].2, "127.0.0.1: browser-25",
+        "visitor is address and user agent"
+    );
+    assert!(page.html.contains("<title>VisitMe example</title>"));
+    assert!(page.html.contains("Last 10 visits"));
+
+    // One trim job per visit, each carrying its page's threshold.
+    let thresholds: Vec<serde_json::Value> = sqlx::query_scalar(
+        "select convert_from(job, 'UTF8')::jsonb from apalis.jobs where job_type = 'trim_visits' order by id",
+    )
+    .fetch_all(&app.db.pool)
+    .await?;
+    assert_eq!(thresholds.len(), 25);
+    let last: jobs::TrimVisits = serde_json::from_value(thresholds[24].clone())?;
+    assert_eq!(last.older_than, page.threshold);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn visit_and_its_trim_job_commit_or_roll_back_together() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let counts = |pool: sqlx::PgPool| async move {
+        let visits: i64 = sqlx::query_scalar("select count(*) from visits")
+            .fetch_one(&pool)
+            .await?;
+        let jobs: i64 = sqlx::query_scalar("select count(*) from apalis.jobs")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::Ok((visits, jobs))
+    };
+
+    let mut tx = db.pool.begin().await?;
+    web::visits::record_visit(&mut tx, "127.0.0.1: rolled back").await?;
+    tx.rollback().await?;
+    assert_eq!(
+        counts(db.pool.clone()).await?,
+        (0, 0),
+        "rollback leaves neither visit nor job"
+    );
+
+    let mut tx = db.pool.begin().await?;
+    let recorded = web::visits::record_visit(&mut tx, "127.0.0.1: committed").await?;
+    tx.commit().await?;
+    assert_eq!(counts(db.pool.clone()).await?, (1, 1), "commit keeps both");
+    let (id, job_type): (String, String) = sqlx::query_as("select id, job_type from apalis.jobs")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!((id, job_type.as_str()), (recorded.job_id, "trim_visits"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn script_in_user_agent_is_shown_escaped() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let page = app.visit("<script>alert(1)</script>").await?;
+    assert!(
+        page.html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{}",
+        page.html
+    );
+    assert!(
+        !page.html.contains("<script>alert(1)"),
+        "user agent must not become markup"
+    );
+    assert_eq!(
+        page.rows[0].2, "127.0.0.1: <script>alert(1)</script>",
+        "text is kept intact"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn forwarded_for_is_ignored_unless_the_proxy_is_trusted() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let body = app
+        .client
+        .get(app.url("/"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("user-agent", "ua")
+        .send()
+        .await?
+        .text()
+        .await?;
+    let page = tests::VisitsPage::parse(&body)?;
+    assert_eq!(page.rows[0].2, "127.0.0.1: ua");
+    app.stop().await?;
+
+    let db = TestDb::migrated().await?;
+    let state = web::AppState {
+        pool: db.pool.clone(),
+        trust_proxy: true,
+    };
+    let app = TestApp::spawn_with(db, state).await?;
+    let body = app
+        .client
+        .get(app.url("/"))
+        .header("x-forwarded-for", "198.51.100.7, 203.0.113.9")
+        .header("user-agent", "ua")
+        .send()
+        .await?
+        .text()
+        .await?;
+    let page = tests::VisitsPage::parse(&body)?;
+    assert_eq!(
+        page.rows[0].2, "203.0.113.9: ua",
+        "the last hop is the one our proxy saw"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn unreachable_database_gives_a_fast_503_page() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // Port 9 (discard) on loopback: nothing listens, connections are refused.
+    let dead_pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy("postgres://root@127.0.0.1:9/nowhere")?;
+    let state = web::AppState {
+        pool: dead_pool,
+        trust_proxy: false,
+    };
+    let app = TestApp::spawn_with(db, state).await?;
+
+    let started = std::time::Instant::now();
+    let response = app.client.get(app.url("/")).send().await?;
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "503 must not hang"
+    );
+    let body = response.text().await?;
+    assert!(body.contains("Temporarily unavailable"), "{body}");
+    assert!(
+        !body.contains("refused") && !body.contains("127.0.0.1:9"),
+        "no internals leak: {body}"
+    );
+
+    let ready = app.client.get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    let health = app.client.get(app.url("/healthz")).send().await?;
+    assert_eq!(health.status(), 200);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn probes_unknown_routes_and_wrong_methods_answer_sensibly() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let get = |path: &'static str| app.client.get(app.url(path)).send();
+    assert_eq!(get("/healthz").await?.text().await?, "ok");
+    let ready = get("/readyz").await?;
+    assert_eq!(ready.status(), 200);
+    let missing = get("/no-such-page").await?;
+    assert_eq!(missing.status(), 404);
+    assert!(missing.text().await?.contains("Page not found"));
+    assert_eq!(app.client.post(app.url("/")).send().await?.status(), 405);
+    let css = get("/assets/style.css").await?;
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    app.stop().await
+}
