@@ -1,6 +1,6 @@
 //! Typed jobs and putting them on the queue inside the caller's transaction.
 
-use apalis::prelude::{TaskBuilder, TaskId};
+use apalis::prelude::{AbortError, BoxDynError, TaskBuilder, TaskId};
 use apalis_postgres::PgTask;
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::PgConnection;
@@ -30,4 +30,16 @@ pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, E
         .build();
     apalis_postgres::queries::push_tasks(conn, J::QUEUE, vec![task]).await?;
     Ok(id)
+}
+
+/// Decodes a job's stored JSON payload inside its handler.
+///
+/// Workers hand handlers the raw bytes so that a row nobody can decode fails
+/// only its own job: the error is an `AbortError`, so the job ends dead
+/// (`Killed`) with the reason in `last_result`, and the worker goes on.
+pub fn decode<J: Job>(payload: &[u8], task_id: &TaskId) -> Result<J, BoxDynError> {
+    serde_json::from_slice(payload).map_err(|err| {
+        tracing::error!(job.id = %task_id, error = %err, "cannot decode {} payload; the job is dead", J::QUEUE);
+        AbortError::new(format!("cannot decode {} payload: {err}", J::QUEUE)).into()
+    })
 }

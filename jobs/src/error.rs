@@ -12,6 +12,17 @@ pub enum Error {
     /// A database query failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A job id in the queue is not a ULID.
+    #[error("job id {0:?} in apalis.jobs is not a ULID")]
+    CorruptId(String),
+    /// No job with this id is in a state that allows the operation.
+    #[error("no {expected} job with id {id}")]
+    NoSuchJob {
+        /// The id asked for.
+        id: String,
+        /// Which states were acceptable, e.g. "dead".
+        expected: &'static str,
+    },
     /// The worker kept dying and was not restarted again.
     #[error("worker stopped {restarts} times in a row without a shutdown request; giving up")]
     WorkerDied {

@@ -1,14 +1,17 @@
 #![doc = include_str!("../README.md")]
 
+pub mod admin;
 mod context;
+pub mod durability;
 mod enqueue;
 mod error;
+pub mod probe;
 pub mod shutdown;
 pub mod trim_visits;
 pub mod worker;
 
 pub use context::JobContext;
-pub use enqueue::{Job, enqueue};
+pub use enqueue::{Job, decode, enqueue};
 pub use error::Error;
 pub use trim_visits::{TrimOutcome, TrimVisits};
 pub use worker::{WorkerConfig, run};

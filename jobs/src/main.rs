@@ -1,18 +1,23 @@
 //! The `worker` binary: migrates the database, then runs VisitMe's background
-//! jobs until SIGTERM or SIGINT.
+//! jobs until SIGTERM or SIGINT; its subcommands operate the queue.
+
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
-use jobs::WorkerConfig;
+use clap::{Parser, Subcommand};
+use jobs::{WorkerConfig, admin};
 use migrations::PoolSettings;
+use sqlx::PgPool;
 
 /// Runs VisitMe's background jobs (trimming old visits) from the Postgres queue.
 ///
 /// Start as many as you like, on any machine that reaches the database: they
 /// share the queue, and a crashed worker's jobs are taken over by another once
-/// its lease expires. SIGTERM/SIGINT stop it gracefully: no new jobs are
-/// claimed, running ones finish (up to the shutdown grace), and the process
-/// exits 0. It exits 1 if the worker keeps dying on its own.
+/// its lease expires. Failed attempts are retried with exponential backoff
+/// until the job's max attempts, then the job is dead (see `worker dead`).
+/// SIGTERM/SIGINT stop it gracefully: no new jobs are claimed, running ones
+/// finish (up to the shutdown grace), and the process exits 0. It exits 1 if
+/// the worker keeps dying on its own.
 #[derive(Debug, Parser)]
 #[command(name = "worker", version)]
 struct Cli {
@@ -21,7 +26,8 @@ struct Cli {
         long,
         env = "DATABASE_URL",
         default_value = "postgres://localhost/visitme",
-        hide_env_values = true
+        hide_env_values = true,
+        global = true
     )]
     database_url: String,
 
@@ -30,6 +36,35 @@ struct Cli {
 
     #[command(flatten)]
     telemetry: observability::Config,
+
+    /// Without a command: run jobs until stopped.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Operator commands (they do not run jobs).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show how many jobs each queue has in each state.
+    Status,
+    /// List dead jobs (out of attempts, killed, or cancelled) with their last error.
+    Dead {
+        /// How many to list, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Put a dead job back in the queue with fresh attempts.
+    Retry {
+        /// The job id (a ULID, as `worker dead` shows).
+        id: String,
+    },
+    /// Cancel a job that has not started yet; it ends dead.
+    Cancel {
+        /// The job id (a ULID).
+        id: String,
+    },
+    /// Delete finished jobs older than the retention settings now.
+    Prune,
 }
 
 #[tokio::main]
@@ -39,9 +74,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = jobs::shutdown::on_signal();
 
     let pool_settings = PoolSettings {
-        // One connection per running job, plus LISTEN, heartbeat and acks.
-        max_connections: u32::from(cli.worker.concurrency) + 3,
-        acquire_timeout: std::time::Duration::from_secs(30),
+        max_connections: cli.worker.connections_needed(),
+        // Patient: a short database blip must not fail heartbeats.
+        acquire_timeout: Duration::from_secs(30),
         ..PoolSettings::default()
     };
     let pool = tokio::select! {
@@ -52,7 +87,61 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot migrate the database")?;
 
-    jobs::run(pool.clone(), cli.worker, shutdown).await?;
+    match cli.command {
+        None => jobs::run(pool.clone(), cli.worker, shutdown).await?,
+        Some(command) => operate(&pool, command, &cli.worker).await?,
+    }
     pool.close().await;
+    Ok(())
+}
+
+/// Runs one operator command, printing its result to stdout.
+async fn operate(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Status => {
+            let counts = admin::queue_status(pool).await?;
+            if counts.is_empty() {
+                println!("the queue is empty");
+            }
+            println!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
+            for row in counts {
+                println!("{:<16} {:<10} {:>8}", row.queue, row.state, row.count);
+            }
+        }
+        Command::Dead { limit } => {
+            let dead = admin::dead_jobs(pool, limit).await?;
+            if dead.is_empty() {
+                println!("no dead jobs");
+            }
+            for job in dead {
+                let died = job
+                    .died_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".to_owned());
+                println!(
+                    "{}  {}  attempts={}  died={died}\n    {}",
+                    job.id,
+                    job.queue,
+                    job.attempts,
+                    job.last_error.as_deref().unwrap_or("(no error recorded)")
+                );
+            }
+        }
+        Command::Retry { id } => {
+            admin::retry(pool, &id).await?;
+            println!("job {id} is pending again");
+        }
+        Command::Cancel { id } => {
+            admin::cancel(pool, &id).await?;
+            println!("job {id} cancelled");
+        }
+        Command::Prune => {
+            let pruned = admin::prune(pool, config.retention()).await?;
+            println!(
+                "pruned {} done and {} dead jobs, {} stale workers",
+                pruned.done, pruned.dead, pruned.workers
+            );
+        }
+    }
     Ok(())
 }

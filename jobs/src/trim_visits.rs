@@ -4,12 +4,15 @@
 //! threshold and deletes nothing. Delivery is at-least-once (a crashed worker's
 //! job runs again), so this idempotence is what makes retries safe.
 
-use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, TaskId};
+use std::time::Duration;
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use ulid::Ulid;
 
-use crate::{Job, JobContext};
+use crate::{Error, Job, JobContext, decode};
 
 /// Delete every visit with `created_at < older_than`.
 ///
@@ -81,24 +84,61 @@ impl TrimVisits {
 }
 
 /// The worker's handler for the `trim_visits` queue.
-///
-/// It takes the raw payload and decodes it here, so a row no handler can decode
-/// ends as a dead job with the decode error recorded, instead of stopping the
-/// worker (apalis's own decoding fails the whole poll).
 pub async fn handle(
     payload: Vec<u8>,
     context: Data<JobContext>,
     task_id: TaskId,
     attempt: Attempt,
 ) -> Result<TrimOutcome, BoxDynError> {
+    let job: TrimVisits = decode(&payload, &task_id)?;
     let job_id = task_id.to_string();
-    let job: TrimVisits = match serde_json::from_slice(&payload) {
-        Ok(job) => job,
-        Err(err) => {
-            tracing::error!(job.id = %job_id, error = %err, "cannot decode TrimVisits payload; giving up on this job");
-            return Err(AbortError::new(format!("cannot decode TrimVisits payload: {err}")).into());
-        }
-    };
     tracing::debug!(job.id = %job_id, job.attempt = attempt.current(), older_than = %job.older_than, "trimming visits");
     Ok(job.perform(&context.pool, &job_id).await?)
+}
+
+/// How long a new `TrimVisits` waits before it may run. Page views within this
+/// window merge into the same pending job, so a burst of visits costs one
+/// trim per window instead of one per visit.
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Enqueues `job` on `conn` (the visit's transaction), merged with the
+/// pending one if there is one.
+///
+/// At most one `TrimVisits` is pending (not yet claimed) at a time: a unique
+/// partial index on `apalis.jobs` (migration `..._job_coalescing_and_probes`)
+/// makes the insert an upsert, and the merged job keeps the later of the two
+/// thresholds, so it deletes everything both would have. Row locks make this
+/// safe against concurrent page views and against a worker claiming the row:
+/// once claimed, the row leaves the index and the next view starts a new job.
+///
+/// Returns the id of the job that will carry this threshold.
+pub async fn enqueue(conn: &mut PgConnection, job: &TrimVisits) -> Result<Ulid, Error> {
+    // The threshold is compared through a metadata key rather than by parsing
+    // the payload, so a pending row with a corrupt payload cannot make page
+    // views fail: it is simply replaced.
+    let id: String = sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
+         values ($1, $2, $3, 'Pending', 0, $4, clock_timestamp() + make_interval(secs => $5), 0,
+                 hstore('visitme.older_than', $6))
+         on conflict (job_type) where job_type = 'trim_visits' and status = 'Pending'
+         do update set
+             job = case when jobs.metadata -> 'visitme.older_than' is null
+                          or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
+                        then excluded.job else jobs.job end,
+             metadata = case when jobs.metadata -> 'visitme.older_than' is null
+                               or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
+                             then coalesce(jobs.metadata, ''::hstore) || excluded.metadata
+                             else jobs.metadata end
+         returning id",
+    )
+    .bind(Ulid::generate().to_string())
+    .bind(TrimVisits::QUEUE)
+    .bind(serde_json::to_vec(job)?)
+    .bind(i32::try_from(TrimVisits::MAX_ATTEMPTS).unwrap_or(i32::MAX))
+    .bind(COALESCE_WINDOW.as_secs_f64())
+    .bind(job.older_than.to_rfc3339())
+    .fetch_one(&mut *conn)
+    .await?;
+    // The id column is written only by us and apalis, always as a ULID.
+    id.parse().map_err(|_| Error::CorruptId(id))
 }

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Job, JobContext,
+    admin::{self, Pruned, Retention},
+    durability::{Backoff, DurabilityLayer},
+    probe::{self, Probe},
     trim_visits::{self, TrimVisits},
 };
 
@@ -41,6 +44,49 @@ pub struct WorkerConfig {
     /// are then recovered by another worker once the lease expires).
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = "25", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
+    /// Seconds one attempt may run before it is cancelled and counted as failed.
+    #[arg(long, env = "JOB_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub job_timeout: Duration,
+    /// Seconds before the first retry; each further retry waits twice as long (±25 % jitter).
+    #[arg(long, env = "JOB_BACKOFF_BASE", default_value = "1", value_parser = parse_seconds)]
+    pub backoff_base: Duration,
+    /// Longest wait between retries, in seconds.
+    #[arg(long, env = "JOB_BACKOFF_MAX", default_value = "3600", value_parser = parse_seconds)]
+    pub backoff_max: Duration,
+    /// Seconds a done job is kept before it is pruned.
+    #[arg(long, env = "JOB_RETENTION_DONE", default_value = "86400", value_parser = parse_seconds)]
+    pub retention_done: Duration,
+    /// Seconds a dead job is kept (visible to operators) before it is pruned.
+    #[arg(long, env = "JOB_RETENTION_DEAD", default_value = "604800", value_parser = parse_seconds)]
+    pub retention_dead: Duration,
+    /// Also run diagnostic `probe` jobs (see `jobs::probe`; true/false).
+    #[arg(long, env = "WORKER_PROBES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub probes: bool,
+}
+
+impl WorkerConfig {
+    /// The retry backoff these settings describe.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.backoff_base,
+            max: self.backoff_max,
+        }
+    }
+
+    /// The retention these settings describe.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            done: self.retention_done,
+            dead: self.retention_dead,
+        }
+    }
+
+    /// Database connections a worker process needs: per queue, one per running
+    /// job plus its listener and its heartbeat/acknowledgements; plus maintenance.
+    pub fn connections_needed(&self) -> u32 {
+        let queues = if self.probes { 2 } else { 1 };
+        queues * (u32::from(self.concurrency) + 2) + 1
+    }
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +96,12 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(25),
+            job_timeout: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(3600),
+            retention_done: Duration::from_secs(86_400),
+            retention_dead: Duration::from_secs(604_800),
+            probes: false,
         }
     }
 }
@@ -89,7 +141,7 @@ impl Codec<Vec<u8>> for RawPayload {
 /// apalis refuses or confuses two live workers with one name (and a dead
 /// worker's twin would keep its jobs from ever being recovered), so every
 /// process and every restart gets its own.
-fn worker_name(queue: &str, generation: u32) -> String {
+fn worker_name(queue: &str, generation: usize) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -117,39 +169,63 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
         .missed_heartbeats(HEARTBEATS_PER_LEASE as usize)
 }
 
-/// Runs one monitor (all job types) until `shutdown` fires or a worker dies.
+/// The closure that builds (and, after a crash, rebuilds) the worker of one
+/// job type. Every job type gets the same stack, outermost first:
+///
+/// - `DurabilityLayer`: every failed attempt ends `Failed` with a stored
+///   backoff, or `Killed` when out of attempts (never stuck `Running`);
+/// - `concurrency`: at most `WORKER_CONCURRENCY` attempts at once;
+/// - `parallelize`: each attempt on its own tokio task (all cores; a slow job
+///   cannot stall the heartbeat; a panic stays inside its task);
+/// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
+macro_rules! job_worker {
+    ($job:ty, $handler:path, $pool:expr, $config:expr, $generation:expr) => {{
+        let pool: PgPool = $pool.clone();
+        let cfg: WorkerConfig = $config.clone();
+        let generation: usize = $generation;
+        let context = JobContext { pool: pool.clone() };
+        move |restarts: usize| {
+            // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
+            // catches what sends no notification (retries, delayed jobs).
+            let wake_up = Strategy::new()
+                .stream(Pubsub::new(pool.clone(), <$job>::QUEUE.to_owned()))
+                .interval(cfg.poll_interval);
+            let backend = PostgresStorage::<Vec<u8>>::new(&pool)
+                .with_config(queue_config::<$job>(&cfg))
+                .poll_with_strategy(wake_up)
+                .with_codec(RawPayload);
+            WorkerBuilder::new(worker_name(<$job>::QUEUE, generation + restarts))
+                .backend(backend)
+                .layer(DurabilityLayer::new(pool.clone(), cfg.backoff()))
+                .concurrency(usize::from(cfg.concurrency))
+                .parallelize(tokio::spawn)
+                .timeout(cfg.job_timeout)
+                .data(context.clone())
+                .build($handler)
+        }
+    }};
+}
+
+/// Runs one monitor (every job type) until `shutdown` fires or a worker dies.
 /// Returns whether it ended because of `shutdown`.
 async fn run_monitor(
     pool: &PgPool,
     config: &WorkerConfig,
-    generation: u32,
+    generation: usize,
     shutdown: &CancellationToken,
 ) -> bool {
-    let context = JobContext { pool: pool.clone() };
-    let pool = pool.clone();
-    let cfg = config.clone();
-    let monitor = Monitor::new()
-        .register(move |restarts| {
-            let queue = queue_config::<TrimVisits>(&cfg);
-            // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
-            // catches what sends no notification (retries, delayed jobs).
-            let wake_up = Strategy::new()
-                .stream(Pubsub::new(pool.clone(), TrimVisits::QUEUE.to_owned()))
-                .interval(cfg.poll_interval);
-            let backend = PostgresStorage::<Vec<u8>>::new(&pool)
-                .with_config(queue)
-                .poll_with_strategy(wake_up)
-                .with_codec(RawPayload);
-            WorkerBuilder::new(worker_name(TrimVisits::QUEUE, generation + restarts as u32))
-                .backend(backend)
-                .concurrency(usize::from(cfg.concurrency))
-                // Each job on its own tokio task: jobs use all cores and a slow
-                // job cannot stall the heartbeat.
-                .parallelize(tokio::spawn)
-                .data(context.clone())
-                .build(trim_visits::handle)
-        })
-        .shutdown_timeout(config.shutdown_grace);
+    // Every job type is registered here, and only here.
+    let mut monitor = Monitor::new().register(job_worker!(
+        TrimVisits,
+        trim_visits::handle,
+        pool,
+        config,
+        generation
+    ));
+    if config.probes {
+        monitor = monitor.register(job_worker!(Probe, probe::handle, pool, config, generation));
+    }
+    let monitor = monitor.shutdown_timeout(config.shutdown_grace);
 
     let signalled = Arc::new(AtomicBool::new(false));
     let signal = {
@@ -183,15 +259,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     tracing::info!(
-        queues = TrimVisits::QUEUE,
+        queues = if config.probes { "trim_visits, probe" } else { "trim_visits" },
         concurrency = config.concurrency,
         lease = ?config.lease,
         "worker started"
     );
+    let maintenance = tokio::spawn(maintain(pool.clone(), config.retention(), shutdown.clone()));
     let mut failures = 0u32;
     for generation in 0.. {
         let started = Instant::now();
         if run_monitor(&pool, &config, generation * 1000, &shutdown).await {
+            maintenance.abort();
             tracing::info!("worker stopped");
             return Ok(());
         }
@@ -211,8 +289,35 @@ pub async fn run(
         );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => break,
         }
     }
-    unreachable!("the generation counter does not run out")
+    maintenance.abort();
+    Ok(())
+}
+
+/// How often each worker process prunes finished jobs.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// Prunes finished jobs past their retention, now and every [`MAINTENANCE_EVERY`].
+async fn maintain(pool: PgPool, retention: Retention, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(MAINTENANCE_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match admin::prune(&pool, retention).await {
+            Ok(pruned) if pruned != Pruned::default() => {
+                tracing::info!(
+                    jobs.done = pruned.done,
+                    jobs.dead = pruned.dead,
+                    workers = pruned.workers,
+                    "pruned finished jobs"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "pruning finished jobs failed; will retry"),
+        }
+    }
 }

@@ -180,13 +180,14 @@ async fn connect_maintenance(options: &PgConnectOptions) -> Result<PgConnection,
     Err(Error::Database(last.unwrap_or(sqlx::Error::PoolClosed)))
 }
 
-/// Applies our migrations, then apalis-postgres's queue schema.
+/// Applies apalis-postgres's queue schema, then our migrations (some of ours
+/// add indexes to the queue's tables, so the queue comes first).
 ///
 /// Safe to call from many processes at once (each migrator holds an advisory
 /// lock while it runs) and any number of times (applied ones are skipped).
 pub async fn run(pool: &PgPool) -> Result<(), Error> {
-    MIGRATOR.run(pool).await?;
     PostgresStorage::setup(pool).await?;
+    MIGRATOR.run(pool).await?;
     tracing::info!("database migrations applied");
     Ok(())
 }

@@ -251,12 +251,14 @@ impl TestApp {
         VisitsPage::parse(&body)
     }
 
-    /// Starts the real job worker (the same `jobs::run` the binaries use).
+    /// Starts the real job worker (the same `jobs::run` the binaries use)
+    /// with [`fast_worker_config`].
     pub fn start_worker(&mut self) {
-        let config = jobs::WorkerConfig {
-            poll_interval: Duration::from_millis(200),
-            ..jobs::WorkerConfig::default()
-        };
+        self.start_worker_with(fast_worker_config());
+    }
+
+    /// Starts the real job worker with `config`.
+    pub fn start_worker_with(&mut self, config: jobs::WorkerConfig) {
         self.worker = Some(tokio::spawn(jobs::run(
             self.db.pool.clone(),
             config,
@@ -273,6 +275,44 @@ impl TestApp {
         }
         Ok(())
     }
+}
+
+/// Worker settings scaled down for tests: quick polls, short backoff, lease
+/// and timeout, probes on.
+pub fn fast_worker_config() -> jobs::WorkerConfig {
+    jobs::WorkerConfig {
+        poll_interval: Duration::from_millis(50),
+        lease: Duration::from_secs(3),
+        job_timeout: Duration::from_secs(2),
+        backoff_base: Duration::from_millis(200),
+        probes: true,
+        ..jobs::WorkerConfig::default()
+    }
+}
+
+/// The same settings as environment variables, for `worker` processes.
+pub fn fast_worker_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("WORKER_POLL_INTERVAL", "0.05"),
+        ("JOB_LEASE", "3"),
+        ("JOB_TIMEOUT", "2"),
+        ("JOB_BACKOFF_BASE", "0.2"),
+        ("WORKER_PROBES", "true"),
+    ]
+}
+
+/// Enqueues probe jobs in one transaction; returns their ids.
+pub async fn enqueue_probes(
+    pool: &PgPool,
+    probes: impl IntoIterator<Item = jobs::probe::Probe>,
+) -> anyhow::Result<Vec<String>> {
+    let mut tx = pool.begin().await?;
+    let mut ids = Vec::new();
+    for probe in probes {
+        ids.push(jobs::enqueue(&mut tx, &probe).await?.to_string());
+    }
+    tx.commit().await?;
+    Ok(ids)
 }
 
 /// What a test reads off the visits page.

@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         // Its own pool with a patient acquire timeout: a short database blip
         // must not fail heartbeats, while requests should fail fast.
         let worker_pool = PoolSettings {
-            max_connections: u32::from(config.worker.concurrency) + 3,
+            max_connections: config.worker.connections_needed(),
             acquire_timeout: Duration::from_secs(30),
             ..PoolSettings::default()
         };

@@ -56,7 +56,7 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     let threshold = visits
         .last()
         .map_or(new_visit.created_at, |oldest| oldest.created_at);
-    let job_id = jobs::enqueue(
+    let job_id = jobs::trim_visits::enqueue(
         conn,
         &TrimVisits {
             older_than: threshold,

@@ -124,32 +124,62 @@ async fn trim_deletes_only_visits_strictly_older_than_threshold() -> anyhow::Res
 async fn undecodable_job_dies_with_its_reason_and_the_worker_keeps_going() -> anyhow::Result<()> {
     let mut app = TestApp::spawn().await?;
     // Rows no handler can decode: invalid JSON, and valid JSON of the wrong shape.
-    for payload in ["{not json", r#"{"older_than": 42}"#] {
+    for (queue, payload) in [("trim_visits", "{not json"), ("probe", r#"{"key": 42}"#)] {
         sqlx::query(
             "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
-             values (apalis.generate_ulid(), 'trim_visits', convert_to($1, 'UTF8'), 'Pending', 0, 5, now())",
+             values (apalis.generate_ulid(), $1, convert_to($2, 'UTF8'), 'Pending', 0, 5, now())",
         )
+        .bind(queue)
         .bind(payload)
         .execute(&app.db.pool)
         .await?;
     }
     app.start_worker();
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
     app.visit("after the bad rows").await?;
     app.db.wait_until_idle(Duration::from_secs(30)).await?;
 
-    let outcomes: Vec<(String, String)> = sqlx::query_as(
-        "select status, coalesce(last_result::text, '') from apalis.jobs order by id",
+    let outcomes: Vec<(String, String, i32)> = sqlx::query_as(
+        "select status, coalesce(last_result::text, ''), attempts from apalis.jobs order by id",
     )
     .fetch_all(&app.db.pool)
     .await?;
-    let dead: Vec<&(String, String)> = outcomes.iter().filter(|(s, _)| s == "Killed").collect();
+    let dead: Vec<_> = outcomes.iter().filter(|(s, _, _)| s == "Killed").collect();
     assert_eq!(dead.len(), 2, "both bad rows are dead: {outcomes:?}");
     assert!(
         dead.iter()
-            .all(|(_, r)| r.contains("cannot decode TrimVisits payload")),
+            .any(|(_, r, _)| r.contains("cannot decode trim_visits payload")),
         "{outcomes:?}"
     );
-    let done = outcomes.iter().filter(|(s, _)| s == "Done").count();
+    assert!(
+        dead.iter()
+            .any(|(_, r, _)| r.contains("cannot decode probe payload")),
+        "{outcomes:?}"
+    );
+    assert!(
+        dead.iter().all(|(_, _, attempts)| *attempts == 1),
+        "no retries of a decode error: {outcomes:?}"
+    );
+    let done = outcomes.iter().filter(|(s, _, _)| s == "Done").count();
     assert_eq!(done, 1, "the good job after them still ran: {outcomes:?}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_pending_trim_with_a_corrupt_payload_is_replaced_not_fatal() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         values (apalis.generate_ulid(), 'trim_visits', convert_to('garbage', 'UTF8'), 'Pending', 0, 5, now())",
+    )
+    .execute(&app.db.pool)
+    .await?;
+    let page = app.visit("next visitor").await?;
+    let payload: serde_json::Value =
+        sqlx::query_scalar("select convert_from(job, 'UTF8')::jsonb from apalis.jobs")
+            .fetch_one(&app.db.pool)
+            .await?;
+    let job: TrimVisits = serde_json::from_value(payload)?;
+    assert_eq!(job.older_than, page.threshold);
     app.stop().await
 }

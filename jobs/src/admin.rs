@@ -1,0 +1,170 @@
+//! Operator views and actions on the queue: counts, dead jobs, retry, cancel,
+//! prune. Used by the `worker` subcommands (and anything else that operates
+//! the queue).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::Error;
+use sqlx::PgPool;
+
+/// How many jobs of one queue are in one state.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StateCount {
+    /// Queue name (`apalis.jobs.job_type`).
+    pub queue: String,
+    /// `pending`, `scheduled` (waiting for a retry or a delay), `claimed`,
+    /// `running`, `done` or `dead`.
+    pub state: String,
+    /// Number of jobs.
+    pub count: i64,
+}
+
+/// Job counts per queue and state, in a fixed order.
+pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
+    Ok(sqlx::query_as(
+        "select job_type as queue, state, count(*) as count from (
+             select job_type, case
+                 when status = 'Pending' and run_at > now() then 'scheduled'
+                 when status = 'Pending' then 'pending'
+                 when status = 'Failed' and attempts < max_attempts then 'scheduled'
+                 when status = 'Queued' then 'claimed'
+                 when status = 'Running' then 'running'
+                 when status = 'Done' then 'done'
+                 else 'dead' end as state
+             from apalis.jobs) as states
+         group by job_type, state
+         order by job_type, array_position(
+             array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A job that will not run again by itself.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DeadJob {
+    /// Job id (ULID).
+    pub id: String,
+    /// Queue name.
+    pub queue: String,
+    /// Attempts used.
+    pub attempts: i32,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When it died.
+    pub died_at: Option<DateTime<Utc>>,
+}
+
+/// The newest dead jobs (`Killed`, or `Failed` with no attempts left).
+pub async fn dead_jobs(pool: &PgPool, limit: i64) -> Result<Vec<DeadJob>, Error> {
+    Ok(sqlx::query_as(
+        "select id, job_type as queue, attempts,
+                coalesce(last_result ->> 'Err', last_result::text) as last_error,
+                done_at as died_at
+         from apalis.jobs
+         where status = 'Killed' or (status = 'Failed' and attempts >= max_attempts)
+         order by done_at desc nulls last, id desc
+         limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Puts a dead job back in the queue with a fresh set of attempts.
+pub async fn retry(pool: &PgPool, id: &str) -> Result<(), Error> {
+    let updated = sqlx::query(
+        "update apalis.jobs
+         set status = 'Pending', attempts = 0, run_at = now(),
+             lock_by = null, lock_at = null, done_at = null
+         where id = $1
+           and (status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::NoSuchJob {
+            id: id.to_owned(),
+            expected: "dead",
+        });
+    }
+    Ok(())
+}
+
+/// Cancels a job that has not started (pending, or waiting for a retry): it
+/// ends dead with "cancelled by an operator".
+pub async fn cancel(pool: &PgPool, id: &str) -> Result<(), Error> {
+    let updated = sqlx::query(
+        r#"update apalis.jobs
+           set status = 'Killed', done_at = now(),
+               last_result = '{"Err": "cancelled by an operator"}'::jsonb
+           where id = $1
+             and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))"#,
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::NoSuchJob {
+            id: id.to_owned(),
+            expected: "pending",
+        });
+    }
+    Ok(())
+}
+
+/// How long finished jobs are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Done jobs older than this are deleted.
+    pub done: Duration,
+    /// Dead jobs older than this are deleted (kept longer, to be looked at).
+    pub dead: Duration,
+}
+
+/// What a prune deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Done jobs deleted.
+    pub done: u64,
+    /// Dead jobs deleted.
+    pub dead: u64,
+    /// Rows of long-gone workers deleted.
+    pub workers: u64,
+}
+
+/// Deletes finished jobs past their retention, then workers that have been
+/// silent for a day and hold no jobs. Safe to run from many processes.
+pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error> {
+    let (done, dead): (i64, i64) = sqlx::query_as(
+        "with deleted as (
+             delete from apalis.jobs
+             where (status = 'Done' and done_at < now() - make_interval(secs => $1))
+                or ((status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))
+                    and done_at < now() - make_interval(secs => $2))
+             returning status)
+         select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
+         from deleted",
+    )
+    .bind(retention.done.as_secs_f64())
+    .bind(retention.dead.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    let workers = sqlx::query(
+        "delete from apalis.workers w
+         where w.last_seen < now() - interval '1 day'
+           and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let as_count = |n: i64| u64::try_from(n).unwrap_or_default();
+    Ok(Pruned {
+        done: as_count(done),
+        dead: as_count(dead),
+        workers,
+    })
+}

@@ -1,0 +1,111 @@
+//! `Probe`: a diagnostic job that exercises the queue end to end.
+//!
+//! Each execution records a row in `job_probe_runs` (which attempt, which
+//! worker, when it started and finished), then behaves as asked: succeed,
+//! fail, panic, sleep or wait for a lock. Operators use it to check a
+//! deployment; our tests use it to prove retries, crash recovery and scaling
+//! against the real `worker` binary. Workers run probes only when started with
+//! `WORKER_PROBES=true`.
+//!
+//! **Running it twice** records two runs: that is the point, so duplicates
+//! are visible.
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerContext};
+use serde::{Deserialize, Serialize};
+
+use crate::{Job, JobContext, decode};
+
+/// A diagnostic job: `key` names it in `job_probe_runs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Free-form name, recorded with every run.
+    pub key: String,
+    /// What each attempt does.
+    pub behaviour: Behaviour,
+}
+
+/// What a probe attempt does after recording its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Behaviour {
+    /// Finish at once.
+    Succeed,
+    /// Fail the first `failures` attempts, then succeed.
+    FailFirst {
+        /// How many attempts fail.
+        failures: usize,
+    },
+    /// Fail every attempt.
+    FailAlways,
+    /// Panic in every attempt.
+    Panic,
+    /// Sleep, then succeed.
+    Sleep {
+        /// How long, in milliseconds.
+        millis: u64,
+    },
+    /// Block until the Postgres advisory lock `lock` is free (someone else
+    /// holds it to keep the job running), then succeed.
+    WaitForLock {
+        /// The advisory lock key.
+        lock: i64,
+    },
+}
+
+impl Job for Probe {
+    const QUEUE: &'static str = "probe";
+    const MAX_ATTEMPTS: usize = 3;
+}
+
+/// The worker's handler for the `probe` queue.
+pub async fn handle(
+    payload: Vec<u8>,
+    context: Data<JobContext>,
+    task_id: TaskId,
+    attempt: Attempt,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError> {
+    let probe: Probe = decode(&payload, &task_id)?;
+    let attempt = attempt.current();
+    let run_id: i64 = sqlx::query_scalar(
+        "insert into job_probe_runs (probe, attempt, worker) values ($1, $2, $3) returning id",
+    )
+    .bind(&probe.key)
+    .bind(i32::try_from(attempt)?)
+    .bind(worker.name())
+    .fetch_one(&context.pool)
+    .await?;
+    tracing::info!(job.id = %task_id, job.attempt = attempt, probe = %probe.key, "probe running");
+    match probe.behaviour {
+        Behaviour::Succeed => {}
+        Behaviour::FailFirst { failures } if attempt <= failures => {
+            return Err(format!("probe {} failing attempt {attempt} as asked", probe.key).into());
+        }
+        Behaviour::FailFirst { .. } => {}
+        Behaviour::FailAlways => {
+            return Err(format!(
+                "probe {} fails every attempt (attempt {attempt})",
+                probe.key
+            )
+            .into());
+        }
+        Behaviour::Panic => panic!("probe {} panics as asked (attempt {attempt})", probe.key),
+        Behaviour::Sleep { millis } => {
+            tokio::time::sleep(std::time::Duration::from_millis(millis)).await
+        }
+        Behaviour::WaitForLock { lock } => {
+            // Transaction-scoped: the lock is released at commit, whatever happens.
+            let mut tx = context.pool.begin().await?;
+            sqlx::query("select pg_advisory_xact_lock($1)")
+                .bind(lock)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+    }
+    sqlx::query("update job_probe_runs set finished_at = clock_timestamp() where id = $1")
+        .bind(run_id)
+        .execute(&context.pool)
+        .await?;
+    Ok(())
+}
