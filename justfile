@@ -23,3 +23,7 @@ ci:
 # Open psql on the app's database.
 psql:
     psql "${DATABASE_URL:-postgres://localhost/visitme}"
+
+# Jobs per queue and state; also `worker dead|retry <id>|cancel <id>|prune`.
+status:
+    cargo run --release -q -p jobs --bin worker -- status

@@ -26,7 +26,8 @@ use sqlx::PgPool;
 use tower::{Layer, Service};
 
 /// Exponential backoff between attempts: `base · 2^(attempt-1)`, capped at
-/// `max`, with ±25 % jitter so that jobs failing together do not retry together.
+/// `max`, with ±10 % jitter (as Oban does) so that jobs failing together do
+/// not retry together, while each delay stays clearly longer than the last.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
     /// Delay after the first failed attempt.
@@ -44,10 +45,10 @@ impl Backoff {
         self.base.saturating_mul(1 << exponent).min(self.max)
     }
 
-    /// The delay with jitter in `[0.75, 1.25)` of the nominal one: consecutive
+    /// The delay with jitter in `[0.9, 1.1)` of the nominal one: consecutive
     /// delays still grow (each nominal one doubles until the cap).
     pub fn delay(&self, attempt: usize) -> Duration {
-        self.nominal(attempt).mul_f64(0.75 + 0.5 * jitter())
+        self.nominal(attempt).mul_f64(0.9 + 0.2 * jitter())
     }
 }
 
@@ -179,5 +180,50 @@ async fn settle_failure(
     .await;
     if let Err(err) = pushed {
         tracing::warn!(job.id = job_id, error = %err, "could not store the retry delay; the retry may come early");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_attempt_up_to_the_cap() {
+        let backoff = Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        let nominal: Vec<u64> = (1..=8).map(|a| backoff.nominal(a).as_secs()).collect();
+        assert_eq!(nominal, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(
+            backoff.nominal(10_000),
+            Duration::from_secs(60),
+            "huge attempts do not overflow"
+        );
+    }
+
+    #[test]
+    fn jittered_delays_stay_within_ten_percent_and_keep_growing() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(3600),
+        };
+        for attempt in 1..=10 {
+            let (low, high) = (
+                backoff.nominal(attempt).mul_f64(0.9),
+                backoff.nominal(attempt).mul_f64(1.1),
+            );
+            for _ in 0..50 {
+                let delay = backoff.delay(attempt);
+                assert!(delay >= low && delay < high, "attempt {attempt}: {delay:?}");
+                assert!(
+                    delay
+                        > backoff
+                            .nominal(attempt.saturating_sub(1).max(1))
+                            .mul_f64(1.1)
+                        || attempt == 1
+                );
+            }
+        }
     }
 }

@@ -47,7 +47,7 @@ pub struct WorkerConfig {
     /// Seconds one attempt may run before it is cancelled and counted as failed.
     #[arg(long, env = "JOB_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub job_timeout: Duration,
-    /// Seconds before the first retry; each further retry waits twice as long (±25 % jitter).
+    /// Seconds before the first retry; each further retry waits twice as long (±10 % jitter).
     #[arg(long, env = "JOB_BACKOFF_BASE", default_value = "1", value_parser = parse_seconds)]
     pub backoff_base: Duration,
     /// Longest wait between retries, in seconds.

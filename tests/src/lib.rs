@@ -25,6 +25,16 @@ use ulid::Ulid;
 
 pub use process::{Process, binary};
 
+/// Shows this process's logs in the test output (captured unless the test
+/// fails); `RUST_LOG` filters, default `info`.
+pub fn init_logs() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Where test databases are created.
 pub fn maintenance_url() -> String {
     std::env::var("TEST_DATABASE_URL")

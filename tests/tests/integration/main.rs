@@ -1,5 +1,6 @@
 //! VisitMe's one integration-test binary: everything against real Postgres.
 
+mod durability;
 mod jobs;
 mod migrations;
 mod processes;

@@ -1,0 +1,441 @@
+//! The queue keeps its promises: retries with backoff, dead jobs, crash
+//! recovery, scaling, coalescing, graceful shutdown, retention, operations.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use jobs::probe::{Behaviour, Probe};
+use sqlx::Connection as _;
+use tests::{Process, TestApp, TestDb, enqueue_probes, fast_worker_config, fast_worker_env};
+
+fn probe(key: &str, behaviour: Behaviour) -> Probe {
+    Probe {
+        key: key.to_owned(),
+        behaviour,
+    }
+}
+
+/// `(attempt, worker, started_at, finished?)` of every run of probe `key`.
+async fn runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, String, DateTime<Utc>, bool)>> {
+    Ok(sqlx::query_as(
+        "select attempt, worker, started_at, finished_at is not null
+         from job_probe_runs where probe = $1 order by started_at",
+    )
+    .bind(key)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// `(status, attempts, last_result)` of job `id`.
+async fn job_row(db: &TestDb, id: &str) -> anyhow::Result<(String, i32, String)> {
+    Ok(sqlx::query_as(
+        "select status, attempts, coalesce(last_result::text, '') from apalis.jobs where id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn a_job_that_fails_twice_then_succeeds_takes_three_attempts_with_growing_gaps()
+-> anyhow::Result<()> {
+    tests::init_logs();
+    let mut app = TestApp::spawn().await?;
+    app.start_worker_with(jobs::WorkerConfig {
+        backoff_base: Duration::from_millis(500),
+        ..fast_worker_config()
+    });
+    let ids = enqueue_probes(
+        &app.db.pool,
+        [probe("flaky", Behaviour::FailFirst { failures: 2 })],
+    )
+    .await?;
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+
+    let runs = runs(&app.db, "flaky").await?;
+    let attempts: Vec<i32> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    let gaps: Vec<Duration> = runs
+        .windows(2)
+        .map(|w| (w[1].2 - w[0].2).to_std())
+        .collect::<Result<_, _>>()?;
+    println!("gaps between attempts: {gaps:?}");
+    // Delays of 500 ms and 1 s (±10 %); load can only add to them.
+    assert!(
+        gaps[0] >= Duration::from_millis(450),
+        "first retry waits ~500 ms: {gaps:?}"
+    );
+    assert!(
+        gaps[1] >= Duration::from_millis(900),
+        "second retry waits ~1 s: {gaps:?}"
+    );
+    assert!(gaps[1] > gaps[0], "gaps grow: {gaps:?}");
+    assert_eq!(job_row(&app.db, &ids[0]).await?.1, 3);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_job_that_always_fails_is_dead_after_max_attempts_with_its_error() -> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    app.start_worker();
+    let ids = enqueue_probes(&app.db.pool, [probe("hopeless", Behaviour::FailAlways)]).await?;
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
+
+    assert_eq!(
+        runs(&app.db, "hopeless").await?.len(),
+        <Probe as jobs::Job>::MAX_ATTEMPTS
+    );
+    let (status, attempts, last_result) = job_row(&app.db, &ids[0]).await?;
+    assert_eq!((status.as_str(), attempts), ("Killed", 3));
+    assert!(
+        last_result.contains("fails every attempt (attempt 3)"),
+        "{last_result}"
+    );
+    let dead = jobs::admin::dead_jobs(&app.db.pool, 10).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, ids[0]);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn panicking_and_timed_out_attempts_are_retried_and_never_left_running() -> anyhow::Result<()>
+{
+    let mut app = TestApp::spawn().await?;
+    app.start_worker_with(jobs::WorkerConfig {
+        job_timeout: Duration::from_millis(300),
+        ..fast_worker_config()
+    });
+    let ids = enqueue_probes(
+        &app.db.pool,
+        [
+            probe("panics", Behaviour::Panic),
+            probe("too-slow", Behaviour::Sleep { millis: 5_000 }),
+        ],
+    )
+    .await?;
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
+
+    for (id, key) in ids.iter().zip(["panics", "too-slow"]) {
+        let runs = runs(&app.db, key).await?;
+        assert_eq!(runs.len(), 3, "{key}: every attempt ran: {runs:?}");
+        assert!(
+            runs.iter().all(|r| !r.3),
+            "{key}: no attempt got past the failure"
+        );
+        let (status, attempts, last_result) = job_row(&app.db, id).await?;
+        assert_eq!(
+            (status.as_str(), attempts),
+            ("Killed", 3),
+            "{key}: {last_result}"
+        );
+    }
+    let running: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where status = 'Running'")
+            .fetch_one(&app.db.pool)
+            .await?;
+    assert_eq!(running, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_job_whose_attempts_were_all_lost_with_workers_is_killed_without_running()
+-> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    let ids = enqueue_probes(&app.db.pool, [probe("poison", Behaviour::Succeed)]).await?;
+    // What apalis leaves after the job crashed its worker three times: Pending
+    // again, with every attempt used.
+    sqlx::query("update apalis.jobs set attempts = max_attempts where id = $1")
+        .bind(&ids[0])
+        .execute(&app.db.pool)
+        .await?;
+    app.start_worker();
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
+    let (status, _, last_result) = job_row(&app.db, &ids[0]).await?;
+    assert_eq!(status, "Killed");
+    assert!(
+        last_result.contains("worker running it was lost"),
+        "{last_result}"
+    );
+    assert!(
+        runs(&app.db, "poison").await?.is_empty(),
+        "it did not run again"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_sigkilled_workers_job_is_completed_by_another_worker_within_the_lease()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.push(("DATABASE_URL", db.url.as_str()));
+    // Hold the lock the job waits for, so it stays running until we let go.
+    let mut holder = sqlx::PgConnection::connect_with(&migrations::parse_url(&db.url)?).await?;
+    sqlx::query("select pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await?;
+
+    let mut first = Process::spawn("worker", &env)?;
+    first
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [probe("blocked", Behaviour::WaitForLock { lock: 4242 })],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while runs(&db, "blocked").await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the first worker never started the job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut second = Process::spawn("worker", &env)?;
+    second
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+
+    first.signal(nix::sys::signal::Signal::SIGKILL)?;
+    let killed_at = tokio::time::Instant::now();
+    sqlx::query("select pg_advisory_unlock(4242)")
+        .execute(&mut holder)
+        .await?;
+    db.drain_queue(Duration::from_secs(30)).await?;
+    let recovered_in = killed_at.elapsed();
+    println!("job recovered and completed {recovered_in:?} after SIGKILL (lease 3 s)");
+    assert!(
+        recovered_in < Duration::from_secs(3 + 1 + 5),
+        "within lease + heartbeat + slack"
+    );
+
+    let runs = runs(&db, "blocked").await?;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        !runs[0].3 && runs[1].3,
+        "first run cut off, second finished: {runs:?}"
+    );
+    assert_ne!(runs[0].1, runs[1].1, "another worker ran it");
+    assert_eq!(runs[1].0, 2, "the re-run counts as attempt 2");
+    assert_eq!(job_row(&db, &ids[0]).await?.0, "Done");
+    let status = second.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.push(("DATABASE_URL", db.url.as_str()));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let mut worker = Process::spawn("worker", &env)?;
+        worker
+            .wait_for_line("worker started", Duration::from_secs(60))
+            .await?;
+        workers.push(worker);
+    }
+    let started = std::time::Instant::now();
+    enqueue_probes(
+        &db.pool,
+        (0..3000).map(|n| probe(&format!("bulk-{n}"), Behaviour::Succeed)),
+    )
+    .await?;
+    db.drain_queue(Duration::from_secs(180)).await?;
+    let elapsed = started.elapsed();
+
+    let per_probe: Vec<(String, i64)> = sqlx::query_as(
+        "select probe, count(*) from job_probe_runs group by probe having count(*) <> 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(
+        per_probe.is_empty(),
+        "jobs run other than once: {per_probe:?}"
+    );
+    let total: i64 = sqlx::query_scalar("select count(*) from job_probe_runs")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(total, 3000);
+    let split: HashMap<String, i64> = sqlx::query_as(
+        "select split_part(worker, '-', 2), count(*) from job_probe_runs group by 1",
+    )
+    .fetch_all(&db.pool)
+    .await?
+    .into_iter()
+    .collect();
+    println!("3000 jobs in {elapsed:?} by 3 workers (pid: jobs): {split:?}");
+    for worker in workers {
+        assert!(worker.terminate(Duration::from_secs(30)).await?.success());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_burst_of_1000_concurrent_visits_runs_far_fewer_trims_and_keeps_the_10_newest()
+-> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    app.start_worker();
+    let app = std::sync::Arc::new(app);
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut visits = tokio::task::JoinSet::new();
+    for n in 0..1000 {
+        let (app, limit) = (app.clone(), limit.clone());
+        visits.spawn(async move {
+            let _slot = limit.acquire().await?;
+            app.visit(&format!("burst-{n}")).await
+        });
+    }
+    while let Some(visit) = visits.join_next().await {
+        visit??;
+    }
+    // Concurrent views cannot see each other's uncommitted visits, so the table
+    // may hold a few more than 10 until the next view; one more settles it.
+    let last = app.visit("after the burst").await?;
+    app.db.drain_queue(Duration::from_secs(60)).await?;
+
+    let trims: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'trim_visits'")
+            .fetch_one(&app.db.pool)
+            .await?;
+    println!("1001 visits ran {trims} trim jobs");
+    assert!(trims < 100, "far fewer trims than visits: {trims}");
+    let mut remaining = app.db.visit_ids().await?;
+    remaining.reverse();
+    assert_eq!(remaining, last.ids(), "exactly the 10 newest remain");
+    let app = std::sync::Arc::into_inner(app).expect("all visits finished");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn sigterm_during_a_long_job_lets_it_finish_and_exits_0() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.push(("DATABASE_URL", db.url.as_str()));
+    let mut worker = Process::spawn("worker", &env)?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [probe("long", Behaviour::Sleep { millis: 1_500 })],
+    )
+    .await?;
+    worker
+        .wait_for_line("probe running", Duration::from_secs(30))
+        .await?;
+
+    let status = worker.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "exit {status}");
+    let runs = runs(&db, "long").await?;
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].3, "the running job finished before exit");
+    assert_eq!(job_row(&db, &ids[0]).await?.0, "Done");
+    Ok(())
+}
+
+#[tokio::test]
+async fn prune_removes_old_done_and_dead_jobs_and_nothing_else() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        (0..6).map(|n| probe(&format!("p{n}"), Behaviour::Succeed)),
+    )
+    .await?;
+    // (status, finished how long ago) for each job; the last stays pending.
+    let ages = [
+        ("Done", "2 days"),
+        ("Done", "1 hour"),
+        ("Killed", "8 days"),
+        ("Killed", "2 days"),
+        ("Failed", "8 days"), // out of attempts: dead
+    ];
+    for (id, (status, age)) in ids.iter().zip(ages) {
+        sqlx::query(
+            "update apalis.jobs set status = $2, attempts = max_attempts, done_at = now() - $3::interval where id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(age)
+        .execute(&db.pool)
+        .await?;
+    }
+    let retention = jobs::admin::Retention {
+        done: Duration::from_secs(86_400),
+        dead: Duration::from_secs(7 * 86_400),
+    };
+    let pruned = jobs::admin::prune(&db.pool, retention).await?;
+    assert_eq!((pruned.done, pruned.dead), (1, 2));
+    let mut left: Vec<String> = sqlx::query_scalar("select id from apalis.jobs")
+        .fetch_all(&db.pool)
+        .await?;
+    let mut kept = vec![ids[1].clone(), ids[3].clone(), ids[5].clone()];
+    left.sort();
+    kept.sort();
+    assert_eq!(left, kept, "recent done, recent dead and pending jobs stay");
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_commands_show_retry_and_cancel_jobs() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [
+            probe("dead-one", Behaviour::Succeed),
+            probe("pending-one", Behaviour::Succeed),
+        ],
+    )
+    .await?;
+    sqlx::query(
+        r#"update apalis.jobs set status = 'Killed', attempts = 3, done_at = now(),
+           last_result = '{"Err": "boom on attempt 3"}' where id = $1"#,
+    )
+    .bind(&ids[0])
+    .execute(&db.pool)
+    .await?;
+    let run = |args: &[&str]| {
+        let url = db.url.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        async move {
+            let mut command = tokio::process::Command::new(tests::binary("worker")?);
+            command
+                .args(&args)
+                .env("DATABASE_URL", url)
+                .env("RUST_LOG", "warn");
+            let output = command.output().await?;
+            anyhow::Ok((
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            ))
+        }
+    };
+    let (ok, status) = run(&["status"]).await?;
+    assert!(
+        ok && status.contains("probe") && status.contains("dead") && status.contains("pending"),
+        "{status}"
+    );
+    let (ok, dead) = run(&["dead"]).await?;
+    assert!(
+        ok && dead.contains(&ids[0]) && dead.contains("boom on attempt 3"),
+        "{dead}"
+    );
+
+    let (ok, out) = run(&["retry", &ids[0]]).await?;
+    assert!(ok, "{out}");
+    assert_eq!(job_row(&db, &ids[0]).await?.0, "Pending");
+
+    let (ok, out) = run(&["cancel", &ids[1]]).await?;
+    assert!(ok, "{out}");
+    let (status, _, result) = job_row(&db, &ids[1]).await?;
+    assert_eq!(status, "Killed");
+    assert!(result.contains("cancelled by an operator"));
+
+    let (ok, _) = run(&["cancel", &ids[1]]).await?;
+    assert!(!ok, "cancelling a job that is no longer pending fails");
+    let (ok, _) = run(&["retry", "01JNOSUCHJOB0000000000000"]).await?;
+    assert!(!ok, "retrying an unknown job fails");
+    Ok(())
+}
