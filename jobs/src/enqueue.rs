@@ -1,9 +1,10 @@
 //! Typed jobs and putting them on the queue inside the caller's transaction.
 
-use apalis::prelude::{AbortError, BoxDynError, TaskBuilder, TaskId};
+use apalis::prelude::{AbortError, BoxDynError, MetadataStore, TaskBuilder, TaskId};
 use apalis_postgres::PgTask;
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 use ulid::Ulid;
 
 use crate::Error;
@@ -24,12 +25,36 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// Returns the job's id (a ULID, as apalis-postgres requires).
 pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, Error> {
     let id = Ulid::generate();
-    let task: PgTask = TaskBuilder::new(serde_json::to_vec(job)?)
-        .task_id(TaskId::from_ulid(id))
-        .max_attempts(J::MAX_ATTEMPTS)
-        .build();
-    apalis_postgres::queries::push_tasks(conn, J::QUEUE, vec![task]).await?;
-    Ok(id)
+    let span = producer_span(J::QUEUE);
+    span.record("messaging.message.id", id.to_string());
+    async {
+        // Inside the producer span: the job's run becomes its child.
+        let trace_context = MetadataStore::from_map(observability::inject_current());
+        let task: PgTask = TaskBuilder::new(serde_json::to_vec(job)?)
+            .task_id(TaskId::from_ulid(id))
+            .max_attempts(J::MAX_ATTEMPTS)
+            .with_metadata(trace_context)
+            .build();
+        apalis_postgres::queries::push_tasks(conn, J::QUEUE, vec![task]).await?;
+        Ok(id)
+    }
+    .instrument(span)
+    .await
+}
+
+/// The PRODUCER span of an enqueue (OpenTelemetry messaging conventions).
+/// `messaging.message.id` is recorded once the job id is known.
+pub(crate) fn producer_span(queue: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "send",
+        otel.name = format!("send {queue}"),
+        otel.kind = "producer",
+        messaging.system = "apalis",
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = queue,
+        messaging.message.id = tracing::field::Empty,
+    )
 }
 
 /// Decodes a job's stored JSON payload inside its handler.

@@ -5,6 +5,7 @@ mod context;
 pub mod durability;
 mod enqueue;
 mod error;
+pub mod job_span;
 pub mod probe;
 pub mod shutdown;
 pub mod trim_visits;

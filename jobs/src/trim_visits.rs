@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use ulid::Ulid;
 
-use crate::{Error, Job, JobContext, decode};
+use tracing::Instrument as _;
+
+use crate::{Error, Job, JobContext, decode, enqueue::producer_span};
 
 /// Delete every visit with `created_at < older_than`.
 ///
@@ -47,6 +49,7 @@ impl TrimVisits {
             sqlx::query_scalar("delete from visits where created_at < $1 returning id")
                 .bind(self.older_than)
                 .fetch_all(pool)
+                .instrument(observability::db_span("DELETE", "visits"))
                 .await?;
         ids.sort_unstable();
         Ok(ids)
@@ -113,32 +116,48 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(500);
 ///
 /// Returns the id of the job that will carry this threshold.
 pub async fn enqueue(conn: &mut PgConnection, job: &TrimVisits) -> Result<Ulid, Error> {
-    // The threshold is compared through a metadata key rather than by parsing
-    // the payload, so a pending row with a corrupt payload cannot make page
-    // views fail: it is simply replaced.
-    let id: String = sqlx::query_scalar(
-        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
-         values ($1, $2, $3, 'Pending', 0, $4, clock_timestamp() + make_interval(secs => $5), 0,
-                 hstore('visitme.older_than', $6))
-         on conflict (job_type) where job_type = 'trim_visits' and status = 'Pending'
-         do update set
-             job = case when jobs.metadata -> 'visitme.older_than' is null
-                          or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
-                        then excluded.job else jobs.job end,
-             metadata = case when jobs.metadata -> 'visitme.older_than' is null
-                               or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
-                             then coalesce(jobs.metadata, ''::hstore) || excluded.metadata
-                             else jobs.metadata end
-         returning id",
-    )
-    .bind(Ulid::generate().to_string())
-    .bind(TrimVisits::QUEUE)
-    .bind(serde_json::to_vec(job)?)
-    .bind(i32::try_from(TrimVisits::MAX_ATTEMPTS).unwrap_or(i32::MAX))
-    .bind(COALESCE_WINDOW.as_secs_f64())
-    .bind(job.older_than.to_rfc3339())
-    .fetch_one(&mut *conn)
-    .await?;
-    // The id column is written only by us and apalis, always as a ULID.
-    id.parse().map_err(|_| Error::CorruptId(id))
+    let span = producer_span(TrimVisits::QUEUE);
+    async {
+        // Metadata: our threshold (compared through this key rather than by
+        // parsing the payload, so a pending row with a corrupt payload cannot
+        // make page views fail: it is simply replaced) and the trace context
+        // of this enqueue, so the job's run joins this request's trace.
+        let mut metadata = observability::inject_current();
+        metadata.insert(THRESHOLD_KEY.to_owned(), job.older_than.to_rfc3339());
+        let (keys, values): (Vec<String>, Vec<String>) = metadata.into_iter().unzip();
+        let id: String = sqlx::query_scalar(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
+             values ($1, $2, $3, 'Pending', 0, $4, clock_timestamp() + make_interval(secs => $5), 0,
+                     hstore($7::text[], $8::text[]))
+             on conflict (job_type) where job_type = 'trim_visits' and status = 'Pending'
+             do update set
+                 job = case when jobs.metadata -> 'visitme.older_than' is null
+                              or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
+                            then excluded.job else jobs.job end,
+                 metadata = case when jobs.metadata -> 'visitme.older_than' is null
+                                   or ($6)::timestamptz > (jobs.metadata -> 'visitme.older_than')::timestamptz
+                                 then coalesce(jobs.metadata, ''::hstore) || excluded.metadata
+                                 else jobs.metadata end
+             returning id",
+        )
+        .bind(Ulid::generate().to_string())
+        .bind(TrimVisits::QUEUE)
+        .bind(serde_json::to_vec(job)?)
+        .bind(i32::try_from(TrimVisits::MAX_ATTEMPTS).unwrap_or(i32::MAX))
+        .bind(COALESCE_WINDOW.as_secs_f64())
+        .bind(job.older_than.to_rfc3339())
+        .bind(keys)
+        .bind(values)
+        .fetch_one(&mut *conn)
+        .instrument(observability::db_span("INSERT", "apalis.jobs"))
+        .await?;
+        tracing::Span::current().record("messaging.message.id", id.as_str());
+        // The id column is written only by us and apalis, always as a ULID.
+        id.parse().map_err(|_| Error::CorruptId(id))
+    }
+    .instrument(span)
+    .await
 }
+
+/// The metadata key holding a pending trim's threshold (RFC 3339).
+const THRESHOLD_KEY: &str = "visitme.older_than";

@@ -20,6 +20,7 @@ use crate::{
     Error, Job, JobContext,
     admin::{self, Pruned, Retention},
     durability::{Backoff, DurabilityLayer},
+    job_span::JobSpanLayer,
     probe::{self, Probe},
     trim_visits::{self, TrimVisits},
 };
@@ -177,6 +178,7 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
 /// - `concurrency`: at most `WORKER_CONCURRENCY` attempts at once;
 /// - `parallelize`: each attempt on its own tokio task (all cores; a slow job
 ///   cannot stall the heartbeat; a panic stays inside its task);
+/// - `JobSpanLayer`: the attempt's CONSUMER span, in the enqueuer's trace;
 /// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
 macro_rules! job_worker {
     ($job:ty, $handler:path, $pool:expr, $config:expr, $generation:expr) => {{
@@ -199,6 +201,7 @@ macro_rules! job_worker {
                 .layer(DurabilityLayer::new(pool.clone(), cfg.backoff()))
                 .concurrency(usize::from(cfg.concurrency))
                 .parallelize(tokio::spawn)
+                .layer(JobSpanLayer::new(<$job>::QUEUE))
                 .timeout(cfg.job_timeout)
                 .data(context.clone())
                 .build($handler)

@@ -1,6 +1,16 @@
 #![doc = include_str!("../README.md")]
 
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+mod context;
+mod export;
+
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
+use opentelemetry_sdk::{logs::SdkLoggerProvider, trace::SdkTracerProvider};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
+
+pub use context::{db_span, extract_into, inject_current, set_remote_parent};
+pub use export::Export;
 
 /// What can go wrong while installing telemetry.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +21,19 @@ pub enum Error {
     /// A global subscriber was already installed in this process.
     #[error("telemetry already initialised: {0}")]
     AlreadyInitialised(#[from] tracing_subscriber::util::TryInitError),
+    /// An OTLP exporter could not be built from the `OTEL_*` settings.
+    #[error("cannot set up OTLP export: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// An `OTEL_*` variable has a value we do not support.
+    #[error("{variable}={value:?} is not supported (use {supported})")]
+    Unsupported {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What works instead.
+        supported: &'static str,
+    },
 }
 
 /// How log lines are written to stdout.
@@ -23,7 +46,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Telemetry settings, shared by both binaries' command lines.
+/// Telemetry settings, shared by both binaries' command lines. OTLP export
+/// is configured by the standard `OTEL_*` environment variables (see the README).
 #[derive(Debug, Clone, clap::Args)]
 #[group(id = "telemetry")]
 #[command(next_help_heading = "Telemetry")]
@@ -35,39 +59,87 @@ pub struct Config {
     #[arg(
         long = "log-filter",
         env = "RUST_LOG",
-        default_value = "info,sqlx::postgres::notice=warn"
+        default_value = "info,sqlx::postgres::notice=warn,opentelemetry=warn"
     )]
     pub log_filter: String,
 }
 
-/// Keeps telemetry running; dropping it flushes and shuts exporters down.
-#[must_use = "telemetry stops when the guard is dropped"]
+/// Keeps telemetry running; [`Guard::shutdown`] (or dropping it) flushes
+/// every buffered span and log record to the exporters and stops them.
+#[must_use = "telemetry is flushed and stopped when the guard is dropped"]
 #[derive(Debug)]
 pub struct Guard {
-    service_name: String,
+    tracer: Option<SdkTracerProvider>,
+    logger: Option<SdkLoggerProvider>,
+}
+
+impl Guard {
+    /// Flushes and stops the exporters. Blocks until they are done (bounded
+    /// by the exporters' timeouts); later calls do nothing.
+    pub fn shutdown(&mut self) {
+        // Errors go to stderr: the log pipeline is what is being shut down.
+        if let Some(tracer) = self.tracer.take()
+            && let Err(err) = tracer.shutdown()
+        {
+            eprintln!("telemetry: flushing spans failed: {err}");
+        }
+        if let Some(logger) = self.logger.take()
+            && let Err(err) = logger.shutdown()
+        {
+            eprintln!("telemetry: flushing log records failed: {err}");
+        }
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        tracing::debug!(service.name = %self.service_name, "telemetry shut down");
+        self.shutdown();
     }
 }
 
-/// Installs the global tracing subscriber for `service_name`.
-pub fn init(service_name: &str, config: &Config) -> Result<Guard, Error> {
-    let filter = EnvFilter::try_new(&config.log_filter)?;
-    let registry = tracing_subscriber::registry().with(filter);
-    match config.log_format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init()?,
-        LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json())
-            .try_init()?,
-    }
-    tracing::info!(
-        service.name = service_name,
-        "telemetry: logs to stdout, OTLP export off"
+/// Installs the global tracing subscriber: stdout logs, plus OTLP traces and
+/// logs when the `OTEL_*` variables ask for them. `default_service_name` is
+/// used unless `OTEL_SERVICE_NAME` (or `service.name` in
+/// `OTEL_RESOURCE_ATTRIBUTES`) names the service. Logs one line saying where
+/// telemetry goes.
+pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error> {
+    let export = Export::from_env(default_service_name)?;
+    let (tracer, logger) = export.providers()?;
+
+    let otel_traces = tracer.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("visitme"))
+    });
+    // The exporter's own HTTP/gRPC stack must not feed the log pipeline it is
+    // exporting (a feedback loop), so those targets are off for the bridge.
+    let otel_logs = logger.as_ref().map(|provider| {
+        let quiet = EnvFilter::new("trace")
+            .add_directive("hyper=off".parse().expect("static directive"))
+            .add_directive("h2=off".parse().expect("static directive"))
+            .add_directive("tonic=off".parse().expect("static directive"))
+            .add_directive("reqwest=off".parse().expect("static directive"))
+            .add_directive("opentelemetry=off".parse().expect("static directive"))
+            .add_directive("opentelemetry_sdk=off".parse().expect("static directive"))
+            .add_directive("opentelemetry_otlp=off".parse().expect("static directive"));
+        OpenTelemetryTracingBridge::new(provider).with_filter(quiet)
+    });
+    let stdout = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_new(&config.log_filter)?)
+        .with(stdout)
+        .with(otel_traces)
+        .with(otel_logs)
+        .try_init()?;
+
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    Ok(Guard {
-        service_name: service_name.to_owned(),
-    })
+    if let Some(provider) = &tracer {
+        opentelemetry::global::set_tracer_provider(provider.clone());
+    }
+    tracing::info!(service.name = %export.service_name, "telemetry: {}", export.describe());
+    Ok(Guard { tracer, logger })
 }

@@ -10,6 +10,7 @@
 //! `postgres://localhost/postgres`): any database there works as the
 //! maintenance database from which test databases are created.
 
+pub mod otlp;
 mod process;
 
 use std::{net::SocketAddr, time::Duration};

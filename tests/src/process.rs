@@ -66,7 +66,10 @@ impl Process {
         let mut command = Command::new(binary(name)?);
         command
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info,sqlx::postgres::notice=warn")
+            .env(
+                "RUST_LOG",
+                "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -4,6 +4,7 @@ mod config;
 mod error;
 pub mod routes;
 mod state;
+mod telemetry;
 pub mod views;
 pub mod visits;
 
@@ -24,7 +25,13 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::health::router())
         .merge(routes::assets::router())
         .fallback(not_found)
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(telemetry::request_span)
+                .on_response(telemetry::record_response)
+                // Errors are logged once, where they are turned into a page.
+                .on_failure(()),
+        )
         .with_state(state)
 }
 

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use jobs::TrimVisits;
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 
 use crate::Error;
 
@@ -42,6 +43,7 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     )
     .bind(visitor)
     .fetch_one(&mut *conn)
+    .instrument(observability::db_span("INSERT", "visits"))
     .await?;
     let visits: Vec<Visit> = sqlx::query_as(
         "select id, visitor, created_at from visits
@@ -50,6 +52,7 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     )
     .bind(SHOWN_VISITS)
     .fetch_all(&mut *conn)
+    .instrument(observability::db_span("SELECT", "visits"))
     .await?;
     // Our own insert is visible in this transaction, so the list is never empty;
     // fall back to it anyway rather than trusting that in an `expect`.

@@ -4,4 +4,5 @@ mod durability;
 mod jobs;
 mod migrations;
 mod processes;
+mod telemetry;
 mod web;

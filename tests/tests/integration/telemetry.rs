@@ -1,0 +1,288 @@
+//! OpenTelemetry export from the real binaries to a real OTLP receiver.
+
+use std::time::Duration;
+
+use tests::{Process, TestDb, fast_worker_env, otlp::OtlpReceiver};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const PRODUCER: i32 = 4;
+const CONSUMER: i32 = 5;
+
+#[tokio::test]
+async fn one_trace_links_the_request_the_enqueue_and_the_job_with_every_deleted_id()
+-> anyhow::Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let endpoint = receiver.endpoint();
+    let db = TestDb::migrated().await?;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+    ];
+    let mut web = Process::spawn(
+        "web",
+        &[
+            &otel[..],
+            &[("BIND", "127.0.0.1:0"), ("EMBEDDED_WORKER", "false")],
+        ]
+        .concat(),
+    )?;
+    let mut worker = Process::spawn("worker", &[&otel[..], &fast_worker_env()[..]].concat())?;
+    let address = web.web_address().await?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+
+    // Twelve visits, one at a time: the job(s) delete the two oldest.
+    let client = reqwest::Client::new();
+    for n in 1..=12 {
+        client
+            .get(format!("http://{address}/"))
+            .header("user-agent", format!("traced-{n}"))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    db.drain_queue(Duration::from_secs(30)).await?;
+    assert_eq!(db.visit_ids().await?.len(), 10);
+
+    // The batch exporters wait 5 s between exports; everything asserted below
+    // arrives because shutdown flushes it.
+    for process in [web, worker] {
+        assert!(process.terminate(Duration::from_secs(30)).await?.success());
+    }
+    let spans = receiver.spans();
+    let logs = receiver.logs();
+
+    // Every deleted id appears exactly once as a span event with visit.id.
+    let mut deleted_events: Vec<(String, String, String)> = spans
+        .iter()
+        .filter(|s| s.kind == CONSUMER)
+        .flat_map(|s| {
+            s.events.iter().filter_map(move |(_, attrs)| {
+                Some((
+                    attrs.get("visit.id")?.clone(),
+                    s.trace_id.clone(),
+                    s.span_id.clone(),
+                ))
+            })
+        })
+        .collect();
+    deleted_events.sort();
+    let deleted_ids: Vec<&str> = deleted_events
+        .iter()
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    assert_eq!(
+        deleted_ids,
+        ["1", "2"],
+        "one event per deleted visit: {deleted_events:?}"
+    );
+
+    for (visit_id, trace_id, consumer_id) in &deleted_events {
+        let in_trace: Vec<_> = spans.iter().filter(|s| &s.trace_id == trace_id).collect();
+        let consumer = in_trace
+            .iter()
+            .find(|s| &s.span_id == consumer_id)
+            .expect("consumer span");
+        assert_eq!(consumer.name, "process trim_visits");
+        assert_eq!(consumer.service, "visitme-worker");
+        assert!(
+            consumer.attributes.contains_key("job.id")
+                && consumer.attributes.contains_key("job.attempt")
+        );
+        let producer = in_trace
+            .iter()
+            .find(|s| s.span_id == consumer.parent_span_id)
+            .expect("the job's parent span is exported");
+        assert_eq!(
+            (producer.kind, producer.name.as_str()),
+            (PRODUCER, "send trim_visits")
+        );
+        assert_eq!(producer.service, "visitme-web");
+        assert!(
+            consumer
+                .links
+                .contains(&(trace_id.clone(), producer.span_id.clone())),
+            "consumer links to producer"
+        );
+        let server = in_trace
+            .iter()
+            .find(|s| s.span_id == producer.parent_span_id)
+            .expect("the enqueue's parent is the request");
+        assert_eq!((server.kind, server.name.as_str()), (SERVER, "GET /"));
+        assert_eq!(
+            server
+                .attributes
+                .get("http.response.status_code")
+                .map(String::as_str),
+            Some("200")
+        );
+        // Database spans: insert and select under the request, delete under the job.
+        let db_spans: Vec<(&str, &str)> = in_trace
+            .iter()
+            .filter(|s| s.kind == CLIENT)
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.attributes
+                        .get("db.system.name")
+                        .map_or("", String::as_str),
+                )
+            })
+            .collect();
+        for name in ["INSERT visits", "SELECT visits", "DELETE visits"] {
+            assert!(
+                db_spans.contains(&(name, "postgresql")),
+                "{name} in {db_spans:?}"
+            );
+        }
+        // The same id as an OTLP log record, correlated to the trace, with job.id.
+        let records: Vec<_> = logs
+            .iter()
+            .filter(|l| l.attributes.get("visit.id") == Some(visit_id))
+            .collect();
+        assert_eq!(records.len(), 1, "one log record for visit {visit_id}");
+        assert_eq!(&records[0].trace_id, trace_id);
+        assert_eq!(records[0].service, "visitme-worker");
+        assert_eq!(
+            records[0].attributes.get("job.id"),
+            consumer.attributes.get("job.id")
+        );
+    }
+    // The summary record, with the count.
+    let summaries: Vec<_> = logs
+        .iter()
+        .filter(|l| l.body.starts_with("Deleting "))
+        .collect();
+    let counted: u64 = summaries
+        .iter()
+        .map(|l| {
+            l.attributes
+                .get("visits.deleted")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(counted, 2, "{summaries:?}");
+    // The web's threshold log line is a log record inside its request's trace.
+    let threshold_logs: Vec<_> = logs
+        .iter()
+        .filter(|l| l.body.starts_with("Delete entities older than"))
+        .collect();
+    assert_eq!(threshold_logs.len(), 12);
+    assert!(
+        threshold_logs
+            .iter()
+            .all(|l| !l.trace_id.is_empty() && l.service == "visitme-web")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retried_attempts_are_separate_spans_in_the_enqueuers_trace() -> anyhow::Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let endpoint = receiver.endpoint();
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+    ]);
+    let mut worker = Process::spawn("worker", &env)?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+
+    // A job enqueued from inside a (remote) trace, as the web tier stores it.
+    let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, metadata)
+         values (apalis.generate_ulid(), 'probe', convert_to($1, 'UTF8'), 'Pending', 0, 3, now(),
+                 hstore('traceparent', $2))",
+    )
+    .bind(r#"{"key": "traced", "behaviour": {"kind": "fail_first", "failures": 2}}"#)
+    .bind(format!("00-{trace_id}-{parent_id}-01"))
+    .execute(&db.pool)
+    .await?;
+    db.drain_queue(Duration::from_secs(30)).await?;
+    assert!(worker.terminate(Duration::from_secs(30)).await?.success());
+
+    let mut attempts: Vec<(String, String)> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.name == "process probe")
+        .map(|s| {
+            assert_eq!(
+                (s.trace_id.as_str(), s.parent_span_id.as_str()),
+                (trace_id, parent_id)
+            );
+            (
+                s.attributes["job.attempt"].clone(),
+                s.attributes
+                    .get("otel.status_code")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    assert_eq!(
+        attempts.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_only_warns_and_the_app_keeps_working() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut web = Process::spawn(
+        "web",
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("BIND", "127.0.0.1:0"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_BLRP_SCHEDULE_DELAY", "100"),
+        ],
+    )?;
+    let address = web.web_address().await?;
+    for _ in 0..3 {
+        reqwest::get(format!("http://{address}/"))
+            .await?
+            .error_for_status()?;
+    }
+    web.wait_for_line("export", Duration::from_secs(30)).await?;
+    assert!(web.terminate(Duration::from_secs(60)).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn startup_says_where_telemetry_goes() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut off = Process::spawn("worker", &[("DATABASE_URL", db.url.as_str())])?;
+    off.wait_for_line("OTLP export off", Duration::from_secs(60))
+        .await?;
+    assert!(off.terminate(Duration::from_secs(30)).await?.success());
+    let receiver = OtlpReceiver::start().await?;
+    let endpoint = receiver.endpoint();
+    let mut on = Process::spawn(
+        "worker",
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_LOGS_EXPORTER", "none"),
+            ("OTEL_SERVICE_NAME", "custom-worker"),
+        ],
+    )?;
+    let line = on
+        .wait_for_line("telemetry: logs to stdout", Duration::from_secs(60))
+        .await?;
+    let expected = format!("OTLP traces (OTLP logs off) to {endpoint} over http/protobuf");
+    assert!(line.contains(&expected), "{line}");
+    assert!(line.contains("custom-worker"), "{line}");
+    assert!(on.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
