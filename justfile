@@ -27,3 +27,19 @@ psql:
 # Jobs per queue and state; also `worker dead|retry <id>|cancel <id>|prune`.
 status:
     cargo run --release -q -p jobs --bin worker -- status
+
+# Bring it all up: Postgres, Jaeger (with Docker), web and N workers; Ctrl-C stops all.
+up workers="2":
+    bash scripts/up.sh {{workers}}
+
+# Stop what `just up` started (from another terminal).
+down:
+    -kill -TERM $(cat .data/up.pids 2>/dev/null) 2>/dev/null
+
+# Follow the logs of `just up`.
+logs:
+    tail -n 100 -f .data/up.log
+
+# Print the newest VisitMe trace from Jaeger: web span -> job span -> deleted ids.
+trace-check jaeger="http://127.0.0.1:16686":
+    python3 scripts/trace_check.py --jaeger {{jaeger}}

@@ -286,3 +286,37 @@ async fn startup_says_where_telemetry_goes() -> anyhow::Result<()> {
     assert!(on.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn trace_check_prints_the_chain_from_web_request_to_deleted_ids() -> anyhow::Result<()> {
+    let fixture = include_str!("../../fixtures/jaeger_v3_traces.json");
+    let jaeger = axum::Router::new().route(
+        "/api/v3/traces",
+        axum::routing::get(move || async move { fixture }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, jaeger).await });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/trace_check.py");
+    let output = tokio::process::Command::new("python3")
+        .args([script, "--jaeger", &format!("http://{address}")])
+        .output()
+        .await?;
+    server.abort();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("trace 4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("visitme-web: GET / -> visitme-web: send trim_visits -> visitme-worker: process trim_visits"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("deleted visit ids: 7, 8"), "{stdout}");
+    Ok(())
+}
