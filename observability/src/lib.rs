@@ -97,6 +97,24 @@ impl Drop for Guard {
     }
 }
 
+/// A subscriber that exports to the given providers, with the same layers as
+/// [`init`] (minus stdout), for tests that capture telemetry in memory:
+/// install it with `tracing::subscriber::set_default`. Also installs the W3C
+/// propagator, as `init` does.
+pub fn subscriber_for_test(
+    tracer: &SdkTracerProvider,
+    logger: &SdkLoggerProvider,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    use opentelemetry::trace::TracerProvider as _;
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    tracing_subscriber::registry()
+        .with(EnvFilter::new("info"))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer.tracer("visitme-test")))
+        .with(OpenTelemetryTracingBridge::new(logger))
+}
+
 /// Installs the global tracing subscriber: stdout logs, plus OTLP traces and
 /// logs when the `OTEL_*` variables ask for them. `default_service_name` is
 /// used unless `OTEL_SERVICE_NAME` (or `service.name` in

@@ -320,3 +320,155 @@ async fn trace_check_prints_the_chain_from_web_request_to_deleted_ids() -> anyho
     assert!(stdout.contains("deleted visit ids: 7, 8"), "{stdout}");
     Ok(())
 }
+
+/// Spans captured in memory from the in-process router and worker (a
+/// current-thread runtime keeps every task on the thread whose subscriber
+/// captures them).
+#[tokio::test(flavor = "current_thread")]
+async fn spans_carry_the_semantic_convention_attributes() -> anyhow::Result<()> {
+    use opentelemetry::trace::{SpanKind, Status};
+    use opentelemetry_sdk::{
+        logs::{InMemoryLogExporter, SdkLoggerProvider},
+        trace::{InMemorySpanExporter, SdkTracerProvider},
+    };
+
+    let spans = InMemorySpanExporter::default();
+    let logs = InMemoryLogExporter::default();
+    let tracer = SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .build();
+    let logger = SdkLoggerProvider::builder()
+        .with_simple_exporter(logs.clone())
+        .build();
+    let _capture =
+        tracing::subscriber::set_default(observability::subscriber_for_test(&tracer, &logger));
+
+    let mut app = tests::TestApp::spawn().await?;
+    app.start_worker();
+    let mut page = None;
+    for n in 1..=11 {
+        page = Some(app.visit(&format!("captured-{n}")).await?);
+    }
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+    app.stop().await?;
+    tracer.force_flush()?;
+    let page = page.expect("visits were made");
+
+    let finished = spans.get_finished_spans()?;
+    let attribute = |span: &opentelemetry_sdk::trace::SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    let server = finished
+        .iter()
+        .find(|s| s.name == "GET /")
+        .expect("server span");
+    assert_eq!(server.span_kind, SpanKind::Server);
+    assert_eq!(attribute(server, "http.route").as_deref(), Some("/"));
+    assert_eq!(
+        attribute(server, "http.request.method").as_deref(),
+        Some("GET")
+    );
+    assert_eq!(
+        attribute(server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+
+    let producers: Vec<_> = finished
+        .iter()
+        .filter(|s| s.name == "send trim_visits")
+        .collect();
+    assert_eq!(producers.len(), 11, "one enqueue span per visit");
+    assert!(producers.iter().all(|s| s.span_kind == SpanKind::Producer
+        && attribute(s, "messaging.destination.name").as_deref() == Some("trim_visits")));
+    assert!(
+        producers
+            .iter()
+            .all(|s| attribute(s, "messaging.message.id").is_some())
+    );
+
+    let consumers: Vec<_> = finished
+        .iter()
+        .filter(|s| s.name == "process trim_visits")
+        .collect();
+    assert!(!consumers.is_empty());
+    for consumer in &consumers {
+        assert_eq!(consumer.span_kind, SpanKind::Consumer);
+        assert_eq!(consumer.status, Status::Unset);
+        let parent = producers
+            .iter()
+            .find(|p| p.span_context.span_id() == consumer.parent_span_id)
+            .expect("every job run is the child of an enqueue span");
+        assert_eq!(
+            parent.span_context.trace_id(),
+            consumer.span_context.trace_id()
+        );
+        assert_eq!(
+            consumer.links.links[0].span_context.span_id(),
+            parent.span_context.span_id()
+        );
+        assert_eq!(attribute(consumer, "job.attempt").as_deref(), Some("1"));
+        assert_eq!(
+            attribute(consumer, "messaging.message.id"),
+            attribute(consumer, "job.id")
+        );
+    }
+    let deleted: Vec<String> = consumers
+        .iter()
+        .flat_map(|c| c.events.events.iter())
+        .filter_map(|e| {
+            e.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "visit.id")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        ["1"],
+        "the oldest of 11 visits is deleted, one event"
+    );
+    assert_eq!(page.rows.len(), 10);
+
+    for (name, operation, table) in [
+        ("INSERT visits", "INSERT", "visits"),
+        ("SELECT visits", "SELECT", "visits"),
+        ("DELETE visits", "DELETE", "visits"),
+        ("INSERT apalis.jobs", "INSERT", "apalis.jobs"),
+    ] {
+        let span = finished
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} span"));
+        assert_eq!(span.span_kind, SpanKind::Client);
+        assert_eq!(
+            attribute(span, "db.system.name").as_deref(),
+            Some("postgresql")
+        );
+        assert_eq!(
+            attribute(span, "db.operation.name").as_deref(),
+            Some(operation)
+        );
+        assert_eq!(
+            attribute(span, "db.collection.name").as_deref(),
+            Some(table)
+        );
+    }
+    let records = logs.get_emitted_logs()?;
+    let per_id: Vec<_> = records
+        .iter()
+        .filter(|l| {
+            l.record
+                .attributes_iter()
+                .any(|(k, _)| k.as_str() == "visit.id")
+        })
+        .collect();
+    assert_eq!(per_id.len(), 1);
+    assert!(
+        per_id[0].record.trace_context().is_some(),
+        "the record carries the job's trace"
+    );
+    Ok(())
+}
