@@ -100,6 +100,30 @@ impl OtlpReceiver {
         })
     }
 
+    /// Starts an OTLP/gRPC receiver on `127.0.0.1:0` (for `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`).
+    pub async fn start_grpc() -> anyhow::Result<Self> {
+        use opentelemetry_proto::tonic::collector::{
+            logs::v1::logs_service_server::LogsServiceServer,
+            trace::v1::trace_service_server::TraceServiceServer,
+        };
+        let received = Arc::new(Mutex::new(Received::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let service = GrpcReceiver(received.clone());
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(service.clone()))
+                .add_service(LogsServiceServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        Ok(Self {
+            address,
+            received,
+            server,
+        })
+    }
+
     /// `http://<address>`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
@@ -141,6 +165,11 @@ async fn traces(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> im
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return (axum::http::StatusCode::BAD_REQUEST, Vec::new()).into_response();
     };
+    record_traces(&received, request);
+    protobuf(ExportTraceServiceResponse::default().encode_to_vec())
+}
+
+fn record_traces(received: &Mutex<Received>, request: ExportTraceServiceRequest) {
     let mut received = received.lock().expect("receiver lock");
     for resource_spans in request.resource_spans {
         let resource = resource_spans
@@ -172,13 +201,17 @@ async fn traces(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> im
             }
         }
     }
-    protobuf(ExportTraceServiceResponse::default().encode_to_vec())
 }
 
 async fn logs(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> impl IntoResponse {
     let Ok(request) = ExportLogsServiceRequest::decode(body) else {
         return (axum::http::StatusCode::BAD_REQUEST, Vec::new()).into_response();
     };
+    record_logs(&received, request);
+    protobuf(ExportLogsServiceResponse::default().encode_to_vec())
+}
+
+fn record_logs(received: &Mutex<Received>, request: ExportLogsServiceRequest) {
     let mut received = received.lock().expect("receiver lock");
     for resource_logs in request.resource_logs {
         let resource = resource_logs
@@ -197,7 +230,36 @@ async fn logs(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> impl
             }
         }
     }
-    protobuf(ExportLogsServiceResponse::default().encode_to_vec())
+}
+
+/// The gRPC flavour of the receiver: same decoding, same store.
+#[derive(Debug, Clone)]
+struct GrpcReceiver(Arc<Mutex<Received>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record_traces(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService
+    for GrpcReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        record_logs(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
 }
 
 fn protobuf(body: Vec<u8>) -> axum::response::Response {

@@ -472,3 +472,38 @@ async fn spans_carry_the_semantic_convention_attributes() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_export_is_chosen_by_otel_exporter_otlp_protocol() -> anyhow::Result<()> {
+    let receiver = OtlpReceiver::start_grpc().await?;
+    let endpoint = receiver.endpoint();
+    let db = TestDb::migrated().await?;
+    let mut web = Process::spawn(
+        "web",
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("BIND", "127.0.0.1:0"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    )?;
+    let address = web.web_address().await?;
+    reqwest::get(format!("http://{address}/"))
+        .await?
+        .error_for_status()?;
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    let spans = receiver.spans();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "GET /" && s.service == "visitme-web"),
+        "{spans:?}"
+    );
+    assert!(
+        receiver
+            .logs()
+            .iter()
+            .any(|l| l.body.starts_with("Delete entities older than"))
+    );
+    Ok(())
+}
