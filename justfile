@@ -34,7 +34,11 @@ up workers="2":
 
 # Stop what `just up` started (from another terminal).
 down:
-    -kill -TERM $(cat .data/up.pids 2>/dev/null) 2>/dev/null
+    -kill -TERM $(cut -d' ' -f1 .data/up.pids 2>/dev/null) 2>/dev/null
+
+# While `just up` runs: start or stop workers until N are running.
+scale workers:
+    bash scripts/scale.sh {{workers}}
 
 # Follow the logs of `just up`.
 logs:
@@ -43,3 +47,7 @@ logs:
 # Print the newest VisitMe trace from Jaeger: web span -> job span -> deleted ids.
 trace-check jaeger="http://127.0.0.1:16686":
     python3 scripts/trace_check.py --jaeger {{jaeger}}
+
+# Benchmarks: prints a table and writes target/bench/results.json.
+bench *args:
+    cargo run --release -q -p tests --bin bench -- {{args}}

@@ -7,26 +7,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 workers="${1:-2}"
 [[ "$workers" =~ ^[0-9]+$ && "$workers" -ge 1 ]] || { echo "up: workers must be a number >= 1, got '$workers'" >&2; exit 2; }
-mkdir -p .data
-: > .data/up.log
+# UP_PROFILE=debug runs the debug build (what the tests already built);
+# UP_DATA_DIR moves pid and log files (tests use a temporary directory).
+profile="${UP_PROFILE:-release}"
+data="${UP_DATA_DIR:-.data}"
+mkdir -p "$data"
+: > "$data/up.log"
 pids=()
 started_cluster=""
 started_compose=""
 stopped=""
 
-say() { echo "up: $*" | tee -a .data/up.log; }
+say() { echo "up: $*" | tee -a "$data/up.log"; }
 
 have_docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; }
 
 stop_all() {
   trap - INT TERM EXIT
   stopped=yes
-  say "stopping ${#pids[@]} processes"
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Every process in the pid file: ours, and workers added by `just scale`.
+  local all=("${pids[@]}")
+  [[ -f "$data/up.pids" ]] && while read -r pid _; do all+=("$pid"); done < "$data/up.pids"
+  say "stopping ${#all[@]} processes"
+  for pid in "${all[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 300); do
+    alive=""
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=yes; done
+    [[ -z "$alive" ]] && break
+    sleep 0.1
+  done
   if [[ -n "$started_cluster" ]]; then say "stopping the local Postgres cluster"; pg_as_owner pg_ctl -D "$PWD/.data/pg" -m fast stop >/dev/null || true; fi
   if [[ -n "$started_compose" ]]; then say "stopping docker compose services"; docker compose stop >/dev/null 2>&1 || true; fi
-  rm -f .data/up.pids
+  rm -f "$data/up.pids"
   say "stopped"
 }
 
@@ -57,8 +70,13 @@ trap stop_all INT TERM EXIT
 
 # 0. Build first, without DATABASE_URL: sqlx's macros track it, and a changed
 # value would rebuild half the dependency tree.
-say "building release binaries"
-env -u DATABASE_URL cargo build --release --quiet -p web -p jobs --bins
+say "building $profile binaries"
+if [[ "$profile" == release ]]; then
+  env -u DATABASE_URL cargo build --release --quiet -p web -p jobs --bins
+else
+  env -u DATABASE_URL cargo build --quiet -p web -p jobs --bins
+fi
+bin="target/$profile"
 
 # 1. Postgres
 export DATABASE_URL="${DATABASE_URL:-postgres://localhost/visitme}"
@@ -74,7 +92,7 @@ else
   start_local_cluster
 fi
 
-# 2. Jaeger (traces only: OTLP logs stay off, logs are on stdout and in .data/up.log)
+# 2. Jaeger (traces only: OTLP logs stay off; logs are on stdout and in the up.log)
 if [[ -z "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]] && have_docker_engine; then
   say "starting Jaeger with docker compose"
   docker compose up -d jaeger
@@ -87,22 +105,28 @@ fi
 
 # 3. Migrate, start
 say "migrating"
-target/release/worker status 2>&1 | sed -u 's/^/[migrate] /' | tee -a .data/up.log
+"$bin/worker" status 2>&1 | sed -u 's/^/[migrate] /' | tee -a "$data/up.log"
 
 run() {
   local name="$1"; shift
-  "$@" > >(sed -u "s/^/[$name] /" | tee -a .data/up.log) 2>&1 &
+  "$@" > >(sed -u "s/^/[$name] /" | tee -a "$data/up.log") 2>&1 &
   pids+=("$!")
-  echo "$!" >> .data/up.pids
+  echo "$! $name" >> "$data/up.pids"
 }
-: > .data/up.pids
+: > "$data/up.pids"
 export BIND="${BIND:-127.0.0.1:8080}"
-EMBEDDED_WORKER=false OTEL_SERVICE_NAME=visitme-web run web target/release/web
+# What `just scale` needs to start more workers like these.
+{
+  echo "export DATABASE_URL='$DATABASE_URL'"
+  [[ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]] && echo "export OTEL_EXPORTER_OTLP_ENDPOINT='$OTEL_EXPORTER_OTLP_ENDPOINT' OTEL_LOGS_EXPORTER='${OTEL_LOGS_EXPORTER:-}'"
+  echo "bin='$bin'"
+} > "$data/up.env"
+EMBEDDED_WORKER=false OTEL_SERVICE_NAME=visitme-web run web "$bin/web"
 for n in $(seq 1 "$workers"); do
-  OTEL_SERVICE_NAME=visitme-worker run "worker-$n" target/release/worker
+  OTEL_SERVICE_NAME=visitme-worker run "worker-$n" "$bin/worker"
 done
 say "VisitMe: http://$BIND/  (web + $workers workers)${jaeger_ui:+   Jaeger: $jaeger_ui}"
-say "Ctrl-C stops everything; logs also in .data/up.log"
+say "Ctrl-C stops everything; logs also in $data/up.log"
 # Exit when any child exits (then stop the rest), or on Ctrl-C.
 wait -n "${pids[@]}" || true
 [[ -n "$stopped" ]] || say "a process exited; stopping the others"

@@ -24,19 +24,73 @@ pub struct StateCount {
 /// Job counts per queue and state, in a fixed order.
 pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
     Ok(sqlx::query_as(
-        "select job_type as queue, state, count(*) as count from (
-             select job_type, case
-                 when status = 'Pending' and run_at > now() then 'scheduled'
-                 when status = 'Pending' then 'pending'
-                 when status = 'Failed' and attempts < max_attempts then 'scheduled'
-                 when status = 'Queued' then 'claimed'
-                 when status = 'Running' then 'running'
-                 when status = 'Done' then 'done'
-                 else 'dead' end as state
-             from apalis.jobs) as states
+        "select job_type as queue, state, count(*) as count from job_states
          group by job_type, state
          order by job_type, array_position(
              array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The states [`queue_status`] reports, in lifecycle order.
+pub const STATES: [&str; 6] = ["pending", "scheduled", "claimed", "running", "done", "dead"];
+
+/// One job, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct JobSummary {
+    /// Job id (ULID).
+    pub id: String,
+    /// Queue name.
+    pub queue: String,
+    /// One of [`STATES`].
+    pub state: String,
+    /// Attempts used.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// When it is (or was) due.
+    pub run_at: Option<DateTime<Utc>>,
+    /// The last attempt's error, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// The newest jobs (by id, i.e. creation time), any state.
+pub async fn latest_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobSummary>, Error> {
+    Ok(sqlx::query_as(
+        "select id, job_type as queue, state, attempts, max_attempts, run_at,
+                last_result ->> 'Err' as last_error
+         from job_states order by id desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// What one queue finished in the last hour.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HourStats {
+    /// Queue name.
+    pub queue: String,
+    /// Jobs done.
+    pub done: i64,
+    /// Jobs that died.
+    pub dead: i64,
+    /// Jobs whose last attempt failed and that wait for a retry.
+    pub retrying: i64,
+}
+
+/// Per queue: jobs done, died, and failed-and-retrying in the last hour
+/// (by the time of their latest attempt).
+pub async fn last_hour(pool: &PgPool) -> Result<Vec<HourStats>, Error> {
+    Ok(sqlx::query_as(
+        "select job_type as queue,
+                count(*) filter (where state = 'done') as done,
+                count(*) filter (where state = 'dead') as dead,
+                count(*) filter (where state = 'scheduled' and status = 'Failed') as retrying
+         from job_states
+         where done_at > now() - interval '1 hour'
+         group by job_type order by job_type",
     )
     .fetch_all(pool)
     .await?)
@@ -63,8 +117,7 @@ pub async fn dead_jobs(pool: &PgPool, limit: i64) -> Result<Vec<DeadJob>, Error>
         "select id, job_type as queue, attempts,
                 coalesce(last_result ->> 'Err', last_result::text) as last_error,
                 done_at as died_at
-         from apalis.jobs
-         where status = 'Killed' or (status = 'Failed' and attempts >= max_attempts)
+         from job_states where state = 'dead'
          order by done_at desc nulls last, id desc
          limit $1",
     )

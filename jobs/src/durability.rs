@@ -63,14 +63,20 @@ fn jitter() -> f64 {
 /// Wraps a worker's service with [`Durability`].
 #[derive(Debug, Clone)]
 pub struct DurabilityLayer {
+    queue: &'static str,
     pool: PgPool,
     backoff: Backoff,
 }
 
 impl DurabilityLayer {
-    /// Backoff delays are written to `apalis.jobs.run_at` through `pool`.
-    pub fn new(pool: PgPool, backoff: Backoff) -> Self {
-        Self { pool, backoff }
+    /// For the jobs of `queue`; backoff delays are written to
+    /// `apalis.jobs.run_at` through `pool`.
+    pub fn new(queue: &'static str, pool: PgPool, backoff: Backoff) -> Self {
+        Self {
+            queue,
+            pool,
+            backoff,
+        }
     }
 }
 
@@ -79,16 +85,20 @@ impl<S> Layer<S> for DurabilityLayer {
     fn layer(&self, inner: S) -> Durability<S> {
         Durability {
             inner,
+            queue: self.queue,
             pool: self.pool.clone(),
             backoff: self.backoff,
         }
     }
 }
 
-/// The service installed by [`DurabilityLayer`].
+/// The service installed by [`DurabilityLayer`]. It also counts outcomes:
+/// `visitme_jobs_{succeeded,failed,retried,dead}_total` and
+/// `visitme_job_duration_seconds`, labelled by queue.
 #[derive(Debug, Clone)]
 pub struct Durability<S> {
     inner: S,
+    queue: &'static str,
     pool: PgPool,
     backoff: Backoff,
 }
@@ -117,8 +127,10 @@ where
         // Attempts already used: apalis counts an attempt lost with its worker
         // when it re-queues the job, but then ignores max_attempts.
         let used = ctx.attempt();
+        let queue = self.queue;
         if used >= max_attempts {
             ctx.raw_status().store(Status::Killed);
+            metrics::counter!("visitme_jobs_dead_total", "queue" => queue).increment(1);
             tracing::error!(job.id = %job_id, job.attempt = used, "job is dead: its last attempts were lost with their workers");
             return Box::pin(std::future::ready(Err(AbortError::new(format!(
                 "gave up after {used} attempts: the worker running it was lost (crash or lease expiry)"
@@ -129,16 +141,36 @@ where
         let pool = self.pool.clone();
         let backoff = self.backoff;
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let result = run.await.map_err(Into::into);
-            if let Err(error) = &result {
-                settle_failure(&ctx, error, max_attempts, &job_id, &pool, backoff).await;
-            }
+            let outcome = match &result {
+                Ok(_) => {
+                    metrics::counter!("visitme_jobs_succeeded_total", "queue" => queue)
+                        .increment(1);
+                    "success"
+                }
+                Err(error) => {
+                    metrics::counter!("visitme_jobs_failed_total", "queue" => queue).increment(1);
+                    let dead =
+                        settle_failure(&ctx, error, max_attempts, &job_id, &pool, backoff).await;
+                    let counter = if dead {
+                        "visitme_jobs_dead_total"
+                    } else {
+                        "visitme_jobs_retried_total"
+                    };
+                    metrics::counter!(counter, "queue" => queue).increment(1);
+                    "failure"
+                }
+            };
+            metrics::histogram!("visitme_job_duration_seconds", "queue" => queue, "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
             result
         })
     }
 }
 
 /// Decides how a failed attempt ends and records the backoff for a retry.
+/// Returns whether the job is dead.
 async fn settle_failure(
     ctx: &Arc<ExecutionContext>,
     error: &BoxDynError,
@@ -146,20 +178,20 @@ async fn settle_failure(
     job_id: &str,
     pool: &PgPool,
     backoff: Backoff,
-) {
+) -> bool {
     let attempt = ctx.attempt();
     // A handler's AbortError has already marked the job Killed: permanent, no retry.
     if ctx.status() == Status::Killed || error.downcast_ref::<AbortError>().is_some() {
         ctx.raw_status().store(Status::Killed);
         tracing::error!(job.id = job_id, job.attempt = attempt, error = %error, "job is dead: permanent failure");
-        return;
+        return true;
     }
     // Panics and timeouts never reach apalis's own status bookkeeping, which
     // would leave the row `Running`; every failure ends Failed or Killed here.
     if attempt >= max_attempts {
         ctx.raw_status().store(Status::Killed);
         tracing::error!(job.id = job_id, job.attempt = attempt, error = %error, "job is dead after {attempt} attempts");
-        return;
+        return true;
     }
     ctx.raw_status().store(Status::Failed);
     let delay = backoff.delay(attempt);
@@ -181,6 +213,7 @@ async fn settle_failure(
     if let Err(err) = pushed {
         tracing::warn!(job.id = job_id, error = %err, "could not store the retry delay; the retry may come early");
     }
+    false
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, E
             .with_metadata(trace_context)
             .build();
         apalis_postgres::queries::push_tasks(conn, J::QUEUE, vec![task]).await?;
+        metrics::counter!("visitme_jobs_enqueued_total", "queue" => J::QUEUE).increment(1);
         Ok(id)
     }
     .instrument(span)

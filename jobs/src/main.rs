@@ -31,6 +31,11 @@ struct Cli {
     )]
     database_url: String,
 
+    /// Serve Prometheus metrics (jobs run, failed, retried, dead, durations)
+    /// at http://<address>/metrics, e.g. `0.0.0.0:9100`; off when unset.
+    #[arg(long, env = "METRICS_BIND")]
+    metrics_bind: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     worker: WorkerConfig,
 
@@ -72,6 +77,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = observability::init("visitme-worker", &cli.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();
+    if let Some(address) = cli.metrics_bind {
+        observability::metrics::serve(address)
+            .with_context(|| format!("cannot serve metrics on {address}"))?;
+        tracing::info!(%address, "metrics at http://{address}/metrics");
+    }
 
     let pool_settings = PoolSettings {
         max_connections: cli.worker.connections_needed(),

@@ -152,6 +152,8 @@ pub async fn enqueue(conn: &mut PgConnection, job: &TrimVisits) -> Result<Ulid, 
         .instrument(observability::db_span("INSERT", "apalis.jobs"))
         .await?;
         tracing::Span::current().record("messaging.message.id", id.as_str());
+        // Counted per enqueue request, merged into a pending job or not.
+        metrics::counter!("visitme_jobs_enqueued_total", "queue" => TrimVisits::QUEUE).increment(1);
         // The id column is written only by us and apalis, always as a ULID.
         id.parse().map_err(|_| Error::CorruptId(id))
     }

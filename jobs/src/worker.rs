@@ -198,7 +198,11 @@ macro_rules! job_worker {
                 .with_codec(RawPayload);
             WorkerBuilder::new(worker_name(<$job>::QUEUE, generation + restarts))
                 .backend(backend)
-                .layer(DurabilityLayer::new(pool.clone(), cfg.backoff()))
+                .layer(DurabilityLayer::new(
+                    <$job>::QUEUE,
+                    pool.clone(),
+                    cfg.backoff(),
+                ))
                 .concurrency(usize::from(cfg.concurrency))
                 .parallelize(tokio::spawn)
                 .layer(JobSpanLayer::new(<$job>::QUEUE))

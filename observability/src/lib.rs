@@ -2,6 +2,7 @@
 
 mod context;
 mod export;
+pub mod metrics;
 
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
 use opentelemetry_sdk::{logs::SdkLoggerProvider, trace::SdkTracerProvider};
@@ -24,6 +25,9 @@ pub enum Error {
     /// An OTLP exporter could not be built from the `OTEL_*` settings.
     #[error("cannot set up OTLP export: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The Prometheus metrics endpoint could not be started.
+    #[error("cannot serve metrics: {0}")]
+    Metrics(String),
     /// An `OTEL_*` variable has a value we do not support.
     #[error("{variable}={value:?} is not supported (use {supported})")]
     Unsupported {

@@ -10,6 +10,7 @@
 //! `postgres://localhost/postgres`): any database there works as the
 //! maintenance database from which test databases are created.
 
+pub mod browser;
 pub mod otlp;
 mod process;
 
@@ -210,10 +211,7 @@ impl TestApp {
     /// Starts the router (no worker yet; see [`TestApp::start_worker`]).
     pub async fn spawn() -> anyhow::Result<Self> {
         let db = TestDb::migrated().await?;
-        let state = web::AppState {
-            pool: db.pool.clone(),
-            trust_proxy: false,
-        };
+        let state = web::AppState::new(db.pool.clone());
         Self::spawn_with(db, state).await
     }
 

@@ -52,7 +52,7 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
 }
 
 /// A running child process whose stdout+stderr lines are collected.
-/// Killed (SIGKILL) if still running when dropped.
+/// Killed (SIGKILL), with its whole process group, if still running when dropped.
 #[derive(Debug)]
 pub struct Process {
     name: String,
@@ -70,7 +70,15 @@ impl Process {
                 "RUST_LOG",
                 "info,sqlx::postgres::notice=warn,opentelemetry=warn",
             )
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        Self::start(name, command)
+    }
+
+    /// Spawns any command, collecting its output like [`Process::spawn`].
+    pub fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
+        command
+            // Its own process group, so that dropping it also ends its children.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -149,7 +157,7 @@ impl Process {
         Ok(rest[..rest.find('/').context("url end")?].to_owned())
     }
 
-    /// Sends `signal` to the process.
+    /// Sends `signal` to the process (not to its children).
     pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = self.child.id().context("process already reaped")?;
         kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
@@ -166,6 +174,14 @@ impl Process {
                 self.name,
                 self.output().join("\n")
             ),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }

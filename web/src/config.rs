@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = ArgAction::Set)]
     pub trust_proxy: bool,
 
+    /// Secret that unlocks the jobs dashboard at /admin (login form or
+    /// `Authorization: Bearer`); without it the dashboard is disabled.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Worker settings (used when the embedded worker runs).
     #[command(flatten)]
     pub worker: WorkerConfig,

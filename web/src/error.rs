@@ -16,9 +16,19 @@ pub enum Error {
     /// A query failed for another reason.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
-    /// The trim job could not be enqueued.
-    #[error("could not enqueue job: {0}")]
-    Enqueue(#[from] jobs::Error),
+    /// The job queue refused an operation (enqueue, dashboard query or action).
+    #[error("job queue error: {0}")]
+    Jobs(#[source] jobs::Error),
+}
+
+impl From<jobs::Error> for Error {
+    fn from(err: jobs::Error) -> Self {
+        match err {
+            // A database failure underneath is judged like any other (503 when down).
+            jobs::Error::Database(db) => db.into(),
+            other => Error::Jobs(other),
+        }
+    }
 }
 
 impl From<sqlx::Error> for Error {
@@ -50,7 +60,7 @@ impl IntoResponse for Error {
                 tracing::warn!(error = %self, "answering 503: database unavailable");
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Error::Database(_) | Error::Enqueue(_) => {
+            Error::Database(_) | Error::Jobs(_) => {
                 tracing::error!(error = %self, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

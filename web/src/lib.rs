@@ -24,7 +24,10 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::visits::router())
         .merge(routes::health::router())
         .merge(routes::assets::router())
+        .merge(routes::admin::router())
+        .merge(routes::metrics::router())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(routes::metrics::track))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(telemetry::request_span)

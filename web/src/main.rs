@@ -52,10 +52,12 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let state = AppState {
-        pool: pool.clone(),
-        trust_proxy: config.trust_proxy,
-    };
+    let mut state = AppState::new(pool.clone());
+    state.trust_proxy = config.trust_proxy;
+    match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => state = state.with_admin_token(token),
+        None => tracing::info!("jobs dashboard disabled: set ADMIN_TOKEN to enable /admin"),
+    }
     tracing::info!(%address, "VisitMe is up: open http://{address}/");
     web::serve(listener, state, shutdown.clone().cancelled_owned()).await?;
     shutdown.cancel();

@@ -1,8 +1,13 @@
 //! State shared by all handlers.
 
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-/// Cheap to clone: a pool handle and a few flags.
+use crate::routes::admin::AdminAuth;
+
+/// Cheap to clone: a pool handle, flags, and shared read-only settings.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// Database pool for request handling (short acquire timeout, so requests
@@ -10,4 +15,26 @@ pub struct AppState {
     pub pool: PgPool,
     /// Whether `X-Forwarded-For` is trusted for the visitor's address.
     pub trust_proxy: bool,
+    /// The jobs dashboard's credentials; `None` disables `/admin`.
+    pub admin: Option<Arc<AdminAuth>>,
+    /// This process's Prometheus metrics, rendered on `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// State with the defaults: proxy headers ignored, dashboard disabled.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            trust_proxy: false,
+            admin: None,
+            metrics: observability::metrics::handle(),
+        }
+    }
+
+    /// Enables `/admin` with `token`.
+    pub fn with_admin_token(mut self, token: &str) -> Self {
+        self.admin = Some(Arc::new(AdminAuth::new(token)));
+        self
+    }
 }

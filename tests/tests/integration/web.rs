@@ -125,10 +125,8 @@ async fn forwarded_for_is_ignored_unless_the_proxy_is_trusted() -> anyhow::Resul
     app.stop().await?;
 
     let db = TestDb::migrated().await?;
-    let state = web::AppState {
-        pool: db.pool.clone(),
-        trust_proxy: true,
-    };
+    let mut state = web::AppState::new(db.pool.clone());
+    state.trust_proxy = true;
     let app = TestApp::spawn_with(db, state).await?;
     let body = app
         .client
@@ -154,10 +152,7 @@ async fn unreachable_database_gives_a_fast_503_page() -> anyhow::Result<()> {
     let dead_pool = PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(2))
         .connect_lazy("postgres://root@127.0.0.1:9/nowhere")?;
-    let state = web::AppState {
-        pool: dead_pool,
-        trust_proxy: false,
-    };
+    let state = web::AppState::new(dead_pool);
     let app = TestApp::spawn_with(db, state).await?;
 
     let started = std::time::Instant::now();

@@ -29,6 +29,7 @@ async fn index(
     let mut tx = state.pool.begin().await?;
     let recorded = visits::record_visit(&mut tx, &visitor).await?;
     tx.commit().await?;
+    metrics::counter!("visitme_visits_recorded_total").increment(1);
     let threshold = recorded.threshold.to_rfc3339();
     tracing::info!(
         trim.threshold = %threshold,

@@ -9,6 +9,14 @@ use super::layout;
 pub fn page(status: StatusCode) -> Markup {
     let (title, explanation) = match status {
         StatusCode::NOT_FOUND => ("Page not found", "There is nothing at this address."),
+        StatusCode::FORBIDDEN => (
+            "Not allowed",
+            "This request was refused. Reload the page and try again.",
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "Method not allowed",
+            "This address does not accept that kind of request.",
+        ),
         StatusCode::SERVICE_UNAVAILABLE => (
             "Temporarily unavailable",
             "The database is not answering right now. Please try again in a few seconds.",

@@ -1,0 +1,365 @@
+//! Operating VisitMe: /metrics, the jobs dashboard, `just up`, Docker files.
+
+use std::time::Duration;
+
+use jobs::probe::{Behaviour, Probe};
+use tests::{Process, TestApp, TestDb, enqueue_probes};
+
+/// The value of the sample `name{labels}` (labels as rendered), 0 if absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    app.start_worker();
+    let scrape = || async {
+        let response = app.client.get(app.url("/metrics")).send().await?;
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        anyhow::Ok(response.text().await?)
+    };
+    let before = scrape().await?;
+    for n in 0..12 {
+        app.visit(&format!("metered-{n}")).await?;
+    }
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+    let after = scrape().await?;
+
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert!(moved("visitme_visits_recorded_total") >= 12.0, "{after}");
+    assert!(
+        moved(r#"visitme_http_requests_total{method="GET",route="/",status="200"}"#) >= 12.0,
+        "{after}"
+    );
+    assert!(
+        moved(r#"visitme_jobs_enqueued_total{queue="trim_visits"}"#) >= 12.0,
+        "{after}"
+    );
+    assert!(
+        moved(r#"visitme_jobs_succeeded_total{queue="trim_visits"}"#) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("visitme_job_duration_seconds_bucket"),
+        "job duration is a histogram"
+    );
+    assert!(after.contains("visitme_http_request_duration_seconds_bucket"));
+    assert!(
+        after.contains(r#"visitme_queue_jobs{queue="trim_visits",state="done"}"#),
+        "queue depth by state"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn dashboard_is_disabled_without_a_token_and_refuses_requests_without_it()
+-> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let response = app.client.get(app.url("/admin")).send().await?;
+    assert_eq!(response.status(), 403);
+    assert!(response.text().await?.contains("ADMIN_TOKEN"));
+    app.stop().await?;
+
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("s3cret-token");
+    let app = TestApp::spawn_with(db, state).await?;
+    let get = |bearer: Option<&'static str>| {
+        let mut request = app.client.get(app.url("/admin"));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let anonymous = get(None).await?;
+    assert_eq!(anonymous.status(), 401);
+    assert!(
+        anonymous.text().await?.contains("Admin token"),
+        "a login form"
+    );
+    assert_eq!(get(Some("wrong")).await?.status(), 401);
+    assert_eq!(get(Some("s3cret-token")).await?.status(), 200);
+    let wrong_login = app
+        .client
+        .post(app.url("/admin/login"))
+        .form(&[("token", "nope")])
+        .send()
+        .await?;
+    assert_eq!(wrong_login.status(), 401);
+    let forged = app
+        .client
+        .post(app.url("/admin/jobs/01JX/retry"))
+        .form(&[("csrf", "x")])
+        .send()
+        .await?;
+    assert_eq!(forged.status(), 401, "actions need credentials");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn dashboard_lists_jobs_and_its_actions_change_their_state() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("s3cret-token");
+    let csrf = state.admin.as_ref().expect("admin on").csrf().to_owned();
+    let app = TestApp::spawn_with(db, state).await?;
+    let probe = |key: &str| Probe {
+        key: key.to_owned(),
+        behaviour: Behaviour::Succeed,
+    };
+    let ids = enqueue_probes(&app.db.pool, [probe("to-retry"), probe("to-cancel")]).await?;
+    sqlx::query(r#"update apalis.jobs set status = 'Killed', attempts = 3, done_at = now(), last_result = '{"Err": "it broke"}' where id = $1"#)
+        .bind(&ids[0])
+        .execute(&app.db.pool)
+        .await?;
+
+    // Log in with the form: a session cookie, HttpOnly and SameSite=Strict.
+    let login = app
+        .client
+        .post(app.url("/admin/login"))
+        .form(&[("token", "s3cret-token")])
+        .send()
+        .await?;
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"].to_str()?.to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("s3cret-token"),
+        "the token itself is never the cookie"
+    );
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+
+    let page = app
+        .client
+        .get(app.url("/admin"))
+        .header("cookie", &session)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        page.contains(&ids[0]) && page.contains("it broke") && page.contains(&ids[1]),
+        "{page}"
+    );
+    assert!(page.contains(&format!(r#"action="/admin/jobs/{}/retry""#, ids[0])));
+    assert!(page.contains(&format!(r#"action="/admin/jobs/{}/cancel""#, ids[1])));
+
+    let status = |id: &str| {
+        let pool = app.db.pool.clone();
+        let id = id.to_owned();
+        async move {
+            anyhow::Ok(
+                sqlx::query_scalar::<_, String>("select status from apalis.jobs where id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await?,
+            )
+        }
+    };
+    let post = |path: String, csrf: &str, origin: Option<&str>| {
+        let mut request = app
+            .client
+            .post(app.url(&path))
+            .header("cookie", &session)
+            .form(&[("csrf", csrf)]);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    // Without the page's CSRF token, or from another origin: refused, nothing changes.
+    assert_eq!(
+        post(format!("/admin/jobs/{}/retry", ids[0]), "forged", None)
+            .await?
+            .status(),
+        403
+    );
+    assert_eq!(
+        post(
+            format!("/admin/jobs/{}/retry", ids[0]),
+            &csrf,
+            Some("http://evil.example")
+        )
+        .await?
+        .status(),
+        403
+    );
+    assert_eq!(status(&ids[0]).await?, "Killed");
+
+    let retried = post(
+        format!("/admin/jobs/{}/retry", ids[0]),
+        &csrf,
+        Some(&format!("http://{}", app.address)),
+    )
+    .await?;
+    assert_eq!(retried.status(), 303);
+    assert_eq!(status(&ids[0]).await?, "Pending");
+    let cancelled = post(format!("/admin/jobs/{}/cancel", ids[1]), &csrf, None).await?;
+    assert_eq!(cancelled.status(), 303);
+    assert!(
+        cancelled.headers()["location"]
+            .to_str()?
+            .starts_with("/admin?notice=")
+    );
+    assert_eq!(status(&ids[1]).await?, "Killed");
+
+    // Scripts use the bearer token (no cookie, so no CSRF token needed).
+    let by_script = app
+        .client
+        .post(app.url(&format!("/admin/jobs/{}/cancel", ids[0])))
+        .bearer_auth("s3cret-token")
+        .form(&[("csrf", "")])
+        .send()
+        .await?;
+    assert_eq!(by_script.status(), 303);
+    assert_eq!(status(&ids[0]).await?, "Killed");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn docker_files_build_and_run_binaries_that_exist() -> anyhow::Result<()> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let read = |path: &str| std::fs::read_to_string(format!("{root}/{path}"));
+    let dockerfile = read("Dockerfile")?;
+    let compose = read("docker-compose.yml")?;
+    let bins = [read("web/Cargo.toml")?, read("jobs/Cargo.toml")?].concat();
+    for binary in ["web", "worker"] {
+        assert!(
+            bins.contains(&format!("name = \"{binary}\"")),
+            "{binary} is a [[bin]] of the workspace"
+        );
+        assert!(
+            dockerfile.contains(&format!("target/release/{binary}")),
+            "the build stage copies {binary}"
+        );
+        assert!(
+            dockerfile.contains(&format!("/usr/local/bin/{binary}")),
+            "the runtime stage has {binary}"
+        );
+        assert!(
+            compose.contains(&format!("command: [\"{binary}\"]")),
+            "compose runs {binary}"
+        );
+    }
+    assert!(
+        dockerfile.contains("AS build") && dockerfile.contains("AS runtime"),
+        "multi-stage"
+    );
+    for service in ["postgres:", "jaeger:", "web:", "worker:"] {
+        assert!(
+            compose.contains(&format!("\n  {service}")),
+            "service {service}"
+        );
+    }
+    assert!(compose.matches("healthcheck:").count() >= 2);
+    // The worker service must be scalable: no fixed container name or host port.
+    let worker = compose.split("\n  worker:").nth(1).expect("worker service");
+    assert!(!worker.contains("container_name") && !worker.contains("ports:"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let data = std::env::temp_dir().join(format!("visitme-up-{}", ulid::Ulid::generate()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut command = tokio::process::Command::new("bash");
+    command
+        .arg(format!("{root}/scripts/up.sh"))
+        .arg("1")
+        .env(
+            "UP_PROFILE",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+        )
+        .env("UP_DATA_DIR", &data)
+        .env("BIND", &bind)
+        .env("DATABASE_URL", &db.url)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    tests::binary("web")?; // built once, so the script's own build is quick
+    let mut up = Process::start("up", command)?;
+    up.wait_for_line("VisitMe: http://", Duration::from_secs(120))
+        .await?;
+    let page = reqwest::get(format!("http://{bind}/")).await?;
+    assert_eq!(page.status(), 200);
+    up.wait_for_line("[web]", Duration::from_secs(10)).await?;
+    up.wait_for_line("[worker-1]", Duration::from_secs(10))
+        .await?;
+
+    let scale = tokio::process::Command::new("bash")
+        .arg(format!("{root}/scripts/scale.sh"))
+        .arg("2")
+        .env("UP_DATA_DIR", &data)
+        .output()
+        .await?;
+    assert!(
+        scale.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scale.stderr)
+    );
+    let pids: Vec<i32> = std::fs::read_to_string(data.join("up.pids"))?
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 3, "web and two workers");
+
+    up.signal(nix::sys::signal::Signal::SIGINT)?;
+    up.wait_for_line("up: stopped", Duration::from_secs(60))
+        .await?;
+    for pid in pids {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        assert!(!alive, "process {pid} is gone after Ctrl-C");
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+#[tokio::test]
+async fn just_lists_its_recipes() -> anyhow::Result<()> {
+    let Ok(output) = tokio::process::Command::new("just")
+        .arg("--list")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .await
+    else {
+        anyhow::ensure!(
+            std::env::var("CI").is_err(),
+            "just is not installed (CI installs it)"
+        );
+        println!("skipped: just is not installed (cargo install just, or pip install rust-just)");
+        return Ok(());
+    };
+    let listing = String::from_utf8_lossy(&output.stdout);
+    for recipe in [
+        "up",
+        "down",
+        "scale",
+        "logs",
+        "psql",
+        "test",
+        "bench",
+        "trace-check",
+    ] {
+        assert!(
+            listing.contains(&format!("    {recipe}")),
+            "just {recipe}: {listing}"
+        );
+    }
+    Ok(())
+}
