@@ -51,3 +51,7 @@ trace-check jaeger="http://127.0.0.1:16686":
 # Benchmarks: prints a table and writes target/bench/results.json.
 bench *args:
     cargo run --release -q -p tests --bin bench -- {{args}}
+
+# Soak: steady visits with random worker restarts (default 60 s), then checks every promise.
+soak seconds="60":
+    SOAK_SECONDS={{seconds}} cargo test -q -p tests --test integration soak -- --nocapture

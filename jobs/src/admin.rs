@@ -221,3 +221,29 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
         workers,
     })
 }
+
+/// Kills pending jobs of queues no worker of this build handles (a typo, or a
+/// job type that was removed) once they have waited `grace`, so they end dead
+/// with the reason recorded instead of waiting forever. The grace leaves room
+/// for rolling deploys, where a new job type may be queued before the workers
+/// that know it are up. Returns how many were killed.
+pub async fn kill_unhandled(
+    pool: &PgPool,
+    known_queues: &[&str],
+    grace: Duration,
+) -> Result<u64, Error> {
+    let known: Vec<String> = known_queues.iter().map(|q| (*q).to_owned()).collect();
+    let killed = sqlx::query(
+        r#"update apalis.jobs
+           set status = 'Killed', done_at = now(),
+               last_result = jsonb_build_object('Err', 'no worker handles job type ' || job_type)
+           where status = 'Pending' and job_type <> all($1)
+             and run_at < now() - make_interval(secs => $2)"#,
+    )
+    .bind(&known)
+    .bind(grace.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(killed)
+}

@@ -72,8 +72,27 @@ enum Command {
     Prune,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("worker: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: what failed and why, each cause after a colon.
+            let line = observability::one_line(err.as_ref());
+            tracing::error!("{line}");
+            eprintln!("worker: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = observability::init("visitme-worker", &cli.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();

@@ -60,6 +60,10 @@ pub struct WorkerConfig {
     /// Seconds a dead job is kept (visible to operators) before it is pruned.
     #[arg(long, env = "JOB_RETENTION_DEAD", default_value = "604800", value_parser = parse_seconds)]
     pub retention_dead: Duration,
+    /// Seconds a job of a type no worker handles may wait before it is killed
+    /// (room for rolling deploys that add job types).
+    #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = "3600", value_parser = parse_seconds)]
+    pub unknown_grace: Duration,
     /// Also run diagnostic `probe` jobs (see `jobs::probe`; true/false).
     #[arg(long, env = "WORKER_PROBES", default_value_t = false, action = clap::ArgAction::Set)]
     pub probes: bool,
@@ -102,6 +106,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(3600),
             retention_done: Duration::from_secs(86_400),
             retention_dead: Duration::from_secs(604_800),
+            unknown_grace: Duration::from_secs(3600),
             probes: false,
         }
     }
@@ -271,7 +276,7 @@ pub async fn run(
         lease = ?config.lease,
         "worker started"
     );
-    let maintenance = tokio::spawn(maintain(pool.clone(), config.retention(), shutdown.clone()));
+    let maintenance = tokio::spawn(maintain(pool.clone(), config.clone(), shutdown.clone()));
     let mut failures = 0u32;
     for generation in 0.. {
         let started = Instant::now();
@@ -306,8 +311,13 @@ pub async fn run(
 /// How often each worker process prunes finished jobs.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
-/// Prunes finished jobs past their retention, now and every [`MAINTENANCE_EVERY`].
-async fn maintain(pool: PgPool, retention: Retention, shutdown: CancellationToken) {
+/// Every job type this build can run, whether or not this process runs it.
+pub const QUEUES: [&str; 2] = [TrimVisits::QUEUE, Probe::QUEUE];
+
+/// Now and every [`MAINTENANCE_EVERY`]: prunes finished jobs past their
+/// retention, and kills jobs of unknown types past their grace.
+async fn maintain(pool: PgPool, config: WorkerConfig, shutdown: CancellationToken) {
+    let retention = config.retention();
     let mut every = tokio::time::interval(MAINTENANCE_EVERY);
     loop {
         tokio::select! {
@@ -325,6 +335,16 @@ async fn maintain(pool: PgPool, retention: Retention, shutdown: CancellationToke
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "pruning finished jobs failed; will retry"),
+        }
+        match admin::kill_unhandled(&pool, &QUEUES, config.unknown_grace).await {
+            Ok(0) => {}
+            Ok(killed) => tracing::warn!(
+                jobs.killed = killed,
+                "killed jobs of types no worker handles"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "checking for unknown job types failed; will retry")
+            }
         }
     }
 }

@@ -103,6 +103,11 @@ pub async fn connect(database_url: &str, settings: &PoolSettings) -> Result<PgPo
 /// operating-system account, as `psql` does (sqlx would say "anonymous" where
 /// no login name is set in the environment, as in containers and CI).
 pub fn parse_url(database_url: &str) -> Result<PgConnectOptions, Error> {
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        return Err(Error::InvalidUrl(sqlx::Error::Configuration(
+            "expected postgres://[user[:password]@]host[:port]/database".into(),
+        )));
+    }
     let options: PgConnectOptions = database_url.parse().map_err(Error::InvalidUrl)?;
     let names_user = url::Url::parse(database_url)
         .map(|url| !url.username().is_empty() || url.query_pairs().any(|(k, _)| k == "user"))

@@ -165,3 +165,21 @@ pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error>
     tracing::info!(service.name = %export.service_name, "telemetry: {}", export.describe());
     Ok(Guard { tracer, logger })
 }
+
+/// An error and its causes on one line, `outer: cause: root cause`, skipping
+/// a cause whose text the line already holds (many errors repeat their source).
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(error);
+    while let Some(current) = next {
+        let text = current.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        next = current.source();
+    }
+    line
+}

@@ -11,6 +11,7 @@
 //! maintenance database from which test databases are created.
 
 pub mod browser;
+pub mod cluster;
 pub mod otlp;
 mod process;
 

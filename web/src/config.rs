@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 
 use clap::{ArgAction, Parser};
+
+pub use crate::routes::visits::VisitorIp;
 use jobs::WorkerConfig;
 
 /// Serves the VisitMe page: records each visit, lists the 10 newest, and
@@ -36,6 +38,12 @@ pub struct Config {
     /// proxy you run: anyone can send that header.
     #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = ArgAction::Set)]
     pub trust_proxy: bool,
+
+    /// How much of the visitor's address is stored and shown (the page shows
+    /// visits to everyone): `full`, `masked` (IPv4 last octet and IPv6 last 80
+    /// bits zeroed) or `none`.
+    #[arg(long, env = "VISITOR_IP", value_enum, default_value_t = VisitorIp::Masked)]
+    pub visitor_ip: VisitorIp,
 
     /// Secret that unlocks the jobs dashboard at /admin (login form or
     /// `Authorization: Bearer`); without it the dashboard is disabled.

@@ -9,8 +9,27 @@ use migrations::PoolSettings;
 use tokio::net::TcpListener;
 use web::{AppState, Config};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("web: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: what failed and why, each cause after a colon.
+            let line = observability::one_line(err.as_ref());
+            tracing::error!("{line}");
+            eprintln!("web: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = observability::init("visitme-web", &config.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();
@@ -54,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut state = AppState::new(pool.clone());
     state.trust_proxy = config.trust_proxy;
+    state.visitor_ip = config.visitor_ip;
     match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
         Some(token) => state = state.with_admin_token(token),
         None => tracing::info!("jobs dashboard disabled: set ADMIN_TOKEN to enable /admin"),

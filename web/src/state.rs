@@ -5,7 +5,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-use crate::routes::admin::AdminAuth;
+use crate::routes::{admin::AdminAuth, visits::VisitorIp};
 
 /// Cheap to clone: a pool handle, flags, and shared read-only settings.
 #[derive(Debug, Clone)]
@@ -15,6 +15,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// Whether `X-Forwarded-For` is trusted for the visitor's address.
     pub trust_proxy: bool,
+    /// How much of the visitor's address is stored.
+    pub visitor_ip: VisitorIp,
     /// The jobs dashboard's credentials; `None` disables `/admin`.
     pub admin: Option<Arc<AdminAuth>>,
     /// This process's Prometheus metrics, rendered on `/metrics`.
@@ -22,11 +24,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State with the defaults: proxy headers ignored, dashboard disabled.
+    /// State for tests and embedding: proxy headers ignored, full addresses
+    /// (the binary defaults to `VISITOR_IP=masked`), dashboard disabled.
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
             trust_proxy: false,
+            visitor_ip: VisitorIp::Full,
             admin: None,
             metrics: observability::metrics::handle(),
         }

@@ -32,6 +32,25 @@ pub struct RecordedVisit {
     pub job_id: String,
 }
 
+/// The newest [`SHOWN_VISITS`] visits, newest first (ties broken by id).
+pub async fn newest_visits(conn: &mut PgConnection) -> Result<Vec<Visit>, Error> {
+    Ok(sqlx::query_as(
+        "select id, visitor, created_at from visits
+         order by created_at desc, id desc
+         limit $1",
+    )
+    .bind(SHOWN_VISITS)
+    .fetch_all(&mut *conn)
+    .instrument(observability::db_span("SELECT", "visits"))
+    .await?)
+}
+
+/// The trim threshold for a page showing `shown` (newest first): the oldest
+/// shown visit's time, so the page's own job never deletes what it shows.
+pub fn trim_threshold(shown: &[Visit]) -> Option<DateTime<Utc>> {
+    shown.iter().map(|visit| visit.created_at).min()
+}
+
 /// Inserts a visit, reads the newest [`SHOWN_VISITS`], and enqueues
 /// `TrimVisits { older_than: <oldest shown> }`, all on `conn`.
 ///
@@ -45,20 +64,10 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     .fetch_one(&mut *conn)
     .instrument(observability::db_span("INSERT", "visits"))
     .await?;
-    let visits: Vec<Visit> = sqlx::query_as(
-        "select id, visitor, created_at from visits
-         order by created_at desc, id desc
-         limit $1",
-    )
-    .bind(SHOWN_VISITS)
-    .fetch_all(&mut *conn)
-    .instrument(observability::db_span("SELECT", "visits"))
-    .await?;
+    let visits = newest_visits(conn).await?;
     // Our own insert is visible in this transaction, so the list is never empty;
     // fall back to it anyway rather than trusting that in an `expect`.
-    let threshold = visits
-        .last()
-        .map_or(new_visit.created_at, |oldest| oldest.created_at);
+    let threshold = trim_threshold(&visits).unwrap_or(new_visit.created_at);
     let job_id = jobs::trim_visits::enqueue(
         conn,
         &TrimVisits {

@@ -2,9 +2,12 @@
 
 mod browser;
 mod durability;
+mod faults;
 mod jobs;
 mod migrations;
 mod operations;
 mod processes;
+mod security;
 mod telemetry;
+mod trim_rule;
 mod web;

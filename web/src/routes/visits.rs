@@ -25,7 +25,8 @@ async fn index(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Markup, Error> {
-    let visitor = visitor_label(client_ip(peer, &headers, state.trust_proxy), &headers);
+    let ip = client_ip(peer, &headers, state.trust_proxy);
+    let visitor = visitor_label(state.visitor_ip.apply(ip).as_deref(), &headers);
     let mut tx = state.pool.begin().await?;
     let recorded = visits::record_visit(&mut tx, &visitor).await?;
     tx.commit().await?;
@@ -52,8 +53,40 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trust_proxy: bool) -> Ip
     forwarded.unwrap_or(peer.ip()).to_canonical()
 }
 
-/// `"<address>: <user agent>"`, as the original sample stored it.
-pub fn visitor_label(ip: IpAddr, headers: &HeaderMap) -> String {
+/// How much of a visitor's address is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VisitorIp {
+    /// The whole address.
+    Full,
+    /// IPv4 without its last octet, IPv6 without its last 80 bits.
+    #[default]
+    Masked,
+    /// No address at all.
+    None,
+}
+
+impl VisitorIp {
+    /// The address as it may be stored, or `None` to store none.
+    pub fn apply(self, ip: IpAddr) -> Option<String> {
+        match (self, ip) {
+            (VisitorIp::Full, ip) => Some(ip.to_string()),
+            (VisitorIp::None, _) => None,
+            (VisitorIp::Masked, IpAddr::V4(v4)) => {
+                let [a, b, c, _] = v4.octets();
+                Some(std::net::Ipv4Addr::new(a, b, c, 0).to_string())
+            }
+            (VisitorIp::Masked, IpAddr::V6(v6)) => {
+                let kept = u128::from(v6) & !((1u128 << 80) - 1);
+                Some(std::net::Ipv6Addr::from(kept).to_string())
+            }
+        }
+    }
+}
+
+/// `"<address>: <user agent>"`, as the original sample stored it (the
+/// address as `VISITOR_IP` allows; "hidden" without one).
+pub fn visitor_label(ip: Option<&str>, headers: &HeaderMap) -> String {
+    let ip = ip.unwrap_or("hidden");
     let user_agent = headers
         .get(header::USER_AGENT)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
