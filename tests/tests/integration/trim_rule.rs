@@ -7,6 +7,9 @@ use jobs::TrimVisits;
 use proptest::prelude::*;
 use tests::TestDb;
 
+/// Jobs waiting to run, by the step after which they run: (page, job, ids shown).
+type Pending = BTreeMap<usize, Vec<(usize, TrimVisits, BTreeSet<i64>)>>;
+
 /// One run: visits arrive with the given timestamps (ties allowed); after
 /// each, the page is read and its job is queued to run `delays[i]` visits
 /// later (or at the end). Always checked: a page shows min(10, all) visits and
@@ -24,22 +27,18 @@ async fn check(
         .execute(&db.pool)
         .await?;
     let base = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).expect("valid");
-    let mut pending: BTreeMap<usize, Vec<(usize, TrimVisits, BTreeSet<i64>)>> = BTreeMap::new();
-    let mut run_due =
-        async |pending: &mut BTreeMap<usize, Vec<(usize, TrimVisits, BTreeSet<i64>)>>,
-               step: usize|
-               -> anyhow::Result<Option<String>> {
-            for (page, job, shown) in pending.remove(&step).unwrap_or_default() {
-                let deleted: BTreeSet<i64> =
-                    job.delete_older(&db.pool).await?.into_iter().collect();
-                if let Some(id) = deleted.intersection(&shown).next() {
-                    return Ok(Some(format!(
-                        "page {page}'s own job deleted visit {id} that it showed"
-                    )));
-                }
+    let mut pending = Pending::new();
+    let run_due = async |pending: &mut Pending, step: usize| -> anyhow::Result<Option<String>> {
+        for (page, job, shown) in pending.remove(&step).unwrap_or_default() {
+            let deleted: BTreeSet<i64> = job.delete_older(&db.pool).await?.into_iter().collect();
+            if let Some(id) = deleted.intersection(&shown).next() {
+                return Ok(Some(format!(
+                    "page {page}'s own job deleted visit {id} that it showed"
+                )));
             }
-            Ok(None)
-        };
+        }
+        Ok(None)
+    };
     for (step, (offset, delay)) in offsets.iter().zip(delays).enumerate() {
         sqlx::query("insert into visits (visitor, created_at) values ('p', $1)")
             .bind(base + TimeDelta::milliseconds(*offset))
