@@ -125,6 +125,12 @@ EMBEDDED_WORKER=false OTEL_SERVICE_NAME=visitme-web run web "$bin/web"
 for n in $(seq 1 "$workers"); do
   OTEL_SERVICE_NAME=visitme-worker run "worker-$n" "$bin/worker"
 done
+# The URL only once the web answers.
+for _ in $(seq 1 300); do
+  grep -q "VisitMe is up" "$data/up.log" && break
+  kill -0 "${pids[0]}" 2>/dev/null || { say "web exited during start-up (see $data/up.log)"; exit 1; }
+  sleep 0.1
+done
 say "VisitMe: http://$BIND/  (web + $workers workers)${jaeger_ui:+   Jaeger: $jaeger_ui}"
 say "Ctrl-C stops everything; logs also in $data/up.log"
 # Exit when any child exits (then stop the rest), or on Ctrl-C.

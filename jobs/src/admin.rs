@@ -247,3 +247,33 @@ pub async fn kill_unhandled(
     .rows_affected();
     Ok(killed)
 }
+
+/// Returns attempts whose result can no longer arrive to the queue: rows
+/// `Running` for longer than `job_timeout + lease` (the timeout cancels every
+/// attempt, so such an attempt's acknowledgement was lost, e.g. in a database
+/// outage), and rows claimed (`Queued`) but not started for longer than
+/// `2 · job_timeout + lease`. apalis re-queues only the jobs of workers that
+/// stopped heartbeating; these belong to live workers and would otherwise stay
+/// stuck. They become `Failed` (retried at once, counted as an attempt) or, out
+/// of attempts, `Killed`. Returns how many were returned.
+pub async fn reap_lost_attempts(
+    pool: &PgPool,
+    job_timeout: Duration,
+    lease: Duration,
+) -> Result<u64, Error> {
+    let reaped = sqlx::query(
+        r#"update apalis.jobs
+           set status = case when attempts + 1 >= max_attempts then 'Killed' else 'Failed' end,
+               attempts = attempts + 1,
+               run_at = now(), done_at = now(),
+               last_result = '{"Err": "attempt lost: no result was recorded within the job timeout"}'::jsonb
+           where (status = 'Running' and lock_at < now() - make_interval(secs => $1 + $2))
+              or (status = 'Queued' and lock_at < now() - make_interval(secs => 2 * $1 + $2))"#,
+    )
+    .bind(job_timeout.as_secs_f64())
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(reaped)
+}

@@ -309,21 +309,38 @@ pub async fn run(
 }
 
 /// How often each worker process prunes finished jobs.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Every job type this build can run, whether or not this process runs it.
 pub const QUEUES: [&str; 2] = [TrimVisits::QUEUE, Probe::QUEUE];
 
-/// Now and every [`MAINTENANCE_EVERY`]: prunes finished jobs past their
-/// retention, and kills jobs of unknown types past their grace.
+/// Queue upkeep, in every worker process (concurrent runs are harmless):
+/// every lease, attempts lost with their acknowledgement go back to the queue;
+/// every [`PRUNE_EVERY`], finished jobs past their retention are pruned and
+/// jobs of unknown types past their grace are killed.
 async fn maintain(pool: PgPool, config: WorkerConfig, shutdown: CancellationToken) {
     let retention = config.retention();
-    let mut every = tokio::time::interval(MAINTENANCE_EVERY);
+    let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
+    let mut last_prune: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        match admin::reap_lost_attempts(&pool, config.job_timeout, config.lease).await {
+            Ok(0) => {}
+            Ok(reaped) => tracing::warn!(
+                jobs.reaped = reaped,
+                "returned attempts whose results were lost to the queue"
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "checking for lost attempts failed; will retry")
+            }
+        }
+        if last_prune.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+            continue;
+        }
+        last_prune = Some(Instant::now());
         match admin::prune(&pool, retention).await {
             Ok(pruned) if pruned != Pruned::default() => {
                 tracing::info!(

@@ -55,7 +55,9 @@ async fn method_not_allowed() -> impl IntoResponse {
 }
 
 /// Headers every response carries: pages load only our own stylesheet, run
-/// no script, cannot be framed, and leak no referrer.
+/// no script, cannot be framed, and send no referrer to other sites
+/// (`same-origin`, not `no-referrer`: with that, browsers send `Origin: null`
+/// on our own form posts and the dashboard could not check them).
 async fn security_headers(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -76,7 +78,7 @@ async fn security_headers(
     );
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response

@@ -30,7 +30,7 @@ async fn every_response_carries_the_security_headers() -> anyhow::Result<()> {
             "{path}: no scripts at all"
         );
         assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
-        assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(headers["referrer-policy"], "same-origin", "{path}");
         assert_eq!(headers["x-frame-options"], "DENY", "{path}");
     }
     let post = app.client.post(app.url("/")).send().await?;
