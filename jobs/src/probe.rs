@@ -30,6 +30,9 @@ pub struct Probe {
 pub enum Behaviour {
     /// Finish at once.
     Succeed,
+    /// Finish at once without recording the run (for queue benchmarks, where
+    /// the side effect would be what is measured).
+    Noop,
     /// Fail the first `failures` attempts, then succeed.
     FailFirst {
         /// How many attempts fail.
@@ -66,6 +69,9 @@ pub async fn handle(
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
     let probe: Probe = decode(&payload, &task_id)?;
+    if probe.behaviour == Behaviour::Noop {
+        return Ok(());
+    }
     let attempt = attempt.current();
     let run_id: i64 = sqlx::query_scalar(
         "insert into job_probe_runs (probe, attempt, worker) values ($1, $2, $3) returning id",
@@ -77,7 +83,7 @@ pub async fn handle(
     .await?;
     tracing::info!(job.id = %task_id, job.attempt = attempt, probe = %probe.key, "probe running");
     match probe.behaviour {
-        Behaviour::Succeed => {}
+        Behaviour::Succeed | Behaviour::Noop => {}
         Behaviour::FailFirst { failures } if attempt <= failures => {
             return Err(format!("probe {} failing attempt {attempt} as asked", probe.key).into());
         }

@@ -1,0 +1,325 @@
+//! `just bench`: VisitMe measured against the physical limit.
+//!
+//! Runs against the local Postgres on a fresh database, with the real `web`
+//! and `worker` binaries as separate processes (this program is the load
+//! generator), prints a table and writes `target/bench/results.json` (JSON
+//! lines `{"metric", "value", "unit"}`). `--quick` sizes every part for CI
+//! (under a minute). Benchmarks, not tests: nothing here asserts a speed.
+
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use chrono::{DateTime, TimeDelta, Utc};
+use tests::{Process, TestDb};
+
+/// One measured number.
+struct Metric {
+    section: &'static str,
+    name: String,
+    value: f64,
+    unit: &'static str,
+}
+
+#[derive(Default)]
+struct Report(Vec<Metric>);
+
+impl Report {
+    fn add(&mut self, section: &'static str, name: impl Into<String>, value: f64, unit: &'static str) {
+        let name = name.into();
+        println!("  {name:<44} {value:>12.2} {unit}");
+        self.0.push(Metric { section, name, value, unit });
+    }
+
+    fn write(&self, path: &PathBuf) -> anyhow::Result<()> {
+        std::fs::create_dir_all(path.parent().context("results path has a parent")?)?;
+        let mut file = std::fs::File::create(path)?;
+        for m in &self.0 {
+            let line = serde_json::json!({ "section": m.section, "metric": m.name, "value": m.value, "unit": m.unit });
+            writeln!(file, "{line}")?;
+        }
+        Ok(())
+    }
+
+    fn value(&self, name: &str) -> Option<f64> {
+        self.0.iter().find(|m| m.name == name).map(|m| m.value)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+struct Sizes {
+    web_seconds: u64,
+    queue_jobs: i64,
+    pickups: usize,
+    scaling_jobs: usize,
+    trim_tables: &'static [i64],
+}
+
+const QUICK: Sizes = Sizes { web_seconds: 3, queue_jobs: 5_000, pickups: 50, scaling_jobs: 400, trim_tables: &[10_000, 100_000] };
+const FULL: Sizes = Sizes { web_seconds: 10, queue_jobs: 20_000, pickups: 300, scaling_jobs: 2_000, trim_tables: &[10_000, 100_000, 1_000_000] };
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("bench [--quick]: web throughput and latency, the pgbench ceiling, queue throughput,\npickup latency, worker scaling and trim cost; writes target/bench/results.json.\nEnvironment: TEST_DATABASE_URL (default postgres://localhost/postgres).");
+        return Ok(());
+    }
+    let sizes = if args.iter().any(|a| a == "--quick") { QUICK } else { FULL };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(sizes))
+}
+
+async fn run(sizes: Sizes) -> anyhow::Result<()> {
+    let mut report = Report::default();
+    println!("building the release binaries…");
+    tests::binary("web")?;
+    let db = TestDb::migrated().await?;
+    println!("bench database ready\n");
+
+    web_and_ceiling(&db, &sizes, &mut report).await?;
+    queue_throughput(&db, &sizes, &mut report).await?;
+    pickup_latency(&db, &sizes, &mut report).await?;
+    scaling(&db, &sizes, &mut report).await?;
+    trim_cost(&db, &sizes, &mut report).await?;
+
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
+    report.write(&path)?;
+    println!("\nresults: {}", path.canonicalize()?.display());
+    Ok(())
+}
+
+fn worker_env<'a>(db: &'a TestDb, concurrency: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", concurrency),
+        ("WORKER_PROBES", "true"),
+        ("WORKER_POLL_INTERVAL", "0.1"),
+        ("RUST_LOG", "warn"),
+    ]
+}
+
+async fn web_and_ceiling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    println!("1-2. web GET / with 2 workers trimming, and pgbench running the same SQL");
+    let mut web = Process::spawn(
+        "web",
+        &[("DATABASE_URL", db.url.as_str()), ("BIND", "127.0.0.1:0"), ("EMBEDDED_WORKER", "false"), ("RUST_LOG", "warn,web=info")],
+    )?;
+    let address = web.web_address().await?;
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let mut worker = Process::spawn("worker", &worker_env(db, "4"))?;
+        worker.wait_for_line("worker", Duration::from_secs(60)).await.ok();
+        workers.push(worker);
+    }
+    let script = std::env::temp_dir().join(format!("visitme-pgbench-{}.sql", std::process::id()));
+    std::fs::write(&script, PGBENCH_SCRIPT)?;
+    for connections in [1usize, 16, 64] {
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(sizes.web_seconds);
+        let http = reqwest::Client::builder().pool_max_idle_per_host(connections).build()?;
+        let clients: Vec<_> = (0..connections)
+            .map(|_| {
+                let (http, latencies, url) = (http.clone(), latencies.clone(), format!("http://{address}/"));
+                tokio::spawn(async move {
+                    let mut errors = 0u64;
+                    while Instant::now() < deadline {
+                        let sent = Instant::now();
+                        match http.get(&url).send().await {
+                            Ok(r) if r.status().is_success() => {
+                                let _ = r.bytes().await;
+                                latencies.lock().expect("latencies").push(sent.elapsed());
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        let mut errors = 0;
+        for client in clients {
+            errors += client.await?;
+        }
+        let mut latencies = latencies.lock().expect("latencies").clone();
+        latencies.sort_unstable();
+        let rps = latencies.len() as f64 / sizes.web_seconds as f64;
+        report.add("web", format!("web c={connections} throughput"), rps, "req/s");
+        report.add("web", format!("web c={connections} latency p50"), percentile(&latencies, 0.50), "ms");
+        report.add("web", format!("web c={connections} latency p95"), percentile(&latencies, 0.95), "ms");
+        report.add("web", format!("web c={connections} latency p99"), percentile(&latencies, 0.99), "ms");
+        report.add("web", format!("web c={connections} errors"), errors as f64, "requests");
+
+        let tps = pgbench(db, &script, connections, sizes.web_seconds).await?;
+        report.add("ceiling", format!("pgbench c={connections} same SQL"), tps, "tx/s");
+        report.add("ceiling", format!("web/pgbench c={connections}"), 100.0 * rps / tps.max(1.0), "%");
+    }
+    let _ = std::fs::remove_file(&script);
+    db.wait_until_idle(Duration::from_secs(60)).await?;
+    let visits: i64 = sqlx::query_scalar("select count(*) from visits").fetch_one(&db.pool).await?;
+    report.add("web", "visits table rows at the end", visits as f64, "rows");
+    for process in workers.into_iter().chain([web]) {
+        process.terminate(Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// What `GET /` does in SQL, as one pgbench transaction: the visit insert, the
+/// top-10 select and the (coalescing) job insert.
+const PGBENCH_SCRIPT: &str = r#"\set n random(1, 1000000)
+BEGIN;
+INSERT INTO visits (visitor) VALUES ('127.0.0.1: pgbench ' || :n) RETURNING id, visitor, created_at;
+SELECT id, visitor, created_at FROM visits ORDER BY created_at DESC, id DESC LIMIT 10;
+INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
+  VALUES (apalis.generate_ulid(), 'trim_visits', convert_to('{"older_than":"2000-01-01T00:00:00Z"}', 'UTF8'), 'Pending', 0, 5,
+          clock_timestamp() + interval '0.5 seconds', 0, hstore('visitme.older_than', '2000-01-01T00:00:00Z'))
+  ON CONFLICT (job_type) WHERE job_type = 'trim_visits' AND status = 'Pending'
+  DO UPDATE SET job = excluded.job RETURNING id;
+END;
+"#;
+
+async fn pgbench(db: &TestDb, script: &std::path::Path, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let options = migrations::parse_url(&db.url)?;
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-T", &seconds.to_string(), "-c", &clients.to_string()])
+        .args(["-j", &clients.min(2).to_string(), "-f"])
+        .arg(script)
+        .args(["-h", options.get_host(), "-p", &options.get_port().to_string(), "-U", options.get_username()])
+        .arg(options.get_database().context("bench database name")?)
+        .output()
+        .await
+        .context("run pgbench (Debian package postgresql-client or postgresql-contrib)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("pgbench printed no tps: {stdout}{}", String::from_utf8_lossy(&output.stderr)))
+}
+
+/// Bulk-enqueues `count` probe jobs of `behaviour` (raw SQL, one statement).
+async fn bulk_enqueue(db: &TestDb, count: i64, behaviour: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+         select apalis.generate_ulid(), 'probe',
+                convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
+                'Pending', 0, 3, now() - interval '1 second', 0
+         from generate_series(1, $1) as n",
+    )
+    .bind(count)
+    .bind(behaviour)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+async fn drain_with_workers(db: &TestDb, processes: usize, concurrency: &str) -> anyhow::Result<Duration> {
+    let mut workers = Vec::new();
+    for _ in 0..processes {
+        let mut worker = Process::spawn("worker", &worker_env(db, concurrency))?;
+        worker.wait_for_line("started", Duration::from_secs(60)).await.ok();
+        workers.push(worker);
+    }
+    let started = Instant::now();
+    db.wait_until_idle(Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    for worker in workers {
+        worker.terminate(Duration::from_secs(30)).await?;
+    }
+    Ok(elapsed)
+}
+
+async fn queue_throughput(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    println!("3. queue throughput: {} no-op jobs, one worker process", sizes.queue_jobs);
+    for concurrency in ["10", "32"] {
+        sqlx::query("delete from apalis.jobs").execute(&db.pool).await?;
+        bulk_enqueue(db, sizes.queue_jobs, r#"{"kind":"noop"}"#).await?;
+        let elapsed = drain_with_workers(db, 1, concurrency).await?;
+        report.add("queue", format!("drain c={concurrency}"), sizes.queue_jobs as f64 / elapsed.as_secs_f64(), "jobs/s");
+    }
+    Ok(())
+}
+
+async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    println!("4. pickup latency: commit to handler start, idle queue");
+    sqlx::query("delete from apalis.jobs").execute(&db.pool).await?;
+    let mut worker = Process::spawn("worker", &worker_env(db, "4"))?;
+    worker.wait_for_line("started", Duration::from_secs(60)).await.ok();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::new();
+    for n in 0..sizes.pickups {
+        let key = format!("pickup-{n}");
+        let mut tx = db.pool.begin().await?;
+        jobs::enqueue(&mut tx, &jobs::probe::Probe { key: key.clone(), behaviour: jobs::probe::Behaviour::Succeed }).await?;
+        let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()").fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let started_at = loop {
+            let started: Option<DateTime<Utc>> = sqlx::query_scalar("select started_at from job_probe_runs where probe = $1")
+                .bind(&key)
+                .fetch_optional(&db.pool)
+                .await?;
+            if let Some(at) = started {
+                break at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "job {key} was not picked up");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        latencies.push((started_at - committed_at).to_std().unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    latencies.sort_unstable();
+    report.add("pickup", "pickup latency p50", percentile(&latencies, 0.50), "ms");
+    report.add("pickup", "pickup latency p99", percentile(&latencies, 0.99), "ms");
+    worker.terminate(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+async fn scaling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    println!("5. scaling: {} jobs sleeping 20 ms, concurrency 8 per worker", sizes.scaling_jobs);
+    for processes in [1usize, 2, 4] {
+        sqlx::query("delete from apalis.jobs").execute(&db.pool).await?;
+        bulk_enqueue(db, sizes.scaling_jobs as i64, r#"{"kind":"sleep","millis":20}"#).await?;
+        let elapsed = drain_with_workers(db, processes, "8").await?;
+        let rate = sizes.scaling_jobs as f64 / elapsed.as_secs_f64();
+        report.add("scaling", format!("{processes} worker(s) throughput"), rate, "jobs/s");
+        if let Some(one) = report.value("1 worker(s) throughput") {
+            report.add("scaling", format!("{processes} worker(s) speed-up"), rate / one, "x");
+        }
+    }
+    Ok(())
+}
+
+async fn trim_cost(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    println!("6. trim cost: deleting the same 1,000 oldest rows from tables of growing size");
+    let base = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).context("base time")?;
+    for &rows in sizes.trim_tables {
+        sqlx::query("truncate visits").execute(&db.pool).await?;
+        sqlx::query(
+            "insert into visits (visitor, created_at)
+             select 'bench', $2 + make_interval(secs => n / 1000.0) from generate_series(0, $1 - 1) as n",
+        )
+        .bind(rows)
+        .bind(base)
+        .execute(&db.pool)
+        .await?;
+        sqlx::query("analyze visits").execute(&db.pool).await?;
+        let job = jobs::TrimVisits { older_than: base + TimeDelta::seconds(1) };
+        let started = Instant::now();
+        let deleted = job.delete_older(&db.pool).await?.len();
+        let elapsed = started.elapsed();
+        anyhow::ensure!(deleted == 1000, "expected 1000 deleted, got {deleted}");
+        report.add("trim", format!("delete 1000 of {rows} rows"), elapsed.as_secs_f64() * 1000.0, "ms");
+    }
+    Ok(())
+}
