@@ -32,13 +32,16 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn build_binaries() -> anyhow::Result<PathBuf> {
-    // <target>/<profile>/deps/integration-<hash>  ->  <target>/<profile>
+    // <target>/<profile>/deps/integration-<hash> (a test) or
+    // <target>/<profile>/bench (a binary)  ->  <target>/<profile>
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
+    let mut profile_dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary is not inside a target directory")?
+        .context("executable has a directory")?
         .to_path_buf();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
     let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
     build.args(["build", "--quiet", "-p", "web", "-p", "jobs", "--bins"]);
     if !cfg!(debug_assertions) {
