@@ -73,23 +73,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("worker: cannot start the async runtime: {err}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            // One line: what failed and why, each cause after a colon.
-            let line = observability::one_line(err.as_ref());
-            tracing::error!("{line}");
-            eprintln!("worker: {line}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run()));
+    observability::exit_code("worker", result)
 }
 
 async fn run() -> anyhow::Result<()> {

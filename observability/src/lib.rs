@@ -183,3 +183,20 @@ pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
     }
     line
 }
+
+/// Ends a binary's `main`: success, or the error on one line (stderr and the
+/// log) and exit code 1.
+pub fn exit_code<E>(binary: &str, result: Result<(), E>) -> std::process::ExitCode
+where
+    E: std::ops::Deref<Target = dyn std::error::Error + Send + Sync + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let line = one_line(&*error);
+            tracing::error!("{line}");
+            eprintln!("{binary}: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -10,23 +10,10 @@ use tokio::net::TcpListener;
 use web::{AppState, Config};
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("web: cannot start the async runtime: {err}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            // One line: what failed and why, each cause after a colon.
-            let line = observability::one_line(err.as_ref());
-            tracing::error!("{line}");
-            eprintln!("web: {line}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run()));
+    observability::exit_code("web", result)
 }
 
 async fn run() -> anyhow::Result<()> {
