@@ -77,6 +77,15 @@ impl Process {
         Self::start(name, command)
     }
 
+    /// Spawns a `worker` process and waits until it runs jobs.
+    pub async fn started_worker(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut worker = Self::spawn("worker", env)?;
+        worker
+            .wait_for_line("worker started", Duration::from_secs(60))
+            .await?;
+        Ok(worker)
+    }
+
     /// Spawns any command, collecting its output like [`Process::spawn`].
     pub fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
         command

@@ -175,10 +175,7 @@ async fn a_sigkilled_workers_job_is_completed_by_another_worker_within_the_lease
         .execute(&mut holder)
         .await?;
 
-    let mut first = Process::spawn("worker", &env)?;
-    first
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    let first = Process::started_worker(&env).await?;
     let ids = enqueue_probes(
         &db.pool,
         [probe("blocked", Behaviour::WaitForLock { lock: 4242 })],
@@ -192,10 +189,7 @@ async fn a_sigkilled_workers_job_is_completed_by_another_worker_within_the_lease
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut second = Process::spawn("worker", &env)?;
-    second
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    let second = Process::started_worker(&env).await?;
 
     first.signal(nix::sys::signal::Signal::SIGKILL)?;
     let killed_at = tokio::time::Instant::now();
@@ -231,10 +225,7 @@ async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> a
     env.push(("DATABASE_URL", db.url.as_str()));
     let mut workers = Vec::new();
     for _ in 0..3 {
-        let mut worker = Process::spawn("worker", &env)?;
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        let worker = Process::started_worker(&env).await?;
         workers.push(worker);
     }
     let started = std::time::Instant::now();
@@ -319,10 +310,7 @@ async fn sigterm_during_a_long_job_lets_it_finish_and_exits_0() -> anyhow::Resul
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.push(("DATABASE_URL", db.url.as_str()));
-    let mut worker = Process::spawn("worker", &env)?;
-    worker
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    let mut worker = Process::started_worker(&env).await?;
     let ids = enqueue_probes(
         &db.pool,
         [probe("long", Behaviour::Sleep { millis: 1_500 })],

@@ -184,10 +184,7 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
     env.push(("DATABASE_URL", db.url.as_str()));
     let mut workers = Vec::new();
     for _ in 0..3 {
-        let mut worker = Process::spawn("worker", &env)?;
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        let worker = Process::started_worker(&env).await?;
         workers.push(worker);
     }
     let started = Instant::now();

@@ -189,10 +189,7 @@ async fn retried_attempts_are_separate_spans_in_the_enqueuers_trace() -> anyhow:
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("DATABASE_URL", db.url.as_str()),
     ]);
-    let mut worker = Process::spawn("worker", &env)?;
-    worker
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    let worker = Process::started_worker(&env).await?;
 
     // A job enqueued from inside a (remote) trace, as the web tier stores it.
     let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
