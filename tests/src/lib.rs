@@ -325,6 +325,26 @@ pub async fn enqueue_probes(
     Ok(ids)
 }
 
+/// Visits `http://<address>/` `count` times, one after another, with user
+/// agents `<agent>-1`, `<agent>-2`, …; every answer must be a 200 visits page.
+/// Returns the last page.
+pub async fn visit_times(address: &str, count: usize, agent: &str) -> anyhow::Result<VisitsPage> {
+    let client = reqwest::Client::new();
+    let mut last = None;
+    for n in 1..=count {
+        let body = client
+            .get(format!("http://{address}/"))
+            .header("user-agent", format!("{agent}-{n}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        last = Some(VisitsPage::parse(&body)?);
+    }
+    last.context("at least one visit")
+}
+
 /// What a test reads off the visits page.
 #[derive(Debug, Clone)]
 pub struct VisitsPage {

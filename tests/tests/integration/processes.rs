@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tests::{Process, TestDb, VisitsPage};
+use tests::{Process, TestDb};
 
 #[tokio::test]
 async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyhow::Result<()> {
@@ -21,17 +21,8 @@ async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyh
         .wait_for_line("worker started", Duration::from_secs(60))
         .await?;
 
+    tests::visit_times(&address, 12, "process").await?;
     let client = reqwest::Client::new();
-    for n in 1..=12 {
-        let body = client
-            .get(format!("http://{address}/"))
-            .header("user-agent", format!("process-{n}"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        VisitsPage::parse(&body)?;
-    }
     assert_eq!(
         client
             .get(format!("http://{address}/readyz"))
@@ -62,15 +53,7 @@ async fn web_with_embedded_worker_is_the_whole_app() -> anyhow::Result<()> {
         &[("DATABASE_URL", db.url.as_str()), ("BIND", "127.0.0.1:0")],
     )?;
     let address = web.web_address().await?;
-    let client = reqwest::Client::new();
-    for n in 1..=15 {
-        client
-            .get(format!("http://{address}/"))
-            .header("user-agent", format!("embedded-{n}"))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    tests::visit_times(&address, 15, "embedded").await?;
     db.drain_queue(Duration::from_secs(30)).await?;
     assert_eq!(db.visit_ids().await?.len(), 10);
     let status = web.terminate(Duration::from_secs(30)).await?;

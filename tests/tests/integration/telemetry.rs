@@ -34,15 +34,7 @@ async fn one_trace_links_the_request_the_enqueue_and_the_job_with_every_deleted_
         .await?;
 
     // Twelve visits, one at a time: the job(s) delete the two oldest.
-    let client = reqwest::Client::new();
-    for n in 1..=12 {
-        client
-            .get(format!("http://{address}/"))
-            .header("user-agent", format!("traced-{n}"))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    tests::visit_times(&address, 12, "traced").await?;
     db.drain_queue(Duration::from_secs(30)).await?;
     assert_eq!(db.visit_ids().await?.len(), 10);
 
