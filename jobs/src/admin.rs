@@ -138,13 +138,7 @@ pub async fn retry(pool: &PgPool, id: &str) -> Result<(), Error> {
     .bind(id)
     .execute(pool)
     .await?;
-    if updated.rows_affected() == 0 {
-        return Err(Error::NoSuchJob {
-            id: id.to_owned(),
-            expected: "dead",
-        });
-    }
-    Ok(())
+    require_changed(updated.rows_affected(), id, "dead")
 }
 
 /// Cancels a job that has not started (pending, or waiting for a retry): it
@@ -160,10 +154,15 @@ pub async fn cancel(pool: &PgPool, id: &str) -> Result<(), Error> {
     .bind(id)
     .execute(pool)
     .await?;
-    if updated.rows_affected() == 0 {
+    require_changed(updated.rows_affected(), id, "pending")
+}
+
+/// An operator action changed job `id`, or it was not in the `expected` state.
+fn require_changed(rows: u64, id: &str, expected: &'static str) -> Result<(), Error> {
+    if rows == 0 {
         return Err(Error::NoSuchJob {
             id: id.to_owned(),
-            expected: "pending",
+            expected,
         });
     }
     Ok(())
