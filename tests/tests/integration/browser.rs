@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use fantoccini::Locator;
 use jobs::probe::{Behaviour, Probe};
-use tests::{TestApp, TestDb, browser::Browser, enqueue_probes, fast_worker_config};
+use tests::{TestApp, TestDb, browser::Browser, fast_worker_config};
 
 /// `Some(reason)` when the test must be skipped: no browser here, outside CI.
 fn skip() -> anyhow::Result<Option<String>> {
@@ -91,19 +91,24 @@ async fn a_person_sees_visits_trimmed_and_retries_a_dead_job_on_the_dashboard() 
     );
     browser.screenshot("visits").await?;
 
-    // A dead job to retry.
-    let ids = enqueue_probes(
-        &app.db.pool,
-        [Probe {
+    // A dead job to retry, dead from its commit on: the running worker must not
+    // get to run it before it is marked.
+    let mut tx = app.db.pool.begin().await?;
+    let id = jobs::enqueue(
+        &mut tx,
+        &Probe {
             key: "revived".to_owned(),
             behaviour: Behaviour::Succeed,
-        }],
+        },
     )
-    .await?;
+    .await?
+    .to_string();
     sqlx::query(r#"update apalis.jobs set status = 'Killed', attempts = 3, done_at = now(), last_result = '{"Err": "the mail server was down"}' where id = $1"#)
-        .bind(&ids[0])
-        .execute(&app.db.pool)
+        .bind(&id)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
+    let ids = [id];
 
     client.goto(&app.url("/admin")).await?;
     client
