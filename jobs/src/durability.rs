@@ -25,6 +25,8 @@ use apalis::prelude::{AbortError, BoxDynError, ExecutionContext, Status, Task};
 use sqlx::PgPool;
 use tower::{Layer, Service};
 
+use crate::worker::{Activity, mark_activity};
+
 /// Exponential backoff between attempts: `base · 2^(attempt-1)`, capped at
 /// `max`, with ±10 % jitter (as Oban does) so that jobs failing together do
 /// not retry together, while each delay stays clearly longer than the last.
@@ -66,16 +68,19 @@ pub struct DurabilityLayer {
     queue: &'static str,
     pool: PgPool,
     backoff: Backoff,
+    activity: Activity,
 }
 
 impl DurabilityLayer {
     /// For the jobs of `queue`; backoff delays are written to
-    /// `apalis.jobs.run_at` through `pool`.
-    pub fn new(queue: &'static str, pool: PgPool, backoff: Backoff) -> Self {
+    /// `apalis.jobs.run_at` through `pool`; each attempt's start is noted in
+    /// `activity` (the worker's watchdog reads it).
+    pub fn new(queue: &'static str, pool: PgPool, backoff: Backoff, activity: Activity) -> Self {
         Self {
             queue,
             pool,
             backoff,
+            activity,
         }
     }
 }
@@ -88,6 +93,7 @@ impl<S> Layer<S> for DurabilityLayer {
             queue: self.queue,
             pool: self.pool.clone(),
             backoff: self.backoff,
+            activity: self.activity.clone(),
         }
     }
 }
@@ -101,6 +107,7 @@ pub struct Durability<S> {
     queue: &'static str,
     pool: PgPool,
     backoff: Backoff,
+    activity: Activity,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -121,6 +128,7 @@ where
     }
 
     fn call(&mut self, task: Task<Args>) -> Self::Future {
+        mark_activity(&self.activity);
         let ctx = task.ctx().clone();
         let max_attempts = ctx.max_attempts().unwrap_or(1);
         let job_id = ctx.task_id().map(ToString::to_string).unwrap_or_default();

@@ -4,7 +4,7 @@ use std::{
     convert::Infallible,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -186,7 +186,8 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
 /// - `JobSpanLayer`: the attempt's CONSUMER span, in the enqueuer's trace;
 /// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
 macro_rules! job_worker {
-    ($job:ty, $handler:path, $pool:expr, $config:expr, $generation:expr) => {{
+    ($job:ty, $handler:path, $pool:expr, $config:expr, $generation:expr, $activity:expr) => {{
+        let activity: Activity = $activity.clone();
         let pool: PgPool = $pool.clone();
         let cfg: WorkerConfig = $config.clone();
         let generation: usize = $generation;
@@ -207,6 +208,7 @@ macro_rules! job_worker {
                     <$job>::QUEUE,
                     pool.clone(),
                     cfg.backoff(),
+                    activity.clone(),
                 ))
                 .concurrency(usize::from(cfg.concurrency))
                 .parallelize(tokio::spawn)
@@ -218,35 +220,59 @@ macro_rules! job_worker {
     }};
 }
 
-/// Runs one monitor (every job type) until `shutdown` fires or a worker dies.
-/// Returns whether it ended because of `shutdown`.
+/// Why a monitor run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The process is shutting down.
+    Shutdown,
+    /// The watchdog asked for a fresh monitor (see [`watch`]).
+    Restart,
+    /// A worker died on its own.
+    Died,
+}
+
+/// Runs one monitor (every job type) until `shutdown` or `restart` fires or a
+/// worker dies; both signals stop it gracefully.
 async fn run_monitor(
     pool: &PgPool,
     config: &WorkerConfig,
     generation: usize,
+    activity: &Activity,
     shutdown: &CancellationToken,
-) -> bool {
+    restart: &CancellationToken,
+) -> Ended {
     // Every job type is registered here, and only here.
     let mut monitor = Monitor::new().register(job_worker!(
         TrimVisits,
         trim_visits::handle,
         pool,
         config,
-        generation
+        generation,
+        activity
     ));
     if config.probes {
-        monitor = monitor.register(job_worker!(Probe, probe::handle, pool, config, generation));
+        monitor = monitor.register(job_worker!(
+            Probe,
+            probe::handle,
+            pool,
+            config,
+            generation,
+            activity
+        ));
     }
     let monitor = monitor.shutdown_timeout(config.shutdown_grace);
 
     let signalled = Arc::new(AtomicBool::new(false));
     let signal = {
         let signalled = signalled.clone();
-        let shutdown = shutdown.clone();
+        let (shutdown, restart) = (shutdown.clone(), restart.clone());
         async move {
-            shutdown.cancelled().await;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = restart.cancelled() => {}
+            }
             signalled.store(true, Ordering::SeqCst);
-            tracing::info!("worker shutting down: no new jobs, finishing running ones");
+            tracing::info!("worker stopping: no new jobs, finishing running ones");
             Ok(())
         }
     };
@@ -255,7 +281,63 @@ async fn run_monitor(
     if let Err(err) = monitor.run_with_signal(signal).await {
         tracing::error!(error = %err, "worker monitor failed");
     }
-    signalled.load(Ordering::SeqCst)
+    match (signalled.load(Ordering::SeqCst), shutdown.is_cancelled()) {
+        (true, true) => Ended::Shutdown,
+        (true, false) => Ended::Restart,
+        (false, _) => Ended::Died,
+    }
+}
+
+/// When this process last started a job attempt (Unix milliseconds).
+pub type Activity = Arc<AtomicU64>;
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Records that a job attempt starts now.
+pub fn mark_activity(activity: &Activity) {
+    activity.store(now_millis(), Ordering::Relaxed);
+}
+
+/// Watchdog for one monitor run. A worker can come back from a database
+/// outage alive but no longer claiming (seen in our outage test: due jobs
+/// waited a minute while the process heartbeated). When jobs of our queues
+/// have been due for a whole lease and this process started none in that
+/// time (so it is not merely busy), it asks for a fresh monitor via `restart`.
+async fn watch(pool: PgPool, config: WorkerConfig, activity: Activity, restart: CancellationToken) {
+    let queues: Vec<String> = QUEUES
+        .iter()
+        .filter(|queue| config.probes || **queue != Probe::QUEUE)
+        .map(|queue| (*queue).to_owned())
+        .collect();
+    let lease_ms = u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX);
+    let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
+    every.tick().await; // the first tick is immediate; give the monitor a lease first
+    loop {
+        every.tick().await;
+        if now_millis().saturating_sub(activity.load(Ordering::Relaxed)) < lease_ms {
+            continue;
+        }
+        let stalled: Result<bool, sqlx::Error> = sqlx::query_scalar(
+            "select exists (select 1 from apalis.jobs
+                 where job_type = any($1) and run_at < now() - make_interval(secs => $2)
+                   and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts)))",
+        )
+        .bind(&queues)
+        .bind(config.lease.as_secs_f64())
+        .fetch_one(&pool)
+        .await;
+        if let Ok(true) = stalled {
+            tracing::warn!(
+                "jobs have been due for a lease and none started here; restarting the worker"
+            );
+            restart.cancel();
+            return;
+        }
+    }
 }
 
 /// Runs the job worker for every job type until `shutdown` is cancelled.
@@ -277,13 +359,38 @@ pub async fn run(
         "worker started"
     );
     let maintenance = tokio::spawn(maintain(pool.clone(), config.clone(), shutdown.clone()));
+    let activity: Activity = Arc::new(AtomicU64::new(now_millis()));
     let mut failures = 0u32;
     for generation in 0.. {
         let started = Instant::now();
-        if run_monitor(&pool, &config, generation * 1000, &shutdown).await {
-            maintenance.abort();
-            tracing::info!("worker stopped");
-            return Ok(());
+        let restart = CancellationToken::new();
+        let watchdog = tokio::spawn(watch(
+            pool.clone(),
+            config.clone(),
+            activity.clone(),
+            restart.clone(),
+        ));
+        let ended = run_monitor(
+            &pool,
+            &config,
+            generation * 1000,
+            &activity,
+            &shutdown,
+            &restart,
+        )
+        .await;
+        watchdog.abort();
+        match ended {
+            Ended::Shutdown => {
+                maintenance.abort();
+                tracing::info!("worker stopped");
+                return Ok(());
+            }
+            Ended::Restart => {
+                mark_activity(&activity);
+                continue;
+            }
+            Ended::Died => {}
         }
         if started.elapsed() >= HEALTHY_RUN {
             failures = 0;
