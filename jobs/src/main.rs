@@ -107,7 +107,7 @@ async fn run() -> anyhow::Result<()> {
         None => jobs::run(pool.clone(), cli.worker, shutdown).await?,
         Some(command) => operate(&pool, command, &cli.worker).await?,
     }
-    pool.close().await;
+    jobs::shutdown::close_pool(&pool).await;
     Ok(())
 }
 

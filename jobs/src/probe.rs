@@ -33,6 +33,12 @@ pub enum Behaviour {
     /// Finish at once without recording the run (for queue benchmarks, where
     /// the side effect would be what is measured).
     Noop,
+    /// Sleep, then succeed, without recording the run (for scaling benchmarks:
+    /// two recorded writes per run would put the disk, not the queue, under test).
+    Nap {
+        /// How long, in milliseconds.
+        millis: u64,
+    },
     /// Fail the first `failures` attempts, then succeed.
     FailFirst {
         /// How many attempts fail.
@@ -69,8 +75,13 @@ pub async fn handle(
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
     let probe: Probe = decode(&payload, &task_id)?;
-    if probe.behaviour == Behaviour::Noop {
-        return Ok(());
+    match probe.behaviour {
+        Behaviour::Noop => return Ok(()),
+        Behaviour::Nap { millis } => {
+            tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+            return Ok(());
+        }
+        _ => {}
     }
     let attempt = attempt.current();
     let run_id: i64 = sqlx::query_scalar(
@@ -83,7 +94,7 @@ pub async fn handle(
     .await?;
     tracing::info!(job.id = %task_id, job.attempt = attempt, probe = %probe.key, "probe running");
     match probe.behaviour {
-        Behaviour::Succeed | Behaviour::Noop => {}
+        Behaviour::Succeed | Behaviour::Noop | Behaviour::Nap { .. } => {}
         Behaviour::FailFirst { failures } if attempt <= failures => {
             return Err(format!("probe {} failing attempt {attempt} as asked", probe.key).into());
         }

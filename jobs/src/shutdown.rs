@@ -1,6 +1,28 @@
 //! Turning SIGTERM / SIGINT into a cancellation that every part can await.
 
+use std::time::Duration;
+
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+
+/// How long closing the pool waits for connections still in use.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Closes `pool` at exit, waiting at most [`CLOSE_WAIT`] for connections
+/// still in use: a job abandoned at the end of the shutdown grace may hold
+/// one, blocked in the database, and must not keep the process alive (its
+/// attempt goes to another worker once the lease expires).
+pub async fn close_pool(pool: &PgPool) {
+    if tokio::time::timeout(CLOSE_WAIT, pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = pool.size(),
+            "exiting without waiting for database connections still in use"
+        );
+    }
+}
 
 /// Returns a token that is cancelled on the first SIGTERM or SIGINT (Ctrl-C).
 ///

@@ -42,7 +42,11 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     if profile_dir.ends_with("deps") {
         profile_dir.pop();
     }
-    let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    // The cargo that runs us (tests, `cargo run`), else rustup's proxy on PATH:
+    // a toolchain's cargo called directly would let each dependency's own
+    // rust-toolchain.toml (sqlx ships one) choose its compiler.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "-p", "web", "-p", "jobs", "--bins"]);
     if !cfg!(debug_assertions) {
         build.arg("--release");

@@ -71,7 +71,7 @@ async fn run() -> anyhow::Result<()> {
     if let Some(worker) = worker {
         worker.await.context("worker task panicked")??;
     }
-    pool.close().await;
+    jobs::shutdown::close_pool(&pool).await;
     tracing::info!("web stopped");
     Ok(())
 }

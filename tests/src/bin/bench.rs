@@ -91,37 +91,85 @@ const FULL: Sizes = Sizes {
     scaling_jobs: 2_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
 };
+const LONG: Sizes = Sizes {
+    web_seconds: 30,
+    queue_jobs: 100_000,
+    pickups: 1_000,
+    scaling_jobs: 8_000,
+    trim_tables: &[10_000, 100_000, 1_000_000],
+};
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "bench [--quick]: web throughput and latency, the pgbench ceiling, queue throughput,\npickup latency, worker scaling and trim cost; writes target/bench/results.json.\nEnvironment: TEST_DATABASE_URL (default postgres://localhost/postgres)."
-        );
-        return Ok(());
-    }
-    let sizes = if args.iter().any(|a| a == "--quick") {
-        QUICK
-    } else {
-        FULL
-    };
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(sizes))
+/// The parts of the benchmark, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// 1-2: `GET /` at 1/16/64 connections and pgbench running the same SQL.
+    Web,
+    /// 3: draining bulk-enqueued no-op jobs with one worker process.
+    Queue,
+    /// 4: enqueue-commit to handler-start latency on an idle queue.
+    Pickup,
+    /// 5: 20 ms jobs with 1, 2 and 4 worker processes.
+    Scaling,
+    /// 6: deleting the same old rows from tables of growing size.
+    Trim,
 }
 
-async fn run(sizes: Sizes) -> anyhow::Result<()> {
+/// VisitMe measured against the physical limit: web throughput and latency,
+/// the pgbench ceiling, queue throughput, pickup latency, worker scaling and
+/// trim cost.
+///
+/// Runs the release `web` and `worker` binaries as separate processes against
+/// a fresh database on the local Postgres (TEST_DATABASE_URL, default
+/// postgres://localhost/postgres), prints a table and writes
+/// target/bench/results.json (one JSON object per line).
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// CI-sized run: every section shortened, under a minute in all.
+    #[arg(long, conflicts_with = "long")]
+    quick: bool,
+    /// Longer runs (about 3x the default) for steadier numbers.
+    #[arg(long)]
+    long: bool,
+    /// Run only these sections (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = <Args as clap::Parser>::parse();
+    let sizes = match (args.quick, args.long) {
+        (true, _) => QUICK,
+        (_, true) => LONG,
+        _ => FULL,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(sizes, &args.only))
+}
+
+async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
+    let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let mut report = Report::default();
     println!("building the release binaries…");
     tests::binary("web")?;
     let db = TestDb::migrated().await?;
     println!("bench database ready\n");
 
-    web_and_ceiling(&db, &sizes, &mut report).await?;
-    queue_throughput(&db, &sizes, &mut report).await?;
-    pickup_latency(&db, &sizes, &mut report).await?;
-    scaling(&db, &sizes, &mut report).await?;
-    trim_cost(&db, &sizes, &mut report).await?;
-
+    if wanted(Section::Web) {
+        web_and_ceiling(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Queue) {
+        queue_throughput(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Pickup) {
+        pickup_latency(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Scaling) {
+        scaling(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Trim) {
+        trim_cost(&db, &sizes, &mut report).await?;
+    }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
     report.write(&path)?;
     println!("\nresults: {}", path.canonicalize()?.display());
@@ -465,7 +513,7 @@ async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
 
 async fn scaling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
     println!(
-        "5. scaling: {} jobs sleeping 20 ms, concurrency 8 per worker",
+        "5. scaling: {} jobs napping 20 ms (no writes of their own), concurrency 8 per worker",
         sizes.scaling_jobs
     );
     for processes in [1usize, 2, 4] {
@@ -474,7 +522,7 @@ async fn scaling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Res
             processes,
             "8",
             sizes.scaling_jobs as i64,
-            r#"{"kind":"sleep","millis":20}"#,
+            r#"{"kind":"nap","millis":20}"#,
         )
         .await?;
         let rate = sizes.scaling_jobs as f64 / elapsed.as_secs_f64();

@@ -454,3 +454,73 @@ async fn an_attempt_whose_result_was_lost_goes_back_to_the_queue() -> anyhow::Re
     assert_eq!(runs(&app.db, "lost-ack").await?.len(), 1);
     app.stop().await
 }
+
+#[tokio::test]
+async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.extend([
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", "1"),
+        ("WORKER_CLAIM_BATCH", "5"),
+        ("WORKER_SHUTDOWN_GRACE", "20"),
+        ("JOB_TIMEOUT", "60"),
+    ]);
+    // The first job started blocks on this lock, so the other four claimed
+    // with it wait in the worker for the one slot.
+    let mut holder = sqlx::PgConnection::connect_with(&migrations::parse_url(&db.url)?).await?;
+    sqlx::query("select pg_advisory_lock(4343)")
+        .execute(&mut holder)
+        .await?;
+    let mut worker = Process::started_worker(&env).await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        (0..5).map(|n| probe(&format!("held-{n}"), Behaviour::WaitForLock { lock: 4343 })),
+    )
+    .await?;
+    // Wait for one job to start and the other four to be claimed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let started: i64 = sqlx::query_scalar("select count(*) from job_probe_runs")
+            .fetch_one(&db.pool)
+            .await?;
+        let claimed: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs where status in ('Queued', 'Running')",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if started == 1 && claimed == 5 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "expected 1 started and 5 claimed jobs, saw {started} and {claimed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Shut down, then let the running job finish within the grace.
+    worker.signal(nix::sys::signal::Signal::SIGTERM)?;
+    worker
+        .wait_for_line("worker stopping", Duration::from_secs(10))
+        .await?;
+    sqlx::query("select pg_advisory_unlock(4343)")
+        .execute(&mut holder)
+        .await?;
+    let status = worker.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "exit {status}");
+    let mut returned = 0;
+    for id in &ids {
+        let (status, attempts, _) = job_row(&db, id).await?;
+        if status == "Pending" {
+            returned += 1;
+            assert_eq!(attempts, 0, "job {id} never started, so it used no attempt");
+        }
+    }
+    let states = db.job_counts().await?;
+    assert_eq!(
+        returned, 4,
+        "the four unstarted jobs went back to the queue: {states:?}"
+    );
+    Ok(())
+}

@@ -52,3 +52,48 @@ async fn two_processes_create_and_migrate_a_missing_database_at_once() -> anyhow
     pool.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn claims_go_through_our_plan_caching_get_jobs() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let language: String = sqlx::query_scalar(
+        "select l.lanname from pg_proc p join pg_language l on l.oid = p.prolang
+         where p.oid = 'apalis.get_jobs(text, text, integer)'::regprocedure",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        language, "plpgsql",
+        "a LANGUAGE sql get_jobs is re-planned on every claim"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let settings = |pool: sqlx::PgPool| async move {
+        let row: (String, String) = sqlx::query_as(
+            "select current_setting('synchronous_commit'), current_setting('random_page_cost')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        anyhow::Ok(row)
+    };
+    let default = jobs::WorkerConfig::default();
+    assert_eq!(
+        settings(default.bookkeeping_pool(&db.pool)).await?,
+        ("off".to_owned(), "1.1".to_owned())
+    );
+    let sync = jobs::WorkerConfig {
+        sync_bookkeeping: true,
+        ..default
+    };
+    assert_eq!(
+        settings(sync.bookkeeping_pool(&db.pool)).await?,
+        ("on".to_owned(), "1.1".to_owned())
+    );
+    // The pool handed in (enqueues, the jobs' own writes) stays synchronous.
+    assert_eq!(settings(db.pool.clone()).await?.0, "on");
+    Ok(())
+}
