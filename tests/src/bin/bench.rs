@@ -406,6 +406,7 @@ async fn drain_with_workers(
     db: &TestDb,
     processes: usize,
     concurrency: &str,
+    claim_batch: Option<&str>,
     count: i64,
     behaviour: &str,
 ) -> anyhow::Result<Duration> {
@@ -414,7 +415,9 @@ async fn drain_with_workers(
         .await?;
     let mut workers = Vec::new();
     for _ in 0..processes {
-        let mut worker = Process::spawn("worker", &worker_env(db, concurrency))?;
+        let mut env = worker_env(db, concurrency);
+        env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
+        let mut worker = Process::spawn("worker", &env)?;
         worker
             .wait_for_line("started", Duration::from_secs(60))
             .await
@@ -438,12 +441,24 @@ async fn queue_throughput(db: &TestDb, sizes: &Sizes, report: &mut Report) -> an
         "3. queue throughput: {} no-op jobs, one worker process",
         sizes.queue_jobs
     );
-    for concurrency in ["10", "32"] {
-        let elapsed =
-            drain_with_workers(db, 1, concurrency, sizes.queue_jobs, r#"{"kind":"noop"}"#).await?;
+    // Claim batch = concurrency (the default), then a larger claim batch.
+    for (concurrency, claim_batch) in [("10", None), ("32", None), ("10", Some("40"))] {
+        let elapsed = drain_with_workers(
+            db,
+            1,
+            concurrency,
+            claim_batch,
+            sizes.queue_jobs,
+            r#"{"kind":"noop"}"#,
+        )
+        .await?;
+        let name = match claim_batch {
+            None => format!("drain c={concurrency}"),
+            Some(batch) => format!("drain c={concurrency}, claim batch {batch}"),
+        };
         report.add(
             "queue",
-            format!("drain c={concurrency}"),
+            name,
             sizes.queue_jobs as f64 / elapsed.as_secs_f64(),
             "jobs/s",
         );
@@ -521,6 +536,7 @@ async fn scaling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Res
             db,
             processes,
             "8",
+            None,
             sizes.scaling_jobs as i64,
             r#"{"kind":"nap","millis":20}"#,
         )
