@@ -101,9 +101,16 @@ impl WorkerConfig {
         }
     }
 
-    /// Job queues this process runs.
+    /// The job queues this process runs.
+    fn queues(&self) -> Vec<&'static str> {
+        QUEUES
+            .into_iter()
+            .filter(|queue| self.probes || *queue != Probe::QUEUE)
+            .collect()
+    }
+
     fn queue_count(&self) -> u32 {
-        if self.probes { 2 } else { 1 }
+        u32::try_from(self.queues().len()).unwrap_or(u32::MAX)
     }
 
     /// Database connections a worker process needs in the pool it is given:
@@ -114,9 +121,9 @@ impl WorkerConfig {
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
-    /// marks, heartbeats): a small lazy twin of `pool` (one connection per
-    /// queue suffices: each queue's bookkeeping runs one step at a time) with
-    /// session settings for that work alone:
+    /// marks, heartbeats): a small lazy twin of `pool` (two connections per
+    /// queue: its listener, and its bookkeeping, which runs one step at a
+    /// time) with session settings for that work alone:
     ///
     /// - `random_page_cost=1.1`: the queue table is small and hot, so an
     ///   index lookup costs about a sequential read. At the default 4.0 the
@@ -362,11 +369,7 @@ pub fn mark_activity(activity: &Activity) {
 /// have been due for a whole lease and this process started none in that
 /// time (so it is not merely busy), it asks for a fresh monitor via `restart`.
 async fn watch(pool: PgPool, config: WorkerConfig, activity: Activity, restart: CancellationToken) {
-    let queues: Vec<String> = QUEUES
-        .iter()
-        .filter(|queue| config.probes || **queue != Probe::QUEUE)
-        .map(|queue| (*queue).to_owned())
-        .collect();
+    let queues = config.queues();
     let lease_ms = u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX);
     let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
     every.tick().await; // the first tick is immediate; give the monitor a lease first
@@ -407,7 +410,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     tracing::info!(
-        queues = if config.probes { "trim_visits, probe" } else { "trim_visits" },
+        queues = config.queues().join(", "),
         concurrency = config.concurrency,
         lease = ?config.lease,
         sync_bookkeeping = config.sync_bookkeeping,
