@@ -8,6 +8,7 @@ mod error;
 pub mod job_span;
 pub mod probe;
 pub mod shutdown;
+pub mod storage;
 pub mod trim_visits;
 pub mod worker;
 

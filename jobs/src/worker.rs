@@ -13,7 +13,7 @@ use apalis::prelude::{
     BackendExt as _, Codec, Monitor, ParallelizeExt as _, Strategy, WorkerBuilder,
     WorkerBuilderExt as _,
 };
-use apalis_postgres::{Config, PgPool, PostgresStorage, Pubsub};
+use apalis_postgres::{Config, PgPool, Pubsub};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -22,6 +22,7 @@ use crate::{
     durability::{Backoff, DurabilityLayer},
     job_span::JobSpanLayer,
     probe::{self, Probe},
+    storage::QueueStorage,
     trim_visits::{self, TrimVisits},
 };
 
@@ -256,10 +257,8 @@ macro_rules! job_worker {
             let wake_up = Strategy::new()
                 .stream(Pubsub::new(bookkeeping.clone(), <$job>::QUEUE.to_owned()))
                 .interval(cfg.poll_interval);
-            let backend = PostgresStorage::<Vec<u8>>::new(&bookkeeping)
-                .with_config(queue_config::<$job>(&cfg))
-                .poll_with_strategy(wake_up)
-                .with_codec(RawPayload);
+            let backend = QueueStorage::new(&bookkeeping, queue_config::<$job>(&cfg))
+                .poll_with_strategy(wake_up);
             WorkerBuilder::new(worker_name(<$job>::QUEUE, generation + restarts))
                 .backend(backend)
                 .layer(DurabilityLayer::new(
