@@ -67,7 +67,11 @@ struct Bookkeeping {
 /// key (a handful) rather than through `lock_by`, which matches every job this
 /// worker ever finished and which the statistics underestimate for a new
 /// worker name.
-const RECORD_EVENTS: &str = "
+///
+/// Binds: `$1` result ids, `$2` attempts, `$3` statuses, `$4` outcomes
+/// (`{"Ok": ..}`/`{"Err": ..}`), `$5` started ids, `$6` the worker's name.
+/// Returns the numbers of results and starts recorded.
+pub const RECORD_EVENTS: &str = "
 with finished as (
     update apalis.jobs as jobs
     set status = result.status, attempts = result.attempt,
@@ -83,6 +87,43 @@ with finished as (
     returning id
 )
 select (select count(*) from finished), (select count(*) from started)";
+
+/// What one round of task events changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Results recorded (jobs this worker still held).
+    pub finished: i64,
+    /// Jobs marked `Running` (claimed by this worker, not yet started).
+    pub started: i64,
+}
+
+/// Records one round of `worker`'s task events (see [`RECORD_EVENTS`]):
+/// results of jobs it still holds, and starts of jobs it claimed. Events about
+/// jobs it no longer holds (recovered by another worker meanwhile) change
+/// nothing.
+pub async fn record_events(
+    pool: &PgPool,
+    events: Vec<TaskEvent<Value>>,
+    worker: &str,
+) -> Result<Recorded, Error> {
+    let round = EventRound::from(events);
+    if round.is_empty() {
+        return Ok(Recorded {
+            finished: 0,
+            started: 0,
+        });
+    }
+    let (finished, started) = sqlx::query_as(RECORD_EVENTS)
+        .bind(&round.finished_ids)
+        .bind(&round.attempts)
+        .bind(&round.statuses)
+        .bind(&round.outcomes)
+        .bind(&round.started_ids)
+        .bind(worker)
+        .fetch_one(pool)
+        .await?;
+    Ok(Recorded { finished, started })
+}
 
 /// Registers a worker; a worker name is unique per process start (see
 /// `worker::worker_name`), so an existing row is an error.
@@ -165,19 +206,7 @@ impl Persistence for Bookkeeping {
         events: Vec<TaskEvent<Value>>,
         worker: &WorkerContext,
     ) -> Result<(), Error> {
-        let round = EventRound::from(events);
-        if round.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(RECORD_EVENTS)
-            .bind(&round.finished_ids)
-            .bind(&round.attempts)
-            .bind(&round.statuses)
-            .bind(&round.outcomes)
-            .bind(&round.started_ids)
-            .bind(worker.name())
-            .execute(&self.pool)
-            .await?;
+        record_events(&self.pool, events, worker.name()).await?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ mod migrations;
 mod operations;
 mod processes;
 mod security;
+mod storage;
 mod telemetry;
 mod trim_rule;
 mod web;

@@ -1,0 +1,154 @@
+//! The worker's queue backend (`jobs::storage`) against the real schema.
+
+use apalis::prelude::{Status, TaskId, TaskResult};
+use apalis_core::backend::persistence::TaskEvent;
+use jobs::storage::{self, Recorded};
+use serde_json::{Value, json};
+use tests::TestDb;
+use ulid::Ulid;
+
+/// Inserts `count` probe jobs in `status`, locked by `worker` (registered if new).
+async fn jobs_of(
+    db: &TestDb,
+    worker: &str,
+    status: &str,
+    count: i64,
+) -> anyhow::Result<Vec<String>> {
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ($1, 'probe', 'PgStorage', '', now()) on conflict (id) do nothing",
+    )
+    .bind(worker)
+    .execute(&db.pool)
+    .await?;
+    Ok(sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, lock_by, lock_at)
+         select apalis.generate_ulid(), 'probe', '\\x7b7d', $2, 0, 3, $1, now()
+         from generate_series(1, $3)
+         returning id",
+    )
+    .bind(worker)
+    .bind(status)
+    .bind(count)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+fn task_id(id: &str) -> anyhow::Result<TaskId> {
+    Ok(TaskId::from_ulid(Ulid::from_string(id)?))
+}
+
+fn done(id: &str, attempt: usize) -> anyhow::Result<TaskEvent<Value>> {
+    Ok(TaskEvent::Complete(TaskResult {
+        task_id: task_id(id)?,
+        attempt,
+        status: Status::Done,
+        result: Ok(Value::Null),
+    }))
+}
+
+#[tokio::test]
+async fn a_round_records_only_what_this_worker_still_holds() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let ours = jobs_of(&db, "w-ours", "Queued", 3).await?;
+    // Recovered from us and claimed by another worker meanwhile.
+    let theirs = jobs_of(&db, "w-theirs", "Queued", 1).await?;
+    let failed = TaskEvent::Complete(TaskResult {
+        task_id: task_id(&ours[1])?,
+        attempt: 2,
+        status: Status::Failed,
+        result: Err("boom".to_owned()),
+    });
+    let events = vec![
+        TaskEvent::Lock {
+            task_id: task_id(&ours[0])?,
+        },
+        TaskEvent::Lock {
+            task_id: task_id(&ours[2])?,
+        },
+        done(&ours[0], 1)?,
+        failed,
+        done(&theirs[0], 1)?,
+        TaskEvent::Lock {
+            task_id: task_id(&theirs[0])?,
+        },
+    ];
+    let recorded = storage::record_events(&db.pool, events, "w-ours").await?;
+    assert_eq!(
+        recorded,
+        Recorded {
+            finished: 2,
+            started: 1
+        }
+    );
+
+    let row = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            let row: (String, i32, Option<Value>, String) = sqlx::query_as(
+                "select status, attempts, last_result, lock_by from apalis.jobs where id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(row)
+        }
+    };
+    assert_eq!(
+        row(ours[0].clone()).await?,
+        ("Done".into(), 1, Some(json!({"Ok": null})), "w-ours".into())
+    );
+    assert_eq!(
+        row(ours[1].clone()).await?,
+        (
+            "Failed".into(),
+            2,
+            Some(json!({"Err": "boom"})),
+            "w-ours".into()
+        )
+    );
+    assert_eq!(
+        row(ours[2].clone()).await?,
+        ("Running".into(), 0, None, "w-ours".into())
+    );
+    assert_eq!(
+        row(theirs[0].clone()).await?,
+        ("Queued".into(), 0, None, "w-theirs".into()),
+        "another worker's job is left alone"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // Statistics that know an old worker well and a new one not at all: the
+    // new worker then looks like it holds a handful of rows through lock_by.
+    jobs_of(&db, "w-old", "Done", 5_000).await?;
+    sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
+    jobs_of(&db, "w-new", "Done", 5_000).await?;
+    let queued = jobs_of(&db, "w-new", "Queued", 10).await?;
+
+    let explain = format!("explain (format json) {}", storage::RECORD_EVENTS);
+    let attempts = vec![1i32; queued.len()];
+    let statuses = vec!["Done"; queued.len()];
+    let outcomes = vec![json!({"Ok": null}); queued.len()];
+    // A constant statement behind EXPLAIN: nothing user-supplied.
+    let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .bind(&queued)
+        .bind(&attempts)
+        .bind(&statuses)
+        .bind(&outcomes)
+        .bind(&queued)
+        .bind("w-new")
+        .fetch_one(&db.pool)
+        .await?;
+    let plan = plan.to_string();
+    assert!(
+        plan.contains("jobs_pkey")
+            && !plan.contains("idx_apalis_jobs_lock_by")
+            && !plan.contains("\"lidx\""),
+        "a round must find its rows by id, not through every job the worker finished: {plan}"
+    );
+    Ok(())
+}
