@@ -74,7 +74,7 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
     let db = TestDb::migrated().await?;
     let settings = |pool: sqlx::PgPool| async move {
         let row: (String, String) = sqlx::query_as(
-            "select current_setting('synchronous_commit'), current_setting('random_page_cost')",
+            "select current_setting('synchronous_commit'), current_setting('plan_cache_mode')",
         )
         .fetch_one(&pool)
         .await?;
@@ -83,7 +83,7 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
     let default = jobs::WorkerConfig::default();
     assert_eq!(
         settings(default.bookkeeping_pool(&db.pool)).await?,
-        ("off".to_owned(), "1.1".to_owned())
+        ("off".to_owned(), "force_generic_plan".to_owned())
     );
     let sync = jobs::WorkerConfig {
         sync_bookkeeping: true,
@@ -91,7 +91,7 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
     };
     assert_eq!(
         settings(sync.bookkeeping_pool(&db.pool)).await?,
-        ("on".to_owned(), "1.1".to_owned())
+        ("on".to_owned(), "force_generic_plan".to_owned())
     );
     // The pool handed in (enqueues, the jobs' own writes) stays synchronous.
     assert_eq!(settings(db.pool.clone()).await?.0, "on");
