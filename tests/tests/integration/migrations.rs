@@ -97,3 +97,19 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
     assert_eq!(settings(db.pool.clone()).await?.0, "on");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_jobs_table_has_no_duplicate_indexes() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // Same definition but for the name: every job write would pay for both.
+    let duplicates: Vec<String> = sqlx::query_scalar(
+        r"select string_agg(indexname, ' = ' order by indexname)
+          from pg_indexes where schemaname = 'apalis' and tablename = 'jobs'
+          group by regexp_replace(indexdef, 'INDEX \S+ ON', 'INDEX ON')
+          having count(*) > 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(duplicates.is_empty(), "duplicate indexes: {duplicates:?}");
+    Ok(())
+}
