@@ -119,6 +119,17 @@ impl TestDb {
 
     /// Waits until no job is waiting, claimed, running or due for a retry.
     pub async fn wait_until_idle(&self, deadline: Duration) -> anyhow::Result<()> {
+        self.wait_until_idle_polling(deadline, Duration::from_millis(50))
+            .await
+    }
+
+    /// [`Self::wait_until_idle`], checking every `poll` (the benchmark polls
+    /// rarely, so that its count of open jobs takes no CPU from a drain).
+    pub async fn wait_until_idle_polling(
+        &self,
+        deadline: Duration,
+        poll: Duration,
+    ) -> anyhow::Result<()> {
         let give_up = tokio::time::Instant::now() + deadline;
         loop {
             let open: i64 = sqlx::query_scalar(
@@ -137,7 +148,7 @@ impl TestDb {
                     self.job_counts().await?
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(poll).await;
         }
         Ok(())
     }

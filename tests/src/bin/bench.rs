@@ -401,26 +401,6 @@ async fn bulk_enqueue(db: &TestDb, count: i64, behaviour: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// Waits until no job is open, checking twice a second.
-async fn wait_until_drained(db: &TestDb, deadline: Duration) -> anyhow::Result<()> {
-    let give_up = Instant::now() + deadline;
-    loop {
-        let open: i64 = sqlx::query_scalar(
-            "select count(*) from apalis.jobs where status in ('Pending', 'Queued', 'Running')",
-        )
-        .fetch_one(&db.pool)
-        .await?;
-        if open == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < give_up,
-            "{open} jobs still open after {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 /// Starts `processes` idle workers, then enqueues `count` jobs and times the drain.
 async fn drain_with_workers(
     db: &TestDb,
@@ -452,7 +432,8 @@ async fn drain_with_workers(
     let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
         .fetch_one(&db.pool)
         .await?;
-    wait_until_drained(db, Duration::from_secs(600)).await?;
+    db.wait_until_idle_polling(Duration::from_secs(600), Duration::from_millis(500))
+        .await?;
     let last_done: DateTime<Utc> = sqlx::query_scalar("select max(done_at) from apalis.jobs")
         .fetch_one(&db.pool)
         .await?;
