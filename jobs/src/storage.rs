@@ -16,10 +16,17 @@
 //!   transaction around it (it is atomic on its own);
 //! - the starts (`Running`) and results of a round go in one statement that
 //!   finds its rows by id (see `RECORD_EVENTS`).
+//!
+//! It writes rows as apalis-postgres 1.0 does: status names as `Status`
+//! displays them, `last_result` as `{"Ok": ..}` or `{"Err": ..}`. An upgrade
+//! of apalis-postgres must check both, and `get_jobs`'s signature.
 
-use std::task::{Context, Poll};
+use std::{
+    convert::Infallible,
+    task::{Context, Poll},
+};
 
-use apalis::prelude::{Backend, TaskResult, WorkerContext};
+use apalis::prelude::{Backend, Codec, TaskResult, WorkerContext};
 use apalis_codec::json::JsonCodec;
 use apalis_core::backend::{
     BackendConfig, WireFormatBackend,
@@ -30,7 +37,21 @@ use apalis_postgres::{Config, Error, PgPool, PgTask, queries};
 use serde_json::Value;
 use ulid::Ulid;
 
-use crate::worker::RawPayload;
+/// Decodes nothing: the handler receives the stored JSON bytes and decodes them
+/// itself, so an undecodable row fails only its own job (see `trim_visits::handle`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawPayload;
+
+impl Codec<Vec<u8>> for RawPayload {
+    type Error = Infallible;
+    type Compact = Vec<u8>;
+    fn encode(&self, value: &Vec<u8>) -> Result<Vec<u8>, Infallible> {
+        Ok(value.clone())
+    }
+    fn decode(&self, value: &Vec<u8>) -> Result<Vec<u8>, Infallible> {
+        Ok(value.clone())
+    }
+}
 
 /// A queue's backend for apalis workers. Build it with [`QueueStorage::new`];
 /// it claims in batches of `config.batch_size`.
@@ -89,7 +110,7 @@ with finished as (
 select (select count(*) from finished), (select count(*) from started)";
 
 /// What one round of task events changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recorded {
     /// Results recorded (jobs this worker still held).
     pub finished: i64,
@@ -108,10 +129,7 @@ pub async fn record_events(
 ) -> Result<Recorded, Error> {
     let round = EventRound::from(events);
     if round.is_empty() {
-        return Ok(Recorded {
-            finished: 0,
-            started: 0,
-        });
+        return Ok(Recorded::default());
     }
     let (finished, started) = sqlx::query_as(RECORD_EVENTS)
         .bind(&round.finished_ids)
@@ -249,9 +267,7 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
         results.sort_by_key(|result| result.task_id.to_string());
         let mut round = Self::default();
         for result in results {
-            let id = result.task_id.to_string();
-            started_ids.retain(|started| *started != id);
-            round.finished_ids.push(id);
+            round.finished_ids.push(result.task_id.to_string());
             round
                 .attempts
                 .push(i32::try_from(result.attempt).unwrap_or(i32::MAX));
@@ -262,6 +278,7 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
                 Err(message) => serde_json::json!({ "Err": message }),
             });
         }
+        started_ids.retain(|started| !round.finished_ids.contains(started));
         round.started_ids = started_ids;
         round
     }

@@ -1,7 +1,6 @@
 //! The worker runtime: pulls jobs from Postgres and runs them until shutdown.
 
 use std::{
-    convert::Infallible,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -10,8 +9,7 @@ use std::{
 };
 
 use apalis::prelude::{
-    BackendExt as _, Codec, Monitor, ParallelizeExt as _, Strategy, WorkerBuilder,
-    WorkerBuilderExt as _,
+    BackendExt as _, Monitor, ParallelizeExt as _, Strategy, WorkerBuilder, WorkerBuilderExt as _,
 };
 use apalis_postgres::{Config, PgPool, Pubsub};
 use tokio_util::sync::CancellationToken;
@@ -115,8 +113,9 @@ impl WorkerConfig {
     }
 
     /// Database connections a worker process needs in the pool it is given:
-    /// per queue, one per running job plus its listener and its
-    /// heartbeat/acknowledgements; plus maintenance.
+    /// per queue, one per running job (its own writes, then its retry
+    /// bookkeeping) and two spare; plus maintenance. The queue's listener and
+    /// bookkeeping use [`Self::bookkeeping_pool`], a pool of their own.
     pub fn connections_needed(&self) -> u32 {
         self.queue_count() * (u32::from(self.concurrency) + 2) + 1
     }
@@ -183,22 +182,6 @@ const MAX_RESTARTS: u32 = 5;
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// Heartbeats per lease: a worker is declared dead after this many missed beats.
 const HEARTBEATS_PER_LEASE: u32 = 3;
-
-/// Decodes nothing: the handler receives the stored JSON bytes and decodes them
-/// itself, so an undecodable row fails only its own job (see `trim_visits::handle`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawPayload;
-
-impl Codec<Vec<u8>> for RawPayload {
-    type Error = Infallible;
-    type Compact = Vec<u8>;
-    fn encode(&self, value: &Vec<u8>) -> Result<Vec<u8>, Infallible> {
-        Ok(value.clone())
-    }
-    fn decode(&self, value: &Vec<u8>) -> Result<Vec<u8>, Infallible> {
-        Ok(value.clone())
-    }
-}
 
 /// A unique worker name per process and start: `<queue>@<host>-<pid>-<start ms>-<generation>`.
 ///
