@@ -182,7 +182,6 @@ fn worker_env<'a>(db: &'a TestDb, concurrency: &'a str) -> Vec<(&'a str, &'a str
         ("WORKER_CONCURRENCY", concurrency),
         ("WORKER_PROBES", "true"),
         ("WORKER_POLL_INTERVAL", "0.1"),
-        ("RUST_LOG", "warn"),
     ]
 }
 
@@ -194,17 +193,12 @@ async fn web_and_ceiling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> any
             ("DATABASE_URL", db.url.as_str()),
             ("BIND", "127.0.0.1:0"),
             ("EMBEDDED_WORKER", "false"),
-            ("RUST_LOG", "warn,web=info"),
         ],
     )?;
     let address = web.web_address().await?;
     let mut workers = Vec::new();
     for _ in 0..2 {
-        let mut worker = Process::spawn("worker", &worker_env(db, "4"))?;
-        worker
-            .wait_for_line("worker", Duration::from_secs(60))
-            .await
-            .ok();
+        let worker = Process::started_worker(&worker_env(db, "4")).await?;
         workers.push(worker);
     }
     let script = std::env::temp_dir().join(format!("visitme-pgbench-{}.sql", std::process::id()));
@@ -417,11 +411,7 @@ async fn drain_with_workers(
     for _ in 0..processes {
         let mut env = worker_env(db, concurrency);
         env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
-        let mut worker = Process::spawn("worker", &env)?;
-        worker
-            .wait_for_line("started", Duration::from_secs(60))
-            .await
-            .ok();
+        let worker = Process::started_worker(&env).await?;
         workers.push(worker);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -479,11 +469,7 @@ async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
     sqlx::query("delete from apalis.jobs")
         .execute(&db.pool)
         .await?;
-    let mut worker = Process::spawn("worker", &worker_env(db, "4"))?;
-    worker
-        .wait_for_line("started", Duration::from_secs(60))
-        .await
-        .ok();
+    let worker = Process::started_worker(&worker_env(db, "4")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
     for n in 0..sizes.pickups {
