@@ -139,11 +139,12 @@ where
         if used >= max_attempts {
             ctx.raw_status().store(Status::Killed);
             metrics::counter!("visitme_jobs_dead_total", "queue" => queue).increment(1);
-            tracing::error!(job.id = %job_id, job.attempt = used, "job is dead: its last attempts were lost with their workers");
-            return Box::pin(std::future::ready(Err(AbortError::new(format!(
-                "gave up after {used} attempts: the worker running it was lost (crash or lease expiry)"
-            ))
-            .into())));
+            let reason = format!(
+                "gave up without running: {used} of its {max_attempts} attempts were already used \
+                 (lost with their workers, or the row was edited)"
+            );
+            tracing::error!(job.id = %job_id, job.attempt = used, "job is dead: {reason}");
+            return Box::pin(std::future::ready(Err(AbortError::new(reason).into())));
         }
         let run = self.inner.call(task);
         let pool = self.pool.clone();

@@ -15,6 +15,10 @@ pub enum Error {
     /// A job id in the queue is not a ULID.
     #[error("job id {0:?} in apalis.jobs is not a ULID")]
     CorruptId(String),
+    /// A coalesced job was claimed under every enqueue attempt (practically
+    /// impossible: each retry falls in a newer window).
+    #[error("could not enqueue a {0} job: its coalescing window kept closing")]
+    EnqueueRaced(&'static str),
     /// No job with this id is in a state that allows the operation.
     #[error("no {expected} job with id {id}")]
     NoSuchJob {

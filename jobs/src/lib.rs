@@ -16,4 +16,4 @@ pub use context::JobContext;
 pub use enqueue::{Job, decode, enqueue};
 pub use error::Error;
 pub use trim_visits::{TrimOutcome, TrimVisits};
-pub use worker::{WorkerConfig, run};
+pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};

@@ -26,7 +26,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use apalis::prelude::{Backend, Codec, TaskResult, WorkerContext};
+use std::{collections::HashMap, str::FromStr as _};
+
+use apalis::prelude::{
+    Backend, Codec, MetadataStore, Status, TaskBuilder, TaskId, TaskResult, WorkerContext,
+};
 use apalis_codec::json::JsonCodec;
 use apalis_core::backend::{
     BackendConfig, WireFormatBackend,
@@ -34,7 +38,12 @@ use apalis_core::backend::{
     persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer},
 };
 use apalis_postgres::{Config, Error, PgPool, PgTask, queries};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::{
+    Row as _,
+    postgres::{PgRow, types::PgHstore},
+};
 use ulid::Ulid;
 
 /// Decodes nothing: the handler receives the stored JSON bytes and decodes them
@@ -150,6 +159,173 @@ insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
 values ($1, $2, 'PgStorage', $3, now())
 on conflict (id) do nothing";
 
+/// Claims up to `batch_size` due jobs of the queue (our plan-caching
+/// `apalis.get_jobs`) and turns each row into a task on its own.
+///
+/// apalis-postgres decodes a claimed batch as a whole: one row whose id is not
+/// a ULID, whose metadata holds a NULL value or whose `run_at` is before 1970
+/// failed every job of the batch, and the worker with it, every lease, until
+/// it gave up. Here a row that cannot become a task is killed alone, with the
+/// reason in `last_result`, and the rest of the batch runs.
+pub async fn claim(pool: &PgPool, config: &Config, worker: &str) -> Result<Vec<PgTask>, Error> {
+    let rows = sqlx::query(CLAIM)
+        .bind(worker)
+        .bind(config.queue.as_ref())
+        .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
+        .fetch_all(pool)
+        .await?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    let (mut rejected_ids, mut reasons) = (Vec::new(), Vec::new());
+    for row in &rows {
+        match task_from_row(row) {
+            Ok(task) => tasks.push(task),
+            Err(reason) => {
+                let id: String = row.try_get("id").unwrap_or_default();
+                tracing::error!(job.id = %id, queue = %config.queue, reason = %reason, "job row cannot be run; it is dead");
+                metrics::counter!("visitme_jobs_dead_total", "queue" => config.queue.to_string())
+                    .increment(1);
+                rejected_ids.push(id);
+                reasons.push(format!("corrupt job row: {reason}"));
+            }
+        }
+    }
+    if !rejected_ids.is_empty() {
+        sqlx::query(KILL_REJECTED)
+            .bind(&rejected_ids)
+            .bind(&reasons)
+            .bind(worker)
+            .execute(pool)
+            .await?;
+    }
+    Ok(tasks)
+}
+
+/// The claim: a batch of due jobs, marked `Queued` for `$1`.
+const CLAIM: &str = "
+select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_by,
+       done_at, priority, idempotency_key, metadata
+from apalis.get_jobs($1, $2, $3)";
+
+/// Ends claimed rows that cannot be run: `$1` ids, `$2` reasons, `$3` the claimer.
+const KILL_REJECTED: &str = "
+update apalis.jobs as jobs
+set status = 'Killed', done_at = now(), lock_by = null, lock_at = null,
+    last_result = jsonb_build_object('Err', rejected.reason)
+from unnest($1::text[], $2::text[]) as rejected(id, reason)
+where jobs.id = rejected.id and jobs.lock_by = $3";
+
+/// One claimed row as a task, or why it cannot be one. Every column is read on
+/// its own, so that no value of one row can fail another.
+fn task_from_row(row: &PgRow) -> Result<PgTask, String> {
+    fn column<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
+        row: &'r PgRow,
+        name: &str,
+    ) -> Result<T, String> {
+        row.try_get(name)
+            .map_err(|err| format!("column {name}: {err}"))
+    }
+    let id: String = column(row, "id")?;
+    let ulid = Ulid::from_string(&id).map_err(|err| format!("id {id:?} is not a ULID: {err}"))?;
+    if ulid.to_string() != id {
+        return Err(format!("id {id:?} is not a canonical (upper-case) ULID"));
+    }
+    let payload: Vec<u8> = column(row, "job")?;
+    let queue: String = column(row, "job_type")?;
+    let attempts: i32 = column(row, "attempts")?;
+    let max_attempts: i32 = column(row, "max_attempts")?;
+    let attempts =
+        usize::try_from(attempts).map_err(|_| format!("attempts is {attempts}, below zero"))?;
+    let max_attempts = usize::try_from(max_attempts)
+        .ok()
+        .filter(|max| *max >= 1)
+        .ok_or_else(|| format!("max_attempts is {max_attempts}, below one"))?;
+    let run_at: DateTime<Utc> = column(row, "run_at")?;
+    let run_at =
+        u64::try_from(run_at.timestamp()).map_err(|_| format!("run_at {run_at} is before 1970"))?;
+    let seconds = |at: Option<DateTime<Utc>>| at.and_then(|at| u64::try_from(at.timestamp()).ok());
+    let lock_at: Option<DateTime<Utc>> = column(row, "lock_at")?;
+    let done_at: Option<DateTime<Utc>> = column(row, "done_at")?;
+    let lock_by: Option<String> = column(row, "lock_by")?;
+    let priority: i32 = column(row, "priority")?;
+    let idempotency_key: Option<String> = column(row, "idempotency_key")?;
+    let metadata: Option<PgHstore> = column(row, "metadata")?;
+    let mut entries = HashMap::new();
+    for (key, value) in metadata.into_iter().flatten() {
+        let value = value.ok_or_else(|| format!("metadata key {key:?} holds NULL"))?;
+        entries.insert(key, value);
+    }
+    let status = Status::from_str(&column::<String>(row, "status")?)
+        .map_err(|err| format!("status: {err}"))?;
+    let mut task = TaskBuilder::new(payload)
+        .task_id(TaskId::from_ulid(ulid))
+        .queue(queue.into())
+        .status(status)
+        .attempt(attempts)
+        .max_attempts(max_attempts)
+        .run_at_timestamp(run_at)
+        .lock_at(seconds(lock_at))
+        .done_at(seconds(done_at))
+        .lock_by(lock_by)
+        .priority(usize::try_from(priority).unwrap_or_default())
+        .with_metadata(MetadataStore::from_map(entries));
+    if let Some(key) = idempotency_key {
+        task = task.idempotency_key(key);
+    }
+    Ok(task.build())
+}
+
+/// Returns the jobs of `queue`'s workers that stopped heartbeating a lease ago
+/// (`$1` seconds) to the queue, counting the lost attempt; a job with no
+/// attempts left ends dead instead of looping through crash after crash.
+///
+/// Unlike apalis-postgres's `reenqueue_orphaned`, which this replaces, a
+/// failure here is never a worker's death: recovery is retried at the next
+/// heartbeat (see [`recover_orphans_logged`]).
+const RECOVER_ORPHANS: &str = r#"
+with lost as (
+    select jobs.id
+    from apalis.jobs
+    join apalis.workers on jobs.lock_by = workers.id
+    where jobs.status in ('Queued', 'Running')
+      and workers.worker_type = $2
+      and now() - workers.last_seen >= make_interval(secs => $1)
+    for update of jobs skip locked
+)
+update apalis.jobs as jobs
+set status = case when jobs.attempts + 1 >= jobs.max_attempts then 'Killed' else 'Pending' end,
+    done_at = case when jobs.attempts + 1 >= jobs.max_attempts then now() end,
+    lock_by = null, lock_at = null, attempts = jobs.attempts + 1,
+    last_result = case when jobs.attempts + 1 >= jobs.max_attempts
+        then jsonb_build_object('Err', format('gave up after %s of %s attempts: the last was lost with its worker (crash or lease expiry)', jobs.attempts + 1, jobs.max_attempts))
+        else '{"Err": "Re-enqueued due to worker heartbeat timeout."}'::jsonb end
+from lost
+where jobs.id = lost.id"#;
+
+/// Recovers the jobs of `queue`'s lost workers (see [`RECOVER_ORPHANS`]).
+pub async fn recover_orphans(pool: &PgPool, queue: &str, lease_seconds: u64) -> Result<u64, Error> {
+    let recovered = sqlx::query(RECOVER_ORPHANS)
+        .bind(lease_seconds as f64)
+        .bind(queue)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(recovered)
+}
+
+async fn recover_orphans_logged(pool: &PgPool, queue: &str, lease_seconds: u64) {
+    match recover_orphans(pool, queue, lease_seconds).await {
+        Ok(0) => {}
+        Ok(recovered) => tracing::warn!(
+            queue,
+            jobs.recovered = recovered,
+            "took over jobs of workers that stopped heartbeating"
+        ),
+        Err(err) => {
+            tracing::warn!(queue, error = %err, "recovering lost workers' jobs failed; will retry")
+        }
+    }
+}
+
 impl Bookkeeping {
     fn lease_seconds(&self) -> u64 {
         self.config.orphaned_duration().as_secs()
@@ -163,34 +339,29 @@ impl Persistence for Bookkeeping {
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.to_string();
-        let mut tx = self.pool.begin().await?;
-        queries::reenqueue_orphaned(&mut *tx, &queue, self.lease_seconds()).await?;
+        recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
         let inserted = sqlx::query(REGISTER_WORKER)
             .bind(worker.name())
             .bind(&queue)
             .bind(worker.get_service())
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?
             .rows_affected();
         if inserted == 0 {
             return Err(Error::WorkerAlreadyExists(worker.name().to_owned()));
         }
-        tx.commit().await?;
         Ok(())
     }
 
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.to_string();
-        let mut tx = self.pool.begin().await?;
-        queries::keep_alive(&mut *tx, &queue, worker).await?;
-        queries::reenqueue_orphaned(&mut *tx, &queue, self.lease_seconds()).await?;
-        tx.commit().await?;
+        queries::keep_alive(&mut *self.pool.acquire().await?, &queue, worker).await?;
+        recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
         Ok(())
     }
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<PgTask>, Error> {
-        let mut conn = self.pool.acquire().await?;
-        queries::fetch_next(&mut *conn, &self.config, worker).await
+        claim(&self.pool, &self.config, worker.name()).await
     }
 
     async fn reenqueue_abandoned(

@@ -380,17 +380,70 @@ async fn watch(pool: PgPool, config: WorkerConfig, activity: Activity, restart: 
     }
 }
 
+/// What a worker's supervisor is doing, for readiness checks (`web`'s
+/// `/readyz` with the embedded worker). Cheap to clone; clones share the state.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<std::sync::atomic::AtomicU8>);
+
+/// The states [`Health`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Not started yet, or stopped.
+    Stopped,
+    /// Running jobs.
+    Running,
+    /// Waiting for the database to answer before restarting.
+    WaitingForDatabase,
+    /// Died on its own; restarting after a pause.
+    Restarting,
+}
+
+impl Health {
+    /// The current state.
+    pub fn state(&self) -> WorkerState {
+        match self.0.load(Ordering::Relaxed) {
+            1 => WorkerState::Running,
+            2 => WorkerState::WaitingForDatabase,
+            3 => WorkerState::Restarting,
+            _ => WorkerState::Stopped,
+        }
+    }
+
+    /// Records `state`.
+    pub fn set(&self, state: WorkerState) {
+        let code = match state {
+            WorkerState::Stopped => 0,
+            WorkerState::Running => 1,
+            WorkerState::WaitingForDatabase => 2,
+            WorkerState::Restarting => 3,
+        };
+        self.0.store(code, Ordering::Relaxed);
+    }
+}
+
 /// Runs the job worker for every job type until `shutdown` is cancelled.
 ///
 /// On shutdown it stops claiming, lets running jobs finish (up to
 /// `shutdown_grace`), returns claimed-but-unstarted jobs to the queue and
-/// returns `Ok`. If the worker dies on its own it is restarted with a backoff;
-/// after [`MAX_RESTARTS`] quick deaths in a row this returns
-/// [`Error::WorkerDied`].
+/// returns `Ok`. If the worker dies while the database is unreachable, it
+/// waits for the database (with backoff, logging each wait) and restarts; that
+/// never counts against it. If it dies while the database answers, it is
+/// restarted with a backoff; after [`MAX_RESTARTS`] such deaths in a row (a
+/// run of [`HEALTHY_RUN`] resets the count) this returns [`Error::WorkerDied`].
 pub async fn run(
     pool: PgPool,
     config: WorkerConfig,
     shutdown: CancellationToken,
+) -> Result<(), Error> {
+    run_reporting(pool, config, shutdown, &Health::default()).await
+}
+
+/// [`run`], reporting what it is doing in `health`.
+pub async fn run_reporting(
+    pool: PgPool,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    health: &Health,
 ) -> Result<(), Error> {
     tracing::info!(
         queues = config.queues().join(", "),
@@ -403,59 +456,103 @@ pub async fn run(
     let maintenance = tokio::spawn(maintain(pool.clone(), config.clone(), shutdown.clone()));
     let activity: Activity = Arc::new(AtomicU64::new(now_millis()));
     let mut failures = 0u32;
-    for generation in 0.. {
-        let started = Instant::now();
-        let restart = CancellationToken::new();
-        let watchdog = tokio::spawn(watch(
-            pool.clone(),
-            config.clone(),
-            activity.clone(),
-            restart.clone(),
-        ));
-        let ended = run_monitor(
-            &pool,
-            &bookkeeping,
-            &config,
-            generation * 1000,
-            &activity,
-            &shutdown,
-            &restart,
-        )
-        .await;
-        watchdog.abort();
-        match ended {
-            Ended::Shutdown => {
-                maintenance.abort();
-                tracing::info!("worker stopped");
-                return Ok(());
+    let result = async {
+        for generation in 0.. {
+            let started = Instant::now();
+            let restart = CancellationToken::new();
+            let watchdog = tokio::spawn(watch(
+                pool.clone(),
+                config.clone(),
+                activity.clone(),
+                restart.clone(),
+            ));
+            health.set(WorkerState::Running);
+            let ended = run_monitor(
+                &pool,
+                &bookkeeping,
+                &config,
+                generation * 1000,
+                &activity,
+                &shutdown,
+                &restart,
+            )
+            .await;
+            watchdog.abort();
+            match ended {
+                Ended::Shutdown => return Ok(()),
+                Ended::Restart => {
+                    mark_activity(&activity);
+                    continue;
+                }
+                Ended::Died => {}
             }
-            Ended::Restart => {
-                mark_activity(&activity);
+            if !database_answers(&pool).await {
+                health.set(WorkerState::WaitingForDatabase);
+                if wait_for_database(&pool, &shutdown).await.is_err() {
+                    return Ok(());
+                }
+                tracing::info!("database is back; restarting the worker");
                 continue;
             }
-            Ended::Died => {}
+            if started.elapsed() >= HEALTHY_RUN {
+                failures = 0;
+            }
+            failures += 1;
+            if failures > MAX_RESTARTS {
+                return Err(Error::WorkerDied {
+                    restarts: MAX_RESTARTS,
+                });
+            }
+            health.set(WorkerState::Restarting);
+            let delay = Duration::from_secs(1 << (failures - 1).min(4));
+            tracing::warn!(
+                attempt = failures,
+                "worker stopped unexpectedly; restarting in {delay:?}"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
         }
-        if started.elapsed() >= HEALTHY_RUN {
-            failures = 0;
-        }
-        failures += 1;
-        if failures > MAX_RESTARTS {
-            return Err(Error::WorkerDied {
-                restarts: MAX_RESTARTS,
-            });
-        }
-        let delay = Duration::from_secs(1 << (failures - 1).min(4));
+        Ok(())
+    }
+    .await;
+    maintenance.abort();
+    health.set(WorkerState::Stopped);
+    if result.is_ok() {
+        tracing::info!("worker stopped");
+    }
+    result
+}
+
+/// Whether the database answers a trivial query within a few seconds.
+async fn database_answers(pool: &PgPool) -> bool {
+    let ping = sqlx::query("select 1").execute(pool);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ping).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Waits, with a growing pause (1 s doubling to 30 s) and a log line per
+/// wait, until the database answers; `Err` if `shutdown` came first.
+async fn wait_for_database(pool: &PgPool, shutdown: &CancellationToken) -> Result<(), ()> {
+    let mut pause = Duration::from_secs(1);
+    let down_since = Instant::now();
+    loop {
         tracing::warn!(
-            attempt = failures,
-            "worker stopped unexpectedly; restarting in {delay:?}"
+            down_for = ?Duration::from_secs(down_since.elapsed().as_secs()),
+            "database unavailable; the worker waits for it (next check in {pause:?})"
         );
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return Err(()),
         }
+        if database_answers(pool).await {
+            return Ok(());
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
-    maintenance.abort();
-    Ok(())
 }
 
 /// How often each worker process prunes finished jobs.

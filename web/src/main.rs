@@ -16,6 +16,9 @@ fn main() -> std::process::ExitCode {
     observability::exit_code("web", result)
 }
 
+/// How long `web` waits before starting an embedded worker that gave up again.
+const EMBEDDED_RESTART_PAUSE: Duration = Duration::from_secs(30);
+
 async fn run() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = observability::init("visitme-web", &config.telemetry)?;
@@ -36,6 +39,7 @@ async fn run() -> anyhow::Result<()> {
         .await
         .context("cannot migrate the database")?;
 
+    let health = jobs::Health::default();
     let worker = if config.embedded_worker {
         // Its own pool with a patient acquire timeout: a short database blip
         // must not fail heartbeats, while requests should fail fast.
@@ -47,11 +51,25 @@ async fn run() -> anyhow::Result<()> {
         let worker_pool = migrations::connect(&config.database_url, &worker_pool).await?;
         let token = shutdown.clone();
         let worker_config = config.worker.clone();
+        let health = health.clone();
         Some(tokio::spawn(async move {
-            let result = jobs::run(worker_pool, worker_config, token.clone()).await;
-            // A worker that gave up takes the process down, so a supervisor restarts it.
-            token.cancel();
-            result
+            // The page does not need the worker: whatever happens to it, web
+            // keeps serving, reports it on /readyz and starts it again.
+            loop {
+                let run = jobs::run_reporting(
+                    worker_pool.clone(),
+                    worker_config.clone(),
+                    token.clone(),
+                    &health,
+                );
+                let Err(err) = run.await else { return };
+                health.set(jobs::WorkerState::Restarting);
+                tracing::error!(error = %err, "embedded worker gave up; web keeps serving and starts it again in {EMBEDDED_RESTART_PAUSE:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(EMBEDDED_RESTART_PAUSE) => {}
+                    () = token.cancelled() => return,
+                }
+            }
         }))
     } else {
         tracing::info!("embedded worker off (EMBEDDED_WORKER=false): run `worker` processes");
@@ -59,6 +77,7 @@ async fn run() -> anyhow::Result<()> {
     };
 
     let mut state = AppState::new(pool.clone());
+    state.worker_health = config.embedded_worker.then_some(health);
     state.trust_proxy = config.trust_proxy;
     state.visitor_ip = config.visitor_ip;
     match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
@@ -69,7 +88,7 @@ async fn run() -> anyhow::Result<()> {
     web::serve(listener, state, shutdown.clone().cancelled_owned()).await?;
     shutdown.cancel();
     if let Some(worker) = worker {
-        worker.await.context("worker task panicked")??;
+        worker.await.context("worker task panicked")?;
     }
     jobs::shutdown::close_pool(&pool).await;
     tracing::info!("web stopped");

@@ -21,6 +21,8 @@ pub struct AppState {
     pub admin: Option<Arc<AdminAuth>>,
     /// This process's Prometheus metrics, rendered on `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The embedded worker's state, when this process runs one (`/readyz`).
+    pub worker_health: Option<jobs::Health>,
 }
 
 impl AppState {
@@ -33,6 +35,7 @@ impl AppState {
             visitor_ip: VisitorIp::Full,
             admin: None,
             metrics: observability::metrics::handle(),
+            worker_health: None,
         }
     }
 

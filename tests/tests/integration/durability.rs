@@ -153,7 +153,7 @@ async fn a_job_whose_attempts_were_all_lost_with_workers_is_killed_without_runni
     let (status, _, last_result) = job_row(&app.db, &ids[0]).await?;
     assert_eq!(status, "Killed");
     assert!(
-        last_result.contains("worker running it was lost"),
+        last_result.contains("3 of its 3 attempts were already used"),
         "{last_result}"
     );
     assert!(

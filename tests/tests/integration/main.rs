@@ -7,6 +7,7 @@ mod jobs;
 mod migrations;
 mod operations;
 mod processes;
+mod recovery;
 mod security;
 mod storage;
 mod telemetry;

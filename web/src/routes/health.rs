@@ -16,8 +16,25 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 when Postgres answers and every migration is applied, else 503.
+/// 200 when Postgres answers, every migration is applied and the embedded
+/// worker (if any) runs, else 503 with the reason.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    let worker = state.worker_health.as_ref().map(jobs::Health::state);
+    match worker {
+        Some(jobs::WorkerState::Restarting) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the embedded worker is restarting".to_owned(),
+            );
+        }
+        Some(jobs::WorkerState::WaitingForDatabase) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the embedded worker waits for the database".to_owned(),
+            );
+        }
+        _ => {}
+    }
     match migrations::is_up_to_date(&state.pool).await {
         Ok(true) => (StatusCode::OK, "ready".to_owned()),
         Ok(false) => (
