@@ -71,10 +71,14 @@ trap stop_all INT TERM EXIT
 # 0. Build first, without DATABASE_URL: sqlx's macros track it, and a changed
 # value would rebuild half the dependency tree.
 say "building $profile binaries"
+# UP_FEATURES: extra cargo features (the tests build with jobs/probes and
+# must not have this build replace their binaries with others).
+features=()
+[[ -n "${UP_FEATURES:-}" ]] && features=(--features "$UP_FEATURES")
 if [[ "$profile" == release ]]; then
-  env -u DATABASE_URL cargo build --release --quiet -p web -p jobs --bins
+  env -u DATABASE_URL cargo build --release --quiet -p web -p jobs --bins "${features[@]}"
 else
-  env -u DATABASE_URL cargo build --quiet -p web -p jobs --bins
+  env -u DATABASE_URL cargo build --quiet -p web -p jobs --bins "${features[@]}"
 fi
 bin="target/$profile"
 

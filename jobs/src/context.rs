@@ -1,8 +1,9 @@
-//! What jobs need at run time.
+//! What VisitMe's jobs need at run time.
 
 use sqlx::PgPool;
 
-/// Shared, cheap-to-clone resources handed to every job run.
+/// Shared, cheap-to-clone resources handed to every job run (the registry's
+/// context).
 #[derive(Debug, Clone)]
 pub struct JobContext {
     /// The application database (the same one that holds the queue).

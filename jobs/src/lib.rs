@@ -1,19 +1,46 @@
 #![doc = include_str!("../README.md")]
 
-pub mod admin;
 mod context;
-pub mod durability;
-mod enqueue;
-mod error;
-pub mod job_span;
+#[cfg(feature = "probes")]
 pub mod probe;
-pub mod shutdown;
-pub mod storage;
 pub mod trim_visits;
-pub mod worker;
 
 pub use context::JobContext;
-pub use enqueue::{Job, decode, enqueue};
-pub use error::Error;
+pub use durable_jobs::{
+    Error, Health, Job, Registry, WorkerConfig, WorkerState, admin, enqueue, enqueue_many, shutdown,
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 pub use trim_visits::{TrimOutcome, TrimVisits};
-pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
+
+/// Every job type VisitMe runs, registered once: the worker runtime, the
+/// unknown-type reaper, the watchdog, pool sizing and the dashboard read this.
+/// Adding a job type is its file plus one `register` line here.
+pub fn registry() -> Registry<JobContext> {
+    let registry = Registry::new().register::<TrimVisits>();
+    // The diagnostic job of the tests and the bench, never in production builds.
+    #[cfg(feature = "probes")]
+    let registry = registry.register::<probe::Probe>();
+    registry
+}
+
+/// Runs VisitMe's jobs ([`registry`]) until `shutdown`; see [`durable_jobs::run`].
+pub async fn run(
+    pool: PgPool,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let context = JobContext { pool: pool.clone() };
+    durable_jobs::run(pool, registry(), context, config, shutdown).await
+}
+
+/// [`run`], reporting what the worker is doing in `health`.
+pub async fn run_reporting(
+    pool: PgPool,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    health: &Health,
+) -> Result<(), Error> {
+    let context = JobContext { pool: pool.clone() };
+    durable_jobs::run_reporting(pool, registry(), context, config, shutdown, health).await
+}

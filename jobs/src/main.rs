@@ -90,7 +90,7 @@ async fn run() -> anyhow::Result<()> {
     }
 
     let pool_settings = PoolSettings {
-        max_connections: cli.worker.connections_needed(),
+        max_connections: cli.worker.connections_needed(&jobs::registry()),
         // Patient: a short database blip must not fail heartbeats.
         acquire_timeout: Duration::from_secs(30),
         ..PoolSettings::default()

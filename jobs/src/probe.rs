@@ -3,17 +3,17 @@
 //! Each execution records a row in `job_probe_runs` (which attempt, which
 //! worker, when it started and finished), then behaves as asked: succeed,
 //! fail, panic, sleep or wait for a lock. Operators use it to check a
-//! deployment; our tests use it to prove retries, crash recovery and scaling
-//! against the real `worker` binary. Workers run probes only when started with
-//! `WORKER_PROBES=true`.
+//! deployment; our tests and benchmarks use it to prove retries, crash
+//! recovery and scaling against the real `worker` binary. It is built only
+//! with the `probes` cargo feature, which the tests and the bench turn on.
 //!
 //! **Running it twice** records two runs: that is the point, so duplicates
 //! are visible.
 
-use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerContext};
+use durable_jobs::{Job, JobError};
 use serde::{Deserialize, Serialize};
 
-use crate::{Job, JobContext, decode};
+use crate::JobContext;
 
 /// A diagnostic job: `key` names it in `job_probe_runs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,19 +62,18 @@ pub enum Behaviour {
 }
 
 impl Job for Probe {
-    const QUEUE: &'static str = "probe";
-    const MAX_ATTEMPTS: usize = 3;
+    const NAME: &'static str = "probe";
+    const MAX_ATTEMPTS: u32 = 3;
+    type Context = JobContext;
+    type Output = ();
+
+    async fn run(self, job: durable_jobs::JobContext<'_, JobContext>) -> Result<(), JobError> {
+        run(self, &job).await
+    }
 }
 
-/// The worker's handler for the `probe` queue.
-pub async fn handle(
-    payload: Vec<u8>,
-    context: Data<JobContext>,
-    task_id: TaskId,
-    attempt: Attempt,
-    worker: WorkerContext,
-) -> Result<(), BoxDynError> {
-    let probe: Probe = decode(&payload, &task_id)?;
+async fn run(probe: Probe, job: &durable_jobs::JobContext<'_, JobContext>) -> Result<(), JobError> {
+    let context = job.context();
     match probe.behaviour {
         Behaviour::Noop => return Ok(()),
         Behaviour::Nap { millis } => {
@@ -83,28 +82,30 @@ pub async fn handle(
         }
         _ => {}
     }
-    let attempt = attempt.current();
+    let attempt = job.attempt();
     let run_id: i64 = sqlx::query_scalar(
         "insert into job_probe_runs (probe, attempt, worker) values ($1, $2, $3) returning id",
     )
     .bind(&probe.key)
     .bind(i32::try_from(attempt)?)
-    .bind(worker.name())
+    .bind(job.worker())
     .fetch_one(&context.pool)
     .await?;
-    tracing::info!(job.id = %task_id, job.attempt = attempt, probe = %probe.key, "probe running");
+    tracing::info!(job.id = job.id(), job.attempt = attempt, probe = %probe.key, "probe running");
     match probe.behaviour {
         Behaviour::Succeed | Behaviour::Noop | Behaviour::Nap { .. } => {}
-        Behaviour::FailFirst { failures } if attempt <= failures => {
-            return Err(format!("probe {} failing attempt {attempt} as asked", probe.key).into());
+        Behaviour::FailFirst { failures } if attempt as usize <= failures => {
+            return Err(JobError::retry(format!(
+                "probe {} failing attempt {attempt} as asked",
+                probe.key
+            )));
         }
         Behaviour::FailFirst { .. } => {}
         Behaviour::FailAlways => {
-            return Err(format!(
+            return Err(JobError::retry(format!(
                 "probe {} fails every attempt (attempt {attempt})",
                 probe.key
-            )
-            .into());
+            )));
         }
         Behaviour::Panic => panic!("probe {} panics as asked (attempt {attempt})", probe.key),
         Behaviour::Sleep { millis } => {

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use apalis_postgres::PostgresStorage;
 use sqlx::{
     ConnectOptions, Connection, PgConnection, PgPool,
     migrate::Migrator,
@@ -10,7 +9,14 @@ use sqlx::{
 };
 
 /// Our own migrations, embedded at compile time from `migrations/sql/`.
-static MIGRATOR: Migrator = sqlx::migrate!("./sql");
+/// Migrations 2-7 of 2026-11 were the queue's and moved to the engine
+/// (`durable_jobs::migrate`), whose migrations adopt a database that ran
+/// them; such a database still lists them as applied, hence `ignore_missing`.
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./sql");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// What can go wrong while preparing the database.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +45,9 @@ pub enum Error {
     /// One of our migrations failed.
     #[error("applying VisitMe migrations failed: {0}")]
     Ours(#[from] sqlx::migrate::MigrateError),
-    /// apalis-postgres's queue migrations failed.
-    #[error("applying the job queue (apalis) migrations failed: {0}")]
-    Queue(#[from] apalis_postgres::Error),
+    /// The queue's migrations (the engine's) failed.
+    #[error("applying the job queue's migrations failed: {0}")]
+    Queue(#[from] durable_jobs::Error),
     /// A query against the migration history failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -185,14 +191,14 @@ async fn connect_maintenance(options: &PgConnectOptions) -> Result<PgConnection,
     Err(Error::Database(last.unwrap_or(sqlx::Error::PoolClosed)))
 }
 
-/// Applies apalis-postgres's queue schema, then our migrations (some of ours
-/// add indexes to the queue's tables, so the queue comes first).
+/// Applies the queue's schema (the engine's, on apalis-postgres's), then the
+/// app's migrations.
 ///
 /// Safe to call from many processes at once (each migrator holds an advisory
 /// lock while it runs) and any number of times (applied ones are skipped).
 pub async fn run(pool: &PgPool) -> Result<(), Error> {
-    PostgresStorage::setup(pool).await?;
-    MIGRATOR.run(pool).await?;
+    durable_jobs::migrate(pool).await?;
+    migrator().run(pool).await?;
     tracing::info!("database migrations applied");
     Ok(())
 }
@@ -201,27 +207,16 @@ pub async fn run(pool: &PgPool) -> Result<(), Error> {
 pub async fn is_up_to_date(pool: &PgPool) -> Result<bool, Error> {
     // Before the first run the history tables do not exist, and naming a missing
     // table is an error even inside a branch, so check for them first.
-    let tables_exist: bool = sqlx::query_scalar(
-        "select to_regclass('public._sqlx_migrations') is not null
-            and to_regclass('apalis._sqlx_migrations') is not null",
-    )
-    .fetch_one(pool)
-    .await?;
-    if !tables_exist {
+    let tables_exist: bool =
+        sqlx::query_scalar("select to_regclass('public._sqlx_migrations') is not null")
+            .fetch_one(pool)
+            .await?;
+    if !tables_exist || !durable_jobs::is_migrated(pool).await? {
         return Ok(false);
     }
-    let (ours, queue): (Option<i64>, Option<i64>) = sqlx::query_as(
-        "select (select max(version) from public._sqlx_migrations where success),
-                (select max(version) from apalis._sqlx_migrations where success)",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(
-        ours >= latest_version(&MIGRATOR)
-            && queue >= latest_version(&PostgresStorage::migrations()),
-    )
-}
-
-fn latest_version(migrator: &Migrator) -> Option<i64> {
-    migrator.iter().map(|m| m.version).max()
+    let ours: Option<i64> =
+        sqlx::query_scalar("select max(version) from public._sqlx_migrations where success")
+            .fetch_one(pool)
+            .await?;
+    Ok(ours >= migrator().iter().map(|m| m.version).max())
 }

@@ -299,14 +299,13 @@ impl TestApp {
 }
 
 /// Worker settings scaled down for tests: quick polls, short backoff, lease
-/// and timeout, probes on.
+/// and timeout.
 pub fn fast_worker_config() -> jobs::WorkerConfig {
     jobs::WorkerConfig {
         poll_interval: Duration::from_millis(50),
         lease: Duration::from_secs(3),
-        job_timeout: Duration::from_secs(2),
-        backoff_base: Duration::from_millis(200),
-        probes: true,
+        job_timeout: Some(Duration::from_secs(2)),
+        backoff_base: Some(Duration::from_millis(200)),
         ..jobs::WorkerConfig::default()
     }
 }
@@ -318,7 +317,6 @@ pub fn fast_worker_env() -> Vec<(&'static str, &'static str)> {
         ("JOB_LEASE", "3"),
         ("JOB_TIMEOUT", "2"),
         ("JOB_BACKOFF_BASE", "0.2"),
-        ("WORKER_PROBES", "true"),
     ]
 }
 

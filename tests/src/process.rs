@@ -47,7 +47,18 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     // rust-toolchain.toml (sqlx ships one) choose its compiler.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "web", "-p", "jobs", "--bins"]);
+    // With the probe job, as the tests' own build of `jobs` has it.
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "web",
+        "-p",
+        "jobs",
+        "--bins",
+        "--features",
+        "jobs/probes",
+    ]);
     // Cargo sets these for the crate it runs (us). Build scripts that watch
     // one (ring watches CARGO_MANIFEST_DIR) would see it change between our
     // build and the outer one and rebuild ring, rustls and sqlx every time.

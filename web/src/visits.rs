@@ -68,7 +68,7 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
     // Our own insert is visible in this transaction, so the list is never empty;
     // fall back to it anyway rather than trusting that in an `expect`.
     let threshold = trim_threshold(&visits).unwrap_or(new_visit.created_at);
-    let job_id = jobs::trim_visits::enqueue(
+    let job_id = jobs::enqueue(
         conn,
         &TrimVisits {
             older_than: threshold,

@@ -180,7 +180,6 @@ fn worker_env<'a>(db: &'a TestDb, concurrency: &'a str) -> Vec<(&'a str, &'a str
     vec![
         ("DATABASE_URL", db.url.as_str()),
         ("WORKER_CONCURRENCY", concurrency),
-        ("WORKER_PROBES", "true"),
         ("WORKER_POLL_INTERVAL", "0.1"),
     ]
 }
@@ -317,15 +316,15 @@ const PGBENCH_SCRIPT: &str = r#"\set n random(1, 1000000)
 BEGIN;
 INSERT INTO visits (visitor) VALUES ('127.0.0.1: pgbench ' || :n) RETURNING id, visitor, created_at;
 SELECT min(created_at) AS t FROM (SELECT id, visitor, created_at FROM visits ORDER BY created_at DESC, id DESC LIMIT 10) AS shown \gset
-INSERT INTO apalis.jobs AS jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+INSERT INTO apalis.jobs AS jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, unique_key)
   SELECT apalis.generate_ulid(), 'trim_visits', convert_to(json_build_object('older_than', :t::timestamptz)::text, 'UTF8'),
-         'Pending', 0, 5, to_timestamp((w + 1) * 0.5), 0, hstore('visitme.older_than', :t::text), 'coalesce:' || w
+         'Pending', 0, 5, to_timestamp((w + 1) * 0.5), 0, hstore('unique.order', :t::text), 'all@' || w
   FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / 0.5)::bigint AS w) AS clock
-  ON CONFLICT (job_type, idempotency_key)
+  ON CONFLICT (job_type, unique_key) WHERE unique_key IS NOT NULL
   DO UPDATE SET
-    job = CASE WHEN (:t::timestamptz) > (jobs.metadata -> 'visitme.older_than')::timestamptz THEN excluded.job ELSE jobs.job END,
-    metadata = CASE WHEN (:t::timestamptz) > (jobs.metadata -> 'visitme.older_than')::timestamptz
-                    THEN jobs.metadata || excluded.metadata ELSE jobs.metadata END
+    job = CASE WHEN (:t::text) > coalesce(jobs.metadata -> 'unique.order', '') THEN excluded.job ELSE jobs.job END,
+    metadata = CASE WHEN (:t::text) > coalesce(jobs.metadata -> 'unique.order', '')
+                    THEN excluded.metadata ELSE jobs.metadata END
   WHERE jobs.status = 'Pending'
   RETURNING id;
 END;

@@ -42,7 +42,7 @@ async fn a_job_that_fails_twice_then_succeeds_takes_three_attempts_with_growing_
     tests::init_logs();
     let mut app = TestApp::spawn().await?;
     app.start_worker_with(jobs::WorkerConfig {
-        backoff_base: Duration::from_millis(500),
+        backoff_base: Some(Duration::from_millis(500)),
         ..fast_worker_config()
     });
     let ids = enqueue_probes(
@@ -83,7 +83,7 @@ async fn a_job_that_always_fails_is_dead_after_max_attempts_with_its_error() -> 
 
     assert_eq!(
         runs(&app.db, "hopeless").await?.len(),
-        <Probe as jobs::Job>::MAX_ATTEMPTS
+        <Probe as jobs::Job>::MAX_ATTEMPTS as usize
     );
     let (status, attempts, last_result) = job_row(&app.db, &ids[0]).await?;
     assert_eq!((status.as_str(), attempts), ("Killed", 3));
@@ -102,7 +102,7 @@ async fn panicking_and_timed_out_attempts_are_retried_and_never_left_running() -
 {
     let mut app = TestApp::spawn().await?;
     app.start_worker_with(jobs::WorkerConfig {
-        job_timeout: Duration::from_millis(300),
+        job_timeout: Some(Duration::from_millis(300)),
         ..fast_worker_config()
     });
     let ids = enqueue_probes(

@@ -176,9 +176,9 @@ async fn a_pending_trim_with_a_corrupt_payload_is_replaced_not_fatal() -> anyhow
             .execute(&app.db.pool)
             .await?;
         sqlx::query(
-            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, idempotency_key)
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, unique_key)
              select apalis.generate_ulid(), 'trim_visits', convert_to('garbage', 'UTF8'), 'Pending', 0, 5,
-                    to_timestamp((n + 1) * 0.5), 'coalesce:' || n
+                    to_timestamp((n + 1) * 0.5), 'all@' || n
              from (select floor(extract(epoch from clock_timestamp()) / 0.5)::bigint as n) as clock",
         )
         .execute(&app.db.pool)

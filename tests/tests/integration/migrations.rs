@@ -82,7 +82,10 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
     };
     let default = jobs::WorkerConfig::default();
     assert_eq!(
-        settings(default.bookkeeping_pool(&db.pool)).await?,
+        settings(durable_jobs::internals::bookkeeping_pool(
+            &default, &db.pool
+        ))
+        .await?,
         ("off".to_owned(), "force_generic_plan".to_owned())
     );
     let sync = jobs::WorkerConfig {
@@ -90,7 +93,7 @@ async fn worker_bookkeeping_connections_carry_their_session_settings() -> anyhow
         ..default
     };
     assert_eq!(
-        settings(sync.bookkeeping_pool(&db.pool)).await?,
+        settings(durable_jobs::internals::bookkeeping_pool(&sync, &db.pool)).await?,
         ("on".to_owned(), "force_generic_plan".to_owned())
     );
     // The pool handed in (enqueues, the jobs' own writes) stays synchronous.

@@ -289,6 +289,9 @@ async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c
             },
         )
         .env("UP_DATA_DIR", &data)
+        // The features of our binaries (tests::binary), or its build would
+        // replace them, under every other running test, with probe-less ones.
+        .env("UP_FEATURES", "jobs/probes")
         .env("BIND", &bind)
         .env("DATABASE_URL", &db.url)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use jobs::probe::{Behaviour, Probe};
 use migrations::PoolSettings;
@@ -14,8 +15,9 @@ use tests::{
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
-/// The checks migration 7 added, which keep poison rows out; dropped where a
-/// test plays a database written before it (or by another tool).
+/// The checks the engine's migration adds, which keep poison rows out;
+/// dropped where a test plays a database written before it (or by another
+/// tool).
 const ROW_CHECKS: [&str; 4] = [
     "jobs_id_is_canonical_ulid",
     "jobs_metadata_has_no_null_values",
@@ -129,7 +131,9 @@ async fn poison_rows_die_alone_with_their_reason_and_web_stays_up() -> anyhow::R
     let mut web = Process::spawn("web", &env)?;
     let address = web.web_address().await?;
     let started = Instant::now();
-    db.wait_until_idle(Duration::from_secs(30)).await?;
+    db.wait_until_idle(Duration::from_secs(30))
+        .await
+        .with_context(|| web.output().join("\n"))?;
 
     for id in &healthy {
         assert_eq!(outcome(&db, id).await?.0, "Done", "healthy job {id}");
@@ -216,11 +220,12 @@ async fn rows_that_no_worker_could_run_cannot_be_written() -> anyhow::Result<()>
 #[tokio::test]
 async fn the_migration_sets_aside_existing_poison_rows_with_their_reason() -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
-    // Play a database from before migration 7 that holds a poison row.
+    // Play a database from before the checks that holds a poison row (the
+    // engine's migration is then applied again: it must be re-runnable).
     drop_row_checks(&db).await?;
     sqlx::raw_sql(
         "drop table apalis.rejected_jobs;
-         delete from public._sqlx_migrations where version = 20261201000007;",
+         delete from apalis._durable_jobs_migrations where version = 20261201000001;",
     )
     .execute(&db.pool)
     .await?;
@@ -262,7 +267,7 @@ async fn dead_worker(db: &TestDb, name: &str, queue: &str) -> anyhow::Result<()>
 /// Enqueues a trim through the production path, in its own transaction.
 async fn enqueue_trim(db: &TestDb, older_than: DateTime<Utc>) -> anyhow::Result<String> {
     let mut tx = db.pool.begin().await?;
-    let id = jobs::trim_visits::enqueue(&mut tx, &jobs::TrimVisits { older_than }).await?;
+    let id = jobs::enqueue(&mut tx, &jobs::TrimVisits { older_than }).await?;
     tx.commit().await?;
     Ok(id.to_string())
 }
@@ -345,7 +350,7 @@ async fn a_long_database_outage_never_uses_up_the_workers_restarts() -> anyhow::
     // A short acquire timeout, so that each death during the outage comes
     // quickly: the old budget of 5 restarts lasted about 40 s of outage.
     let settings = PoolSettings {
-        max_connections: fast_worker_config().connections_needed(),
+        max_connections: fast_worker_config().connections_needed(&jobs::registry()),
         acquire_timeout: Duration::from_secs(1),
         ..PoolSettings::default()
     };

@@ -2,7 +2,7 @@
 
 use apalis::prelude::{Status, TaskId, TaskResult};
 use apalis_core::backend::persistence::TaskEvent;
-use jobs::storage::{self, Recorded};
+use durable_jobs::internals::{self as storage, Recorded};
 use serde_json::{Value, json};
 use tests::TestDb;
 use ulid::Ulid;
@@ -73,7 +73,8 @@ async fn a_round_records_only_what_this_worker_still_holds() -> anyhow::Result<(
             task_id: task_id(&theirs[0])?,
         },
     ];
-    let recorded = storage::record_events(&db.pool, events, "w-ours").await?;
+    let recorded =
+        storage::record_events(&db.pool, events, "w-ours", durable_jobs::Backoff::DEFAULT).await?;
     assert_eq!(
         recorded,
         Recorded {
@@ -141,6 +142,8 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
         .bind(&outcomes)
         .bind(&queued)
         .bind("w-new")
+        .bind(1.0_f64)
+        .bind(3600.0_f64)
         .fetch_one(&db.pool)
         .await?;
     let plan = plan.to_string();

@@ -1,6 +1,6 @@
-//! The one error type of the `jobs` crate.
+//! The engine's one error type.
 
-/// What can go wrong while enqueueing or running jobs.
+/// What can go wrong while migrating, enqueueing, operating or running jobs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A job's arguments could not be serialised to JSON.
@@ -12,12 +12,15 @@ pub enum Error {
     /// A database query failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Applying the queue's migrations failed.
+    #[error("applying the job queue's migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     /// A job id in the queue is not a ULID.
     #[error("job id {0:?} in apalis.jobs is not a ULID")]
     CorruptId(String),
-    /// A coalesced job was claimed under every enqueue attempt (practically
-    /// impossible: each retry falls in a newer window).
-    #[error("could not enqueue a {0} job: its coalescing window kept closing")]
+    /// A unique job was claimed under every enqueue attempt (practically
+    /// impossible: each retry finds the key free or a newer window).
+    #[error("could not enqueue a {0} job: its pending job kept being claimed")]
     EnqueueRaced(&'static str),
     /// No job with this id is in a state that allows the operation.
     #[error("no {expected} job with id {id}")]
@@ -27,7 +30,8 @@ pub enum Error {
         /// Which states were acceptable, e.g. "dead".
         expected: &'static str,
     },
-    /// The worker kept dying and was not restarted again.
+    /// The worker kept dying while the database answered, and was not
+    /// restarted again.
     #[error("worker stopped {restarts} times in a row without a shutdown request; giving up")]
     WorkerDied {
         /// How many times it was restarted before giving up.

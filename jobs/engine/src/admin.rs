@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::Error;
 use sqlx::PgPool;
+
+use crate::{Error, queries};
 
 /// How many jobs of one queue are in one state.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -23,14 +24,9 @@ pub struct StateCount {
 
 /// Job counts per queue and state, in a fixed order.
 pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
-    Ok(sqlx::query_as(
-        "select job_type as queue, state, count(*) as count from job_states
-         group by job_type, state
-         order by job_type, array_position(
-             array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)",
-    )
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(queries::QUEUE_STATUS)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// The states [`queue_status`] reports, in lifecycle order.
@@ -57,14 +53,10 @@ pub struct JobSummary {
 
 /// The newest jobs (by id, i.e. creation time), any state.
 pub async fn latest_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobSummary>, Error> {
-    Ok(sqlx::query_as(
-        "select id, job_type as queue, state, attempts, max_attempts, run_at,
-                last_result ->> 'Err' as last_error
-         from job_states order by id desc limit $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(queries::LATEST_JOBS)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// What one queue finished in the last hour.
@@ -83,17 +75,7 @@ pub struct HourStats {
 /// Per queue: jobs done, died, and failed-and-retrying in the last hour
 /// (by the time of their latest attempt).
 pub async fn last_hour(pool: &PgPool) -> Result<Vec<HourStats>, Error> {
-    Ok(sqlx::query_as(
-        "select job_type as queue,
-                count(*) filter (where state = 'done') as done,
-                count(*) filter (where state = 'dead') as dead,
-                count(*) filter (where state = 'scheduled' and status = 'Failed') as retrying
-         from job_states
-         where done_at > now() - interval '1 hour'
-         group by job_type order by job_type",
-    )
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(queries::LAST_HOUR).fetch_all(pool).await?)
 }
 
 /// A job that will not run again by itself.
@@ -113,47 +95,22 @@ pub struct DeadJob {
 
 /// The newest dead jobs (`Killed`, or `Failed` with no attempts left).
 pub async fn dead_jobs(pool: &PgPool, limit: i64) -> Result<Vec<DeadJob>, Error> {
-    Ok(sqlx::query_as(
-        "select id, job_type as queue, attempts,
-                coalesce(last_result ->> 'Err', last_result::text) as last_error,
-                done_at as died_at
-         from job_states where state = 'dead'
-         order by done_at desc nulls last, id desc
-         limit $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(queries::DEAD_JOBS)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// Puts a dead job back in the queue with a fresh set of attempts.
 pub async fn retry(pool: &PgPool, id: &str) -> Result<(), Error> {
-    let updated = sqlx::query(
-        "update apalis.jobs
-         set status = 'Pending', attempts = 0, run_at = now(),
-             lock_by = null, lock_at = null, done_at = null
-         where id = $1
-           and (status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))",
-    )
-    .bind(id)
-    .execute(pool)
-    .await?;
+    let updated = sqlx::query(queries::RETRY).bind(id).execute(pool).await?;
     require_changed(updated.rows_affected(), id, "dead")
 }
 
 /// Cancels a job that has not started (pending, or waiting for a retry): it
 /// ends dead with "cancelled by an operator".
 pub async fn cancel(pool: &PgPool, id: &str) -> Result<(), Error> {
-    let updated = sqlx::query(
-        r#"update apalis.jobs
-           set status = 'Killed', done_at = now(),
-               last_result = '{"Err": "cancelled by an operator"}'::jsonb
-           where id = $1
-             and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))"#,
-    )
-    .bind(id)
-    .execute(pool)
-    .await?;
+    let updated = sqlx::query(queries::CANCEL).bind(id).execute(pool).await?;
     require_changed(updated.rows_affected(), id, "pending")
 }
 
@@ -191,28 +148,15 @@ pub struct Pruned {
 /// Deletes finished jobs past their retention, then workers that have been
 /// silent for a day and hold no jobs. Safe to run from many processes.
 pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error> {
-    let (done, dead): (i64, i64) = sqlx::query_as(
-        "with deleted as (
-             delete from apalis.jobs
-             where (status = 'Done' and done_at < now() - make_interval(secs => $1))
-                or ((status = 'Killed' or (status = 'Failed' and attempts >= max_attempts))
-                    and done_at < now() - make_interval(secs => $2))
-             returning status)
-         select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
-         from deleted",
-    )
-    .bind(retention.done.as_secs_f64())
-    .bind(retention.dead.as_secs_f64())
-    .fetch_one(pool)
-    .await?;
-    let workers = sqlx::query(
-        "delete from apalis.workers w
-         where w.last_seen < now() - interval '1 day'
-           and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let (done, dead): (i64, i64) = sqlx::query_as(queries::PRUNE_JOBS)
+        .bind(retention.done.as_secs_f64())
+        .bind(retention.dead.as_secs_f64())
+        .fetch_one(pool)
+        .await?;
+    let workers = sqlx::query(queries::PRUNE_WORKERS)
+        .execute(pool)
+        .await?
+        .rows_affected();
     let as_count = |n: i64| u64::try_from(n).unwrap_or_default();
     Ok(Pruned {
         done: as_count(done),
@@ -232,18 +176,12 @@ pub async fn kill_unhandled(
     grace: Duration,
 ) -> Result<u64, Error> {
     let known: Vec<String> = known_queues.iter().map(|q| (*q).to_owned()).collect();
-    let killed = sqlx::query(
-        r#"update apalis.jobs
-           set status = 'Killed', done_at = now(),
-               last_result = jsonb_build_object('Err', 'no worker handles job type ' || job_type)
-           where status = 'Pending' and job_type <> all($1)
-             and run_at < now() - make_interval(secs => $2)"#,
-    )
-    .bind(&known)
-    .bind(grace.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let killed = sqlx::query(queries::KILL_UNHANDLED)
+        .bind(&known)
+        .bind(grace.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected();
     Ok(killed)
 }
 
@@ -260,19 +198,11 @@ pub async fn reap_lost_attempts(
     job_timeout: Duration,
     lease: Duration,
 ) -> Result<u64, Error> {
-    let reaped = sqlx::query(
-        r#"update apalis.jobs
-           set status = case when attempts + 1 >= max_attempts then 'Killed' else 'Failed' end,
-               attempts = attempts + 1,
-               run_at = now(), done_at = now(),
-               last_result = '{"Err": "attempt lost: no result was recorded within the job timeout"}'::jsonb
-           where (status = 'Running' and lock_at < now() - make_interval(secs => $1 + $2))
-              or (status = 'Queued' and lock_at < now() - make_interval(secs => 2 * $1 + $2))"#,
-    )
-    .bind(job_timeout.as_secs_f64())
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let reaped = sqlx::query(queries::REAP_LOST_ATTEMPTS)
+        .bind(job_timeout.as_secs_f64())
+        .bind(lease.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected();
     Ok(reaped)
 }

@@ -9,19 +9,21 @@ use std::{
 };
 
 use apalis::prelude::{
-    BackendExt as _, Monitor, ParallelizeExt as _, Strategy, WorkerBuilder, WorkerBuilderExt as _,
+    AbortError, Attempt, BackendExt as _, BoxDynError, Data, Monitor, ParallelizeExt as _,
+    Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
 };
 use apalis_postgres::{Config, PgPool, Pubsub};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Error, Job, JobContext,
+    Error, Job, JobContext, Registry,
     admin::{self, Pruned, Retention},
-    durability::{Backoff, DurabilityLayer},
+    durability::DurabilityLayer,
+    enqueue::decode,
+    job::Backoff,
     job_span::JobSpanLayer,
-    probe::{self, Probe},
+    queries,
     storage::QueueStorage,
-    trim_visits::{self, TrimVisits},
 };
 
 /// Worker settings (flags and environment variables of `worker` and `web`).
@@ -50,15 +52,20 @@ pub struct WorkerConfig {
     /// are then recovered by another worker once the lease expires).
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = "25", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
-    /// Seconds one attempt may run before it is cancelled and counted as failed.
-    #[arg(long, env = "JOB_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
-    pub job_timeout: Duration,
-    /// Seconds before the first retry; each further retry waits twice as long (±10 % jitter).
-    #[arg(long, env = "JOB_BACKOFF_BASE", default_value = "1", value_parser = parse_seconds)]
-    pub backoff_base: Duration,
-    /// Longest wait between retries, in seconds.
-    #[arg(long, env = "JOB_BACKOFF_MAX", default_value = "3600", value_parser = parse_seconds)]
-    pub backoff_max: Duration,
+    /// Seconds one attempt may run before it is cancelled and counted as
+    /// failed, for every job type (default: each type's own, 60 s unless it
+    /// says otherwise).
+    #[arg(long, env = "JOB_TIMEOUT", value_parser = parse_seconds)]
+    pub job_timeout: Option<Duration>,
+    /// Seconds before the first retry, for every job type; each further retry
+    /// waits twice as long (±10 % jitter). Default: each type's own (1 s
+    /// unless it says otherwise).
+    #[arg(long, env = "JOB_BACKOFF_BASE", value_parser = parse_seconds)]
+    pub backoff_base: Option<Duration>,
+    /// Longest wait between retries, in seconds, for every job type (default:
+    /// each type's own, an hour unless it says otherwise).
+    #[arg(long, env = "JOB_BACKOFF_MAX", value_parser = parse_seconds)]
+    pub backoff_max: Option<Duration>,
     /// Seconds a done job is kept before it is pruned.
     #[arg(long, env = "JOB_RETENTION_DONE", default_value = "86400", value_parser = parse_seconds)]
     pub retention_done: Duration,
@@ -78,17 +85,14 @@ pub struct WorkerConfig {
     /// own writes always wait for the flush.
     #[arg(long, env = "WORKER_SYNC_BOOKKEEPING", default_value_t = false, action = clap::ArgAction::Set)]
     pub sync_bookkeeping: bool,
-    /// Also run diagnostic `probe` jobs (see `jobs::probe`; true/false).
-    #[arg(long, env = "WORKER_PROBES", default_value_t = false, action = clap::ArgAction::Set)]
-    pub probes: bool,
 }
 
 impl WorkerConfig {
-    /// The retry backoff these settings describe.
-    pub fn backoff(&self) -> Backoff {
+    /// The retry backoff of a job type that declares `declared`.
+    pub fn backoff(&self, declared: Backoff) -> Backoff {
         Backoff {
-            base: self.backoff_base,
-            max: self.backoff_max,
+            base: self.backoff_base.unwrap_or(declared.base),
+            max: self.backoff_max.unwrap_or(declared.max),
         }
     }
 
@@ -100,24 +104,12 @@ impl WorkerConfig {
         }
     }
 
-    /// The job queues this process runs.
-    fn queues(&self) -> Vec<&'static str> {
-        QUEUES
-            .into_iter()
-            .filter(|queue| self.probes || *queue != Probe::QUEUE)
-            .collect()
-    }
-
-    fn queue_count(&self) -> u32 {
-        u32::try_from(self.queues().len()).unwrap_or(u32::MAX)
-    }
-
-    /// Database connections a worker process needs in the pool it is given:
-    /// per queue, one per running job (its own writes, then its retry
-    /// bookkeeping) and two spare; plus maintenance. The queue's listener and
-    /// bookkeeping use [`Self::bookkeeping_pool`], a pool of their own.
-    pub fn connections_needed(&self) -> u32 {
-        self.queue_count() * (u32::from(self.concurrency) + 2) + 1
+    /// Database connections a worker process running `registry` needs in the
+    /// pool it is given: per queue, one per running job (its own writes) and
+    /// two spare; plus maintenance. The queue's listener and bookkeeping use
+    /// [`Self::bookkeeping_pool`], a pool of their own.
+    pub fn connections_needed<C>(&self, registry: &Registry<C>) -> u32 {
+        queue_count(registry) * (u32::from(self.concurrency) + 2) + 1
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
@@ -135,7 +127,7 @@ impl WorkerConfig {
     ///   its log, so a finish mark that survived means the job's own
     ///   (synchronous, earlier) writes survived too, and a lost mark or claim
     ///   puts the job back in the queue, to run again.
-    pub fn bookkeeping_pool(&self, pool: &PgPool) -> PgPool {
+    pub(crate) fn bookkeeping_pool(&self, pool: &PgPool, queues: u32) -> PgPool {
         let mut settings = vec![("plan_cache_mode", "force_generic_plan")];
         if !self.sync_bookkeeping {
             settings.push(("synchronous_commit", "off"));
@@ -144,9 +136,13 @@ impl WorkerConfig {
         pool.options()
             .clone()
             .min_connections(0)
-            .max_connections(self.queue_count() * 2)
+            .max_connections(queues * 2)
             .connect_lazy_with(connect)
     }
+}
+
+fn queue_count<C>(registry: &Registry<C>) -> u32 {
+    u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
 }
 
 impl Default for WorkerConfig {
@@ -157,14 +153,13 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(25),
-            job_timeout: Duration::from_secs(60),
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(3600),
+            job_timeout: None,
+            backoff_base: None,
+            backoff_max: None,
             retention_done: Duration::from_secs(86_400),
             retention_dead: Duration::from_secs(604_800),
             unknown_grace: Duration::from_secs(3600),
             sync_bookkeeping: false,
-            probes: false,
         }
     }
 }
@@ -209,7 +204,7 @@ fn worker_name(queue: &str, generation: usize) -> String {
 fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
     let heartbeat = config.lease / HEARTBEATS_PER_LEASE;
     Config::default()
-        .queue(J::QUEUE)
+        .queue(J::NAME)
         .batch_size(usize::from(
             config.claim_batch.unwrap_or(config.concurrency),
         ))
@@ -217,48 +212,95 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
         .missed_heartbeats(HEARTBEATS_PER_LEASE as usize)
 }
 
-/// The closure that builds (and, after a crash, rebuilds) the worker of one
-/// job type. Every job type gets the same stack, outermost first:
+/// What every job type's worker is built from (see [`add_worker`]).
+pub(crate) struct WorkerParts<C> {
+    bookkeeping: PgPool,
+    config: WorkerConfig,
+    generation: usize,
+    activity: Activity,
+    context: C,
+}
+
+/// Adds the worker of job type `J` to `monitor`: the closure apalis calls to
+/// build (and, after a crash, rebuild) it. Every job type gets the same
+/// stack, outermost first:
 ///
-/// - `DurabilityLayer`: every failed attempt ends `Failed` with a stored
-///   backoff, or `Killed` when out of attempts (never stuck `Running`);
+/// - `DurabilityLayer`: every failed attempt ends `Failed` (its backoff is
+///   written with the acknowledgement) or `Killed` when out of attempts,
+///   never stuck `Running`;
 /// - `concurrency`: at most `WORKER_CONCURRENCY` attempts at once;
 /// - `parallelize`: each attempt on its own tokio task (all cores; a slow job
 ///   cannot stall the heartbeat; a panic stays inside its task);
 /// - `JobSpanLayer`: the attempt's CONSUMER span, in the enqueuer's trace;
 /// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
-macro_rules! job_worker {
-    ($job:ty, $handler:path, $pool:expr, $bookkeeping:expr, $config:expr, $generation:expr, $activity:expr) => {{
-        let activity: Activity = $activity.clone();
-        let pool: PgPool = $pool.clone();
-        let bookkeeping: PgPool = $bookkeeping.clone();
-        let cfg: WorkerConfig = $config.clone();
-        let generation: usize = $generation;
-        let context = JobContext { pool: pool.clone() };
-        move |restarts: usize| {
-            // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
-            // catches what sends no notification (retries, delayed jobs).
-            let wake_up = Strategy::new()
-                .stream(Pubsub::new(bookkeeping.clone(), <$job>::QUEUE.to_owned()))
-                .interval(cfg.poll_interval);
-            let backend = QueueStorage::new(&bookkeeping, queue_config::<$job>(&cfg))
-                .poll_with_strategy(wake_up);
-            WorkerBuilder::new(worker_name(<$job>::QUEUE, generation + restarts))
-                .backend(backend)
-                .layer(DurabilityLayer::new(
-                    <$job>::QUEUE,
-                    pool.clone(),
-                    cfg.backoff(),
-                    activity.clone(),
-                ))
-                .concurrency(usize::from(cfg.concurrency))
-                .parallelize(tokio::spawn)
-                .layer(JobSpanLayer::new(<$job>::QUEUE))
-                .timeout(cfg.job_timeout)
-                .data(context.clone())
-                .build($handler)
+pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Context>) -> Monitor {
+    let WorkerParts {
+        bookkeeping,
+        config,
+        generation,
+        activity,
+        context,
+    } = parts;
+    let (bookkeeping, config, generation, activity, context) = (
+        bookkeeping.clone(),
+        config.clone(),
+        *generation,
+        activity.clone(),
+        context.clone(),
+    );
+    monitor.register(move |restarts: usize| {
+        // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
+        // catches what sends no notification (retries, delayed jobs).
+        let wake_up = Strategy::new()
+            .stream(Pubsub::new(bookkeeping.clone(), J::NAME.to_owned()))
+            .interval(config.poll_interval);
+        let backend = QueueStorage::new(
+            &bookkeeping,
+            queue_config::<J>(&config),
+            config.backoff(J::BACKOFF),
+        )
+        .poll_with_strategy(wake_up);
+        WorkerBuilder::new(worker_name(J::NAME, generation + restarts))
+            .backend(backend)
+            .layer(DurabilityLayer::new(
+                J::NAME,
+                config.backoff(J::BACKOFF),
+                activity.clone(),
+            ))
+            .concurrency(usize::from(config.concurrency))
+            .parallelize(tokio::spawn)
+            .layer(JobSpanLayer::new(J::NAME))
+            .timeout(config.job_timeout.unwrap_or(J::TIMEOUT))
+            .data(context.clone())
+            .build(handle::<J>)
+    })
+}
+
+/// The handler of every job type: decodes the stored JSON (a row nobody can
+/// decode fails only its own job, dead with the reason) and runs it.
+async fn handle<J: Job>(
+    payload: Vec<u8>,
+    context: Data<J::Context>,
+    task_id: TaskId,
+    attempt: Attempt,
+    worker: WorkerContext,
+) -> Result<J::Output, BoxDynError> {
+    let job: J = decode(&payload, &task_id)?;
+    let id = task_id.to_string();
+    let run = JobContext {
+        id: &id,
+        worker: worker.name(),
+        attempt: u32::try_from(attempt.current()).unwrap_or(u32::MAX),
+        max_attempts: J::MAX_ATTEMPTS,
+        context: &*context,
+    };
+    job.run(run).await.map_err(|failure| {
+        if failure.fatal {
+            AbortError::new(failure.error).into()
+        } else {
+            failure.error
         }
-    }};
+    })
 }
 
 /// Why a monitor run ended.
@@ -272,38 +314,18 @@ enum Ended {
     Died,
 }
 
-/// Runs one monitor (every job type) until `shutdown` or `restart` fires or a
-/// worker dies; both signals stop it gracefully.
-async fn run_monitor(
-    pool: &PgPool,
-    bookkeeping: &PgPool,
-    config: &WorkerConfig,
-    generation: usize,
-    activity: &Activity,
+/// Runs one monitor (every job type of `registry`) until `shutdown` or
+/// `restart` fires or a worker dies; both signals stop it gracefully.
+async fn run_monitor<C>(
+    registry: &Registry<C>,
+    parts: &WorkerParts<C>,
     shutdown: &CancellationToken,
     restart: &CancellationToken,
 ) -> Ended {
-    // Every job type is registered here, and only here.
-    let mut monitor = Monitor::new().register(job_worker!(
-        TrimVisits,
-        trim_visits::handle,
-        pool,
-        bookkeeping,
-        config,
-        generation,
-        activity
-    ));
-    if config.probes {
-        monitor = monitor.register(job_worker!(
-            Probe,
-            probe::handle,
-            pool,
-            bookkeeping,
-            config,
-            generation,
-            activity
-        ));
-    }
+    let monitor = registry.jobs.iter().fold(Monitor::new(), |monitor, job| {
+        (job.add_worker)(monitor, parts)
+    });
+    let config = &parts.config;
     let monitor = monitor.shutdown_timeout(config.shutdown_grace);
 
     let signalled = Arc::new(AtomicBool::new(false));
@@ -351,8 +373,13 @@ pub fn mark_activity(activity: &Activity) {
 /// waited a minute while the process heartbeated). When jobs of our queues
 /// have been due for a whole lease and this process started none in that
 /// time (so it is not merely busy), it asks for a fresh monitor via `restart`.
-async fn watch(pool: PgPool, config: WorkerConfig, activity: Activity, restart: CancellationToken) {
-    let queues = config.queues();
+async fn watch(
+    pool: PgPool,
+    queues: Vec<&'static str>,
+    config: WorkerConfig,
+    activity: Activity,
+    restart: CancellationToken,
+) {
     let lease_ms = u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX);
     let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
     every.tick().await; // the first tick is immediate; give the monitor a lease first
@@ -361,15 +388,11 @@ async fn watch(pool: PgPool, config: WorkerConfig, activity: Activity, restart: 
         if now_millis().saturating_sub(activity.load(Ordering::Relaxed)) < lease_ms {
             continue;
         }
-        let stalled: Result<bool, sqlx::Error> = sqlx::query_scalar(
-            "select exists (select 1 from apalis.jobs
-                 where job_type = any($1) and run_at < now() - make_interval(secs => $2)
-                   and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts)))",
-        )
-        .bind(&queues)
-        .bind(config.lease.as_secs_f64())
-        .fetch_one(&pool)
-        .await;
+        let stalled: Result<bool, sqlx::Error> = sqlx::query_scalar(queries::DUE_FOR)
+            .bind(&queues)
+            .bind(config.lease.as_secs_f64())
+            .fetch_one(&pool)
+            .await;
         if let Ok(true) = stalled {
             tracing::warn!(
                 "jobs have been due for a lease and none started here; restarting the worker"
@@ -430,30 +453,55 @@ impl Health {
 /// never counts against it. If it dies while the database answers, it is
 /// restarted with a backoff; after [`MAX_RESTARTS`] such deaths in a row (a
 /// run of [`HEALTHY_RUN`] resets the count) this returns [`Error::WorkerDied`].
-pub async fn run(
+pub async fn run<C: Clone + Send + Sync + 'static>(
     pool: PgPool,
+    registry: Registry<C>,
+    context: C,
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    run_reporting(pool, config, shutdown, &Health::default()).await
+    run_reporting(
+        pool,
+        registry,
+        context,
+        config,
+        shutdown,
+        &Health::default(),
+    )
+    .await
 }
 
 /// [`run`], reporting what it is doing in `health`.
-pub async fn run_reporting(
+pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
     pool: PgPool,
+    registry: Registry<C>,
+    context: C,
     config: WorkerConfig,
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), Error> {
+    let queues = registry.queues();
     tracing::info!(
-        queues = config.queues().join(", "),
+        queues = queues.join(", "),
         concurrency = config.concurrency,
         lease = ?config.lease,
         sync_bookkeeping = config.sync_bookkeeping,
         "worker started"
     );
-    let bookkeeping = config.bookkeeping_pool(&pool);
-    let maintenance = tokio::spawn(maintain(pool.clone(), config.clone(), shutdown.clone()));
+    let bookkeeping = config.bookkeeping_pool(&pool, queue_count(&registry));
+    let max_timeout = registry
+        .jobs
+        .iter()
+        .map(|job| job.timeout)
+        .max()
+        .unwrap_or_default();
+    let maintenance = tokio::spawn(maintain(
+        pool.clone(),
+        queues.clone(),
+        max_timeout,
+        config.clone(),
+        shutdown.clone(),
+    ));
     let activity: Activity = Arc::new(AtomicU64::new(now_millis()));
     let mut failures = 0u32;
     let result = async {
@@ -462,21 +510,20 @@ pub async fn run_reporting(
             let restart = CancellationToken::new();
             let watchdog = tokio::spawn(watch(
                 pool.clone(),
+                queues.clone(),
                 config.clone(),
                 activity.clone(),
                 restart.clone(),
             ));
             health.set(WorkerState::Running);
-            let ended = run_monitor(
-                &pool,
-                &bookkeeping,
-                &config,
-                generation * 1000,
-                &activity,
-                &shutdown,
-                &restart,
-            )
-            .await;
+            let parts = WorkerParts {
+                bookkeeping: bookkeeping.clone(),
+                config: config.clone(),
+                generation: generation * 1000,
+                activity: activity.clone(),
+                context: context.clone(),
+            };
+            let ended = run_monitor(&registry, &parts, &shutdown, &restart).await;
             watchdog.abort();
             match ended {
                 Ended::Shutdown => return Ok(()),
@@ -558,14 +605,17 @@ async fn wait_for_database(pool: &PgPool, shutdown: &CancellationToken) -> Resul
 /// How often each worker process prunes finished jobs.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Every job type this build can run, whether or not this process runs it.
-pub const QUEUES: [&str; 2] = [TrimVisits::QUEUE, Probe::QUEUE];
-
 /// Queue upkeep, in every worker process (concurrent runs are harmless):
 /// every lease, attempts lost with their acknowledgement go back to the queue;
 /// every [`PRUNE_EVERY`], finished jobs past their retention are pruned and
 /// jobs of unknown types past their grace are killed.
-async fn maintain(pool: PgPool, config: WorkerConfig, shutdown: CancellationToken) {
+async fn maintain(
+    pool: PgPool,
+    queues: Vec<&'static str>,
+    max_timeout: Duration,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) {
     let retention = config.retention();
     let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
     let mut last_prune: Option<Instant> = None;
@@ -574,7 +624,9 @@ async fn maintain(pool: PgPool, config: WorkerConfig, shutdown: CancellationToke
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        match admin::reap_lost_attempts(&pool, config.job_timeout, config.lease).await {
+        // The longest timeout a job type of this process may have.
+        let timeout = config.job_timeout.unwrap_or(max_timeout);
+        match admin::reap_lost_attempts(&pool, timeout, config.lease).await {
             Ok(0) => {}
             Ok(reaped) => tracing::warn!(
                 jobs.reaped = reaped,
@@ -600,7 +652,7 @@ async fn maintain(pool: PgPool, config: WorkerConfig, shutdown: CancellationToke
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "pruning finished jobs failed; will retry"),
         }
-        match admin::kill_unhandled(&pool, &QUEUES, config.unknown_grace).await {
+        match admin::kill_unhandled(&pool, &queues, config.unknown_grace).await {
             Ok(0) => {}
             Ok(killed) => tracing::warn!(
                 jobs.killed = killed,

@@ -37,7 +37,9 @@ use apalis_core::backend::{
     finalize::Durable,
     persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer},
 };
-use apalis_postgres::{Config, Error, PgPool, PgTask, queries};
+use apalis_postgres::{Config, Error, PgPool, PgTask, queries as apalis_queries};
+
+use crate::{job::Backoff, queries};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
@@ -70,12 +72,14 @@ pub struct QueueStorage {
 }
 
 impl QueueStorage {
-    /// A backend for the queue `config.queue`, doing its bookkeeping on `pool`.
-    pub fn new(pool: &PgPool, config: Config) -> Self {
+    /// A backend for the queue `config.queue`, doing its bookkeeping on
+    /// `pool`; failed attempts wait `backoff` before their retry.
+    pub fn new(pool: &PgPool, config: Config, backoff: Backoff) -> Self {
         Self {
             persisted: Persisted::new(Bookkeeping {
                 pool: pool.clone(),
                 config,
+                backoff,
             }),
         }
     }
@@ -87,36 +91,8 @@ impl QueueStorage {
 struct Bookkeeping {
     pool: PgPool,
     config: Config,
+    backoff: Backoff,
 }
-
-/// Records a round of task events in one statement: results (by id, if this
-/// worker still holds the job) and starts (`Queued` → `Running`, likewise).
-///
-/// `lock_by` is compared with `IS NOT DISTINCT FROM` on purpose: that operator
-/// cannot use the `lock_by` index, so the planner finds the rows by primary
-/// key (a handful) rather than through `lock_by`, which matches every job this
-/// worker ever finished and which the statistics underestimate for a new
-/// worker name.
-///
-/// Binds: `$1` result ids, `$2` attempts, `$3` statuses, `$4` outcomes
-/// (`{"Ok": ..}`/`{"Err": ..}`), `$5` started ids, `$6` the worker's name.
-/// Returns the numbers of results and starts recorded.
-pub const RECORD_EVENTS: &str = "
-with finished as (
-    update apalis.jobs as jobs
-    set status = result.status, attempts = result.attempt,
-        last_result = result.outcome, done_at = now()
-    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[])
-         as result(id, attempt, status, outcome)
-    where jobs.id = result.id and jobs.lock_by is not distinct from $6
-    returning jobs.id
-), started as (
-    update apalis.jobs
-    set status = 'Running', lock_at = now()
-    where id = any($5) and lock_by is not distinct from $6 and status = 'Queued'
-    returning id
-)
-select (select count(*) from finished), (select count(*) from started)";
 
 /// What one round of task events changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -127,7 +103,7 @@ pub struct Recorded {
     pub started: i64,
 }
 
-/// Records one round of `worker`'s task events (see [`RECORD_EVENTS`]):
+/// Records one round of `worker`'s task events (see [`queries::RECORD_EVENTS`]):
 /// results of jobs it still holds, and starts of jobs it claimed. Events about
 /// jobs it no longer holds (recovered by another worker meanwhile) change
 /// nothing.
@@ -135,29 +111,25 @@ pub async fn record_events(
     pool: &PgPool,
     events: Vec<TaskEvent<Value>>,
     worker: &str,
+    backoff: Backoff,
 ) -> Result<Recorded, Error> {
     let round = EventRound::from(events);
     if round.is_empty() {
         return Ok(Recorded::default());
     }
-    let (finished, started) = sqlx::query_as(RECORD_EVENTS)
+    let (finished, started) = sqlx::query_as(queries::RECORD_EVENTS)
         .bind(&round.finished_ids)
         .bind(&round.attempts)
         .bind(&round.statuses)
         .bind(&round.outcomes)
         .bind(&round.started_ids)
         .bind(worker)
+        .bind(backoff.base.as_secs_f64())
+        .bind(backoff.max.as_secs_f64())
         .fetch_one(pool)
         .await?;
     Ok(Recorded { finished, started })
 }
-
-/// Registers a worker; a worker name is unique per process start (see
-/// `worker::worker_name`), so an existing row is an error.
-const REGISTER_WORKER: &str = "
-insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
-values ($1, $2, 'PgStorage', $3, now())
-on conflict (id) do nothing";
 
 /// Claims up to `batch_size` due jobs of the queue (our plan-caching
 /// `apalis.get_jobs`) and turns each row into a task on its own.
@@ -168,7 +140,7 @@ on conflict (id) do nothing";
 /// it gave up. Here a row that cannot become a task is killed alone, with the
 /// reason in `last_result`, and the rest of the batch runs.
 pub async fn claim(pool: &PgPool, config: &Config, worker: &str) -> Result<Vec<PgTask>, Error> {
-    let rows = sqlx::query(CLAIM)
+    let rows = sqlx::query(queries::CLAIM)
         .bind(worker)
         .bind(config.queue.as_ref())
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
@@ -190,7 +162,7 @@ pub async fn claim(pool: &PgPool, config: &Config, worker: &str) -> Result<Vec<P
         }
     }
     if !rejected_ids.is_empty() {
-        sqlx::query(KILL_REJECTED)
+        sqlx::query(queries::KILL_REJECTED)
             .bind(&rejected_ids)
             .bind(&reasons)
             .bind(worker)
@@ -199,20 +171,6 @@ pub async fn claim(pool: &PgPool, config: &Config, worker: &str) -> Result<Vec<P
     }
     Ok(tasks)
 }
-
-/// The claim: a batch of due jobs, marked `Queued` for `$1`.
-const CLAIM: &str = "
-select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_by,
-       done_at, priority, idempotency_key, metadata
-from apalis.get_jobs($1, $2, $3)";
-
-/// Ends claimed rows that cannot be run: `$1` ids, `$2` reasons, `$3` the claimer.
-const KILL_REJECTED: &str = "
-update apalis.jobs as jobs
-set status = 'Killed', done_at = now(), lock_by = null, lock_at = null,
-    last_result = jsonb_build_object('Err', rejected.reason)
-from unnest($1::text[], $2::text[]) as rejected(id, reason)
-where jobs.id = rejected.id and jobs.lock_by = $3";
 
 /// One claimed row as a task, or why it cannot be one. Every column is read on
 /// its own, so that no value of one row can fail another.
@@ -274,36 +232,9 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, String> {
     Ok(task.build())
 }
 
-/// Returns the jobs of `queue`'s workers that stopped heartbeating a lease ago
-/// (`$1` seconds) to the queue, counting the lost attempt; a job with no
-/// attempts left ends dead instead of looping through crash after crash.
-///
-/// Unlike apalis-postgres's `reenqueue_orphaned`, which this replaces, a
-/// failure here is never a worker's death: recovery is retried at the next
-/// heartbeat (see [`recover_orphans_logged`]).
-const RECOVER_ORPHANS: &str = r#"
-with lost as (
-    select jobs.id
-    from apalis.jobs
-    join apalis.workers on jobs.lock_by = workers.id
-    where jobs.status in ('Queued', 'Running')
-      and workers.worker_type = $2
-      and now() - workers.last_seen >= make_interval(secs => $1)
-    for update of jobs skip locked
-)
-update apalis.jobs as jobs
-set status = case when jobs.attempts + 1 >= jobs.max_attempts then 'Killed' else 'Pending' end,
-    done_at = case when jobs.attempts + 1 >= jobs.max_attempts then now() end,
-    lock_by = null, lock_at = null, attempts = jobs.attempts + 1,
-    last_result = case when jobs.attempts + 1 >= jobs.max_attempts
-        then jsonb_build_object('Err', format('gave up after %s of %s attempts: the last was lost with its worker (crash or lease expiry)', jobs.attempts + 1, jobs.max_attempts))
-        else '{"Err": "Re-enqueued due to worker heartbeat timeout."}'::jsonb end
-from lost
-where jobs.id = lost.id"#;
-
-/// Recovers the jobs of `queue`'s lost workers (see [`RECOVER_ORPHANS`]).
+/// Recovers the jobs of `queue`'s lost workers (see [`queries::RECOVER_ORPHANS`]).
 pub async fn recover_orphans(pool: &PgPool, queue: &str, lease_seconds: u64) -> Result<u64, Error> {
-    let recovered = sqlx::query(RECOVER_ORPHANS)
+    let recovered = sqlx::query(queries::RECOVER_ORPHANS)
         .bind(lease_seconds as f64)
         .bind(queue)
         .execute(pool)
@@ -340,7 +271,7 @@ impl Persistence for Bookkeeping {
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.to_string();
         recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
-        let inserted = sqlx::query(REGISTER_WORKER)
+        let inserted = sqlx::query(queries::REGISTER_WORKER)
             .bind(worker.name())
             .bind(&queue)
             .bind(worker.get_service())
@@ -355,7 +286,7 @@ impl Persistence for Bookkeeping {
 
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.to_string();
-        queries::keep_alive(&mut *self.pool.acquire().await?, &queue, worker).await?;
+        apalis_queries::keep_alive(&mut *self.pool.acquire().await?, &queue, worker).await?;
         recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
         Ok(())
     }
@@ -374,7 +305,7 @@ impl Persistence for Bookkeeping {
             .filter_map(|task| task.task_id().map(ToString::to_string))
             .collect();
         let queue = self.config.queue.to_string();
-        let returned = queries::reenqueue_abandoned(
+        let returned = apalis_queries::reenqueue_abandoned(
             &mut *self.pool.acquire().await?,
             &queue,
             worker.name(),
@@ -395,13 +326,13 @@ impl Persistence for Bookkeeping {
         events: Vec<TaskEvent<Value>>,
         worker: &WorkerContext,
     ) -> Result<(), Error> {
-        record_events(&self.pool, events, worker.name()).await?;
+        record_events(&self.pool, events, worker.name(), self.backoff).await?;
         Ok(())
     }
 
     async fn push_tasks(&mut self, tasks: Vec<PgTask>) -> Result<(), Error> {
         let queue = self.config.queue.to_string();
-        queries::push_tasks(&mut *self.pool.acquire().await?, &queue, tasks).await
+        apalis_queries::push_tasks(&mut *self.pool.acquire().await?, &queue, tasks).await
     }
 }
 

@@ -1,0 +1,36 @@
+#![doc = include_str!("../README.md")]
+
+pub mod admin;
+mod durability;
+mod enqueue;
+mod error;
+mod job;
+mod job_span;
+mod migrate;
+mod queries;
+mod registry;
+pub mod shutdown;
+mod storage;
+mod worker;
+
+pub use enqueue::{enqueue, enqueue_many};
+pub use error::Error;
+pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
+pub use migrate::{is_migrated, migrate};
+pub use registry::Registry;
+pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
+
+/// Internals that the integration tests check against the real schema; not
+/// part of the API, and may change without notice.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::{
+        queries::RECORD_EVENTS,
+        storage::{Recorded, record_events},
+    };
+
+    /// The bookkeeping pool a worker of one queue would use.
+    pub fn bookkeeping_pool(config: &crate::WorkerConfig, pool: &sqlx::PgPool) -> sqlx::PgPool {
+        config.bookkeeping_pool(pool, 1)
+    }
+}

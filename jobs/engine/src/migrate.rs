@@ -1,0 +1,53 @@
+//! The queue's schema ships with the engine: [`migrate`].
+
+use apalis_postgres::PostgresStorage;
+use sqlx::{PgPool, migrate::Migrator};
+
+use crate::Error;
+
+/// Where the engine records its own migrations (apart from the app's, in
+/// `public._sqlx_migrations`, and apalis-postgres's, in `apalis._sqlx_migrations`).
+const HISTORY_TABLE: &str = "apalis._durable_jobs_migrations";
+
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name(HISTORY_TABLE);
+    migrator
+}
+
+/// Creates or upgrades the queue's schema: apalis-postgres's tables, then the
+/// engine's additions (claim function, unique keys, row checks, the
+/// `apalis.job_states` view). Run it before the app's own migrations, which
+/// may refer to the queue's tables.
+///
+/// Safe to call from many processes at once (each migrator holds an advisory
+/// lock while it runs) and any number of times.
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    PostgresStorage::setup(pool).await?;
+    migrator().run(pool).await?;
+    Ok(())
+}
+
+/// Whether every queue migration this build knows is applied.
+pub async fn is_migrated(pool: &PgPool) -> Result<bool, Error> {
+    let tables_exist: bool = sqlx::query_scalar(
+        "select to_regclass('apalis._sqlx_migrations') is not null
+            and to_regclass($1) is not null",
+    )
+    .bind(HISTORY_TABLE)
+    .fetch_one(pool)
+    .await?;
+    if !tables_exist {
+        return Ok(false);
+    }
+    // The table name is our constant, not input.
+    let (apalis, engine): (Option<i64>, Option<i64>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select (select max(version) from apalis._sqlx_migrations where success),
+                (select max(version) from {HISTORY_TABLE} where success)"
+        )))
+        .fetch_one(pool)
+        .await?;
+    let latest = |migrator: &Migrator| migrator.iter().map(|m| m.version).max();
+    Ok(apalis >= latest(&PostgresStorage::migrations()) && engine >= latest(&migrator()))
+}

@@ -1,0 +1,232 @@
+//! Every statement the engine sends to the queue tables, each named once.
+//!
+//! What a job's state is (pending, scheduled, claimed, running, done, dead)
+//! and when it is due is defined once, in the view `apalis.job_states` (see
+//! the engine's migrations); statements here that ask about states read the
+//! view. The claim itself (`apalis.get_jobs`) spells the waiting condition
+//! out, because it must match the claim index's predicate word for word.
+
+// ---- the worker's bookkeeping (storage.rs) ----
+
+/// The claim: a batch of due jobs, marked `Queued` for `$1`.
+pub(crate) const CLAIM: &str = "
+select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_by,
+       done_at, priority, idempotency_key, metadata
+from apalis.get_jobs($1, $2, $3)";
+
+/// Ends claimed rows that cannot be run: `$1` ids, `$2` reasons, `$3` the claimer.
+pub(crate) const KILL_REJECTED: &str = "
+update apalis.jobs as jobs
+set status = 'Killed', done_at = now(), lock_by = null, lock_at = null,
+    last_result = jsonb_build_object('Err', rejected.reason)
+from unnest($1::text[], $2::text[]) as rejected(id, reason)
+where jobs.id = rejected.id and jobs.lock_by = $3";
+
+/// Records a round of task events in one statement: results (by id, if this
+/// worker still holds the job) and starts (`Queued` → `Running`, likewise).
+///
+/// `lock_by` is compared with `IS NOT DISTINCT FROM` on purpose: that operator
+/// cannot use the `lock_by` index, so the planner finds the rows by primary
+/// key (a handful) rather than through `lock_by`, which matches every job this
+/// worker ever finished and which the statistics underestimate for a new
+/// worker name.
+///
+/// A failed attempt is settled in the same write as its acknowledgement:
+/// status, attempts, `last_result`, and the retry's `run_at`, pushed out by
+/// `$7 · 2^(attempt-1)` seconds, at most `$8`, with ±10 % jitter.
+///
+/// Binds: `$1` result ids, `$2` attempts, `$3` statuses, `$4` outcomes
+/// (`{"Ok": ..}`/`{"Err": ..}`), `$5` started ids, `$6` the worker's name,
+/// `$7`/`$8` the backoff's base and cap in seconds.
+/// Returns the numbers of results and starts recorded.
+pub const RECORD_EVENTS: &str = "
+with finished as (
+    update apalis.jobs as jobs
+    set status = result.status, attempts = result.attempt,
+        last_result = result.outcome, done_at = now(),
+        run_at = case when result.status = 'Failed'
+            then clock_timestamp() + make_interval(secs =>
+                least($7 * power(2, least(greatest(result.attempt - 1, 0), 30)), $8)
+                * (0.9 + 0.2 * random()))
+            else jobs.run_at end
+    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[])
+         as result(id, attempt, status, outcome)
+    where jobs.id = result.id and jobs.lock_by is not distinct from $6
+    returning jobs.id
+), started as (
+    update apalis.jobs
+    set status = 'Running', lock_at = now()
+    where id = any($5) and lock_by is not distinct from $6 and status = 'Queued'
+    returning id
+)
+select (select count(*) from finished), (select count(*) from started)";
+
+/// Registers a worker; a worker name is unique per process start (see
+/// `worker::worker_name`), so an existing row is an error.
+pub(crate) const REGISTER_WORKER: &str = "
+insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+values ($1, $2, 'PgStorage', $3, now())
+on conflict (id) do nothing";
+
+/// Returns the jobs of `queue`'s workers that stopped heartbeating a lease ago
+/// (`$1` seconds) to the queue, counting the lost attempt; a job with no
+/// attempts left ends dead instead of looping through crash after crash.
+///
+/// Unlike apalis-postgres's `reenqueue_orphaned`, which this replaces, a
+/// failure here is never a worker's death: recovery is retried at the next
+/// heartbeat (see `storage::recover_orphans`).
+pub(crate) const RECOVER_ORPHANS: &str = r#"
+with lost as (
+    select jobs.id
+    from apalis.jobs
+    join apalis.workers on jobs.lock_by = workers.id
+    where jobs.status in ('Queued', 'Running')
+      and workers.worker_type = $2
+      and now() - workers.last_seen >= make_interval(secs => $1)
+    for update of jobs skip locked
+)
+update apalis.jobs as jobs
+set status = case when jobs.attempts + 1 >= jobs.max_attempts then 'Killed' else 'Pending' end,
+    done_at = case when jobs.attempts + 1 >= jobs.max_attempts then now() end,
+    lock_by = null, lock_at = null, attempts = jobs.attempts + 1,
+    last_result = case when jobs.attempts + 1 >= jobs.max_attempts
+        then jsonb_build_object('Err', format('gave up after %s of %s attempts: the last was lost with its worker (crash or lease expiry)', jobs.attempts + 1, jobs.max_attempts))
+        else '{"Err": "Re-enqueued due to worker heartbeat timeout."}'::jsonb end
+from lost
+where jobs.id = lost.id"#;
+
+// ---- enqueueing (enqueue.rs) ----
+
+/// Inserts jobs: `$1` ids, `$2` queue, `$3` payloads, `$4` max attempts,
+/// `$5` delays in seconds, `$6` metadata (trace context) as JSON objects.
+pub(crate) const INSERT_JOBS: &str = "
+insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
+select job.id, $2, job.job, 'Pending', 0, job.max_attempts,
+       clock_timestamp() + make_interval(secs => job.delay), 0,
+       (select hstore(array_agg(key), array_agg(value)) from jsonb_each_text(job.metadata))
+from unnest($1::text[], $3::bytea[], $4::int4[], $5::float8[], $6::jsonb[])
+     as job(id, job, max_attempts, delay, metadata)";
+
+/// Inserts a unique job, or merges into the pending one of its key. The key
+/// is `$7`, suffixed with the window when `$8` (window seconds) is set; the
+/// job is then due when its window closes; else after `$5` seconds. `$6` is
+/// the metadata as a JSON object (with the newcomer's order under
+/// `unique.order` for `greatest`), `$9` the merge rule (`keep`, `replace` or
+/// `greatest`), `$10` the newcomer's order.
+/// Returns no row when the pending job was claimed meanwhile (try again: the
+/// key is free then).
+pub(crate) const UPSERT_UNIQUE: &str = "
+with slot as (
+    select case when $8::float8 is null then $7
+                else $7 || '@' || floor(extract(epoch from clock_timestamp()) / $8)::bigint end as key,
+           case when $8::float8 is null then clock_timestamp() + make_interval(secs => $5)
+                else to_timestamp((floor(extract(epoch from clock_timestamp()) / $8) + 1) * $8) end as run_at
+)
+insert into apalis.jobs as jobs
+    (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, unique_key)
+select $1, $2, $3, 'Pending', 0, $4, slot.run_at, 0,
+       (select hstore(array_agg(key), array_agg(value)) from jsonb_each_text($6::jsonb)), slot.key
+from slot
+on conflict (job_type, unique_key) where unique_key is not null do update set
+    job = case when $9 = 'replace'
+                 or ($9 = 'greatest' and $10 > coalesce(jobs.metadata -> 'unique.order', ''))
+               then excluded.job else jobs.job end,
+    metadata = case when $9 = 'replace'
+                      or ($9 = 'greatest' and $10 > coalesce(jobs.metadata -> 'unique.order', ''))
+                    then excluded.metadata else jobs.metadata end
+where jobs.status = 'Pending'
+returning id";
+
+// ---- the runtime's upkeep (worker.rs) ----
+
+/// Whether jobs of the queues `$1` have been due for longer than `$2`
+/// seconds (the watchdog's question).
+pub(crate) const DUE_FOR: &str = "
+select exists (select 1 from apalis.job_states
+               where job_type = any($1) and due and run_at < now() - make_interval(secs => $2))";
+
+// ---- operator views and actions (admin.rs) ----
+
+/// Jobs per queue and state, in lifecycle order.
+pub(crate) const QUEUE_STATUS: &str = "
+select job_type as queue, state, count(*) as count from apalis.job_states
+group by job_type, state
+order by job_type, array_position(
+    array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)";
+
+/// The newest `$1` jobs, any state.
+pub(crate) const LATEST_JOBS: &str = "
+select id, job_type as queue, state, attempts, max_attempts, run_at,
+       last_result ->> 'Err' as last_error
+from apalis.job_states order by id desc limit $1";
+
+/// Per queue: done, dead and retrying in the last hour.
+pub(crate) const LAST_HOUR: &str = "
+select job_type as queue,
+       count(*) filter (where state = 'done') as done,
+       count(*) filter (where state = 'dead') as dead,
+       count(*) filter (where state = 'scheduled' and status = 'Failed') as retrying
+from apalis.job_states
+where done_at > now() - interval '1 hour'
+group by job_type order by job_type";
+
+/// The newest `$1` dead jobs.
+pub(crate) const DEAD_JOBS: &str = "
+select id, job_type as queue, attempts,
+       coalesce(last_result ->> 'Err', last_result::text) as last_error,
+       done_at as died_at
+from apalis.job_states where state = 'dead'
+order by done_at desc nulls last, id desc
+limit $1";
+
+/// A dead job `$1` back to pending with fresh attempts.
+pub(crate) const RETRY: &str = "
+update apalis.jobs
+set status = 'Pending', attempts = 0, run_at = now(),
+    lock_by = null, lock_at = null, done_at = null
+where id = $1 and id in (select id from apalis.job_states where id = $1 and state = 'dead')";
+
+/// A job `$1` that has not started ends dead, cancelled.
+pub(crate) const CANCEL: &str = r#"
+update apalis.jobs
+set status = 'Killed', done_at = now(), unique_key = null,
+    last_result = '{"Err": "cancelled by an operator"}'::jsonb
+where id = $1
+  and id in (select id from apalis.job_states where id = $1 and state in ('pending', 'scheduled'))"#;
+
+/// Deletes done jobs older than `$1` seconds and dead ones older than `$2`.
+pub(crate) const PRUNE_JOBS: &str = "
+with deleted as (
+    delete from apalis.jobs
+    where id in (select id from apalis.job_states
+                 where (state = 'done' and done_at < now() - make_interval(secs => $1))
+                    or (state = 'dead' and done_at < now() - make_interval(secs => $2)))
+    returning status)
+select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
+from deleted";
+
+/// Deletes workers silent for a day that hold no job.
+pub(crate) const PRUNE_WORKERS: &str = "
+delete from apalis.workers w
+where w.last_seen < now() - interval '1 day'
+  and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)";
+
+/// Kills pending jobs of queues not in `$1` that waited `$2` seconds.
+pub(crate) const KILL_UNHANDLED: &str = r#"
+update apalis.jobs
+set status = 'Killed', done_at = now(), unique_key = null,
+    last_result = jsonb_build_object('Err', 'no worker handles job type ' || job_type)
+where status = 'Pending' and job_type <> all($1)
+  and run_at < now() - make_interval(secs => $2)"#;
+
+/// Returns attempts whose result can no longer arrive (`$1` job timeout,
+/// `$2` lease, in seconds): `Running` for longer than timeout + lease, or
+/// claimed and not started for longer than twice the timeout + lease.
+pub(crate) const REAP_LOST_ATTEMPTS: &str = r#"
+update apalis.jobs
+set status = case when attempts + 1 >= max_attempts then 'Killed' else 'Failed' end,
+    attempts = attempts + 1,
+    run_at = now(), done_at = now(),
+    last_result = '{"Err": "attempt lost: no result was recorded within the job timeout"}'::jsonb
+where (status = 'Running' and lock_at < now() - make_interval(secs => $1 + $2))
+   or (status = 'Queued' and lock_at < now() - make_interval(secs => 2 * $1 + $2))"#;

@@ -1,0 +1,113 @@
+//! The one list of job types an app runs: [`Registry`].
+
+use std::time::Duration;
+
+use apalis::prelude::Monitor;
+
+use crate::{
+    Job,
+    job::Backoff,
+    worker::{self, WorkerParts},
+};
+
+/// Every job type an app runs; `C` is the context their runs share (given to
+/// [`crate::run`]). Built once: the worker, the reaper of unknown types, the
+/// watchdog, pool sizing and the operator views all read it, so adding a job
+/// type is its declaration plus one `register` line.
+///
+/// ```
+/// # use durable_jobs::{Job, JobContext, JobError, Registry};
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct SendWelcome;
+/// # impl Job for SendWelcome {
+/// #     const NAME: &'static str = "send_welcome";
+/// #     type Context = ();
+/// #     type Output = ();
+/// #     async fn run(self, _: JobContext<'_, ()>) -> Result<(), JobError> { Ok(()) }
+/// # }
+/// let registry = Registry::<()>::new().register::<SendWelcome>();
+/// assert_eq!(registry.queues(), ["send_welcome"]);
+/// ```
+pub struct Registry<C> {
+    pub(crate) jobs: Vec<Registration<C>>,
+}
+
+/// What the runtime knows of one registered job type.
+pub(crate) struct Registration<C> {
+    pub(crate) name: &'static str,
+    pub(crate) max_attempts: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) backoff: Backoff,
+    /// Adds this type's worker to a monitor (monomorphised for the type).
+    pub(crate) add_worker: fn(Monitor, &WorkerParts<C>) -> Monitor,
+}
+
+// Derived Clone would ask for `C: Clone` through the fn pointer's parameter;
+// every field is Copy.
+impl<C> Clone for Registration<C> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            max_attempts: self.max_attempts,
+            timeout: self.timeout,
+            backoff: self.backoff,
+            add_worker: self.add_worker,
+        }
+    }
+}
+
+impl<C> Clone for Registry<C> {
+    fn clone(&self) -> Self {
+        Self {
+            jobs: self.jobs.clone(),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Registry<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("queues", &self.queues())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Clone + Send + Sync + 'static> Default for Registry<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: Clone + Send + Sync + 'static> Registry<C> {
+    /// An empty registry of job types whose context is `C`.
+    pub fn new() -> Self {
+        Self { jobs: Vec::new() }
+    }
+
+    /// Adds job type `J`.
+    ///
+    /// # Panics
+    /// If a type with the same [`Job::NAME`] is registered already: two types
+    /// on one queue would take each other's jobs.
+    pub fn register<J: Job<Context = C>>(mut self) -> Self {
+        assert!(
+            !self.queues().contains(&J::NAME),
+            "job type {:?} is registered twice",
+            J::NAME
+        );
+        self.jobs.push(Registration {
+            name: J::NAME,
+            max_attempts: J::MAX_ATTEMPTS,
+            timeout: J::TIMEOUT,
+            backoff: J::BACKOFF,
+            add_worker: worker::add_worker::<J>,
+        });
+        self
+    }
+}
+
+impl<C> Registry<C> {
+    /// The queues (job type names), in registration order.
+    pub fn queues(&self) -> Vec<&'static str> {
+        self.jobs.iter().map(|job| job.name).collect()
+    }
+}
