@@ -276,3 +276,31 @@ pub async fn reap_lost_attempts(
     .rows_affected();
     Ok(reaped)
 }
+
+/// Job counts per queue of the states that are not final (`pending`,
+/// `scheduled`, `claimed`, `running`), the queue depth of `/metrics`.
+///
+/// Cheaper than [`queue_status`], which counts every row: finished jobs
+/// (`done`, `dead`), usually almost all of the table, are never read. Pending
+/// and retrying rows are found through apalis's claim index
+/// (`idx_apalis_jobs_fetch_partial`, whose predicate this repeats); claimed
+/// and running ones are at most a few per worker slot. States with no job are
+/// absent.
+pub async fn open_job_counts(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
+    Ok(sqlx::query_as(
+        "select job_type as queue,
+                case when status = 'Failed' or run_at > now() then 'scheduled' else 'pending' end as state,
+                count(*) as count
+         from apalis.jobs
+         where status = 'Pending' or (status = 'Failed' and attempts < max_attempts)
+         group by 1, 2
+         union all
+         select job_type, case when status = 'Queued' then 'claimed' else 'running' end, count(*)
+         from apalis.jobs
+         where status in ('Queued', 'Running')
+         group by 1, 2
+         order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await?)
+}
