@@ -92,3 +92,13 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_flags_are_a_valid_command_line() {
+        super::Config::command().debug_assert();
+    }
+}

@@ -46,22 +46,22 @@ use tower::Service as _;
 pub struct HttpConfig {
     /// Seconds a client has to send a request's headers; also how long an
     /// idle keep-alive connection stays open. Closes slowloris connections.
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    #[arg(long = "http-header-timeout", env = "HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
     pub header_timeout: Duration,
 
     /// Seconds one request may take before it is answered 503 (the handler is
     /// cancelled, its transaction rolled back).
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    #[arg(long = "http-request-timeout", env = "HTTP_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
     pub request_timeout: Duration,
 
     /// Most connections served at once; more get an immediate 503 and are
     /// closed. Keep it below `ulimit -n` minus the database pools (each
     /// connection is a file descriptor).
-    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
     /// Seconds a shutdown waits for open connections to finish their requests.
-    #[arg(long, env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
+    #[arg(id = "http_shutdown_grace", long = "http-shutdown-grace", value_name = "SECONDS", env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 }
 

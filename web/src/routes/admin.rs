@@ -378,12 +378,12 @@ impl Notice {
 
     /// The sentence shown, naming the job when `job` is a valid job id.
     pub fn text(self, job: Option<ulid::Ulid>) -> String {
-        let job = job.map_or_else(|| "the job".to_owned(), |id| format!("job {id}"));
+        let job = job.map(|id| format!(" job {id}")).unwrap_or_default();
         match self {
-            Notice::Retried => format!("retry: {job} done"),
-            Notice::Cancelled => format!("cancel: {job} done"),
-            Notice::NotDead => format!("retry: {job} is not dead"),
-            Notice::NotPending => format!("cancel: {job} is not pending"),
+            Notice::Retried => format!("retry:{job} done"),
+            Notice::Cancelled => format!("cancel:{job} done"),
+            Notice::NotDead => format!("retry:{job} not done, the job is not dead"),
+            Notice::NotPending => format!("cancel:{job} not done, the job is not pending"),
         }
     }
 }
