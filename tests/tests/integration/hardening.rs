@@ -526,6 +526,15 @@ async fn eleven_wrong_tokens_in_a_minute_get_429_with_retry_after_for_that_addre
     assert_eq!(bearer.status(), 429);
     // while another address logs in.
     assert_eq!(attempt(TOKEN, "203.0.113.5").await?.status(), 303);
+    // 30 guesses at once from a third address: still exactly 10 get a verdict.
+    let burst = futures::future::join_all((0..30).map(|_| attempt("guess", "192.0.2.7"))).await;
+    let mut statuses = Vec::new();
+    for response in burst {
+        statuses.push(response?.status().as_u16());
+    }
+    let verdicts = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(verdicts, 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 20);
     assert!(web.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }

@@ -168,19 +168,18 @@ impl FailedLogins {
         }
     }
 
-    /// `Err(wait)` while `ip` has used up its failures.
-    fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let seen = self.seen.lock().expect("limiter lock poisoned");
-        match seen.get(&Self::key(ip)) {
-            Some(&(failures, since)) if failures >= self.max && since.elapsed() < self.window => {
-                Err(self.window.saturating_sub(since.elapsed()))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn failed(&self, ip: IpAddr) {
+    /// Counts an attempt from `ip` as a failure until [`Self::succeeded`]
+    /// says otherwise, or `Err(wait)` if `ip` used up its failures. Checking and
+    /// counting under one lock means concurrent guesses cannot slip past the
+    /// limit between the check and the count.
+    fn attempt(&self, ip: IpAddr) -> Result<(), Duration> {
         let mut seen = self.seen.lock().expect("limiter lock poisoned");
+        if let Some(&(failures, since)) = seen.get(&Self::key(ip))
+            && failures >= self.max
+            && since.elapsed() < self.window
+        {
+            return Err(self.window.saturating_sub(since.elapsed()));
+        }
         if seen.len() >= MAX_TRACKED_CLIENTS {
             seen.retain(|_, (_, since)| since.elapsed() < self.window);
             if seen.len() >= MAX_TRACKED_CLIENTS {
@@ -195,6 +194,7 @@ impl FailedLogins {
             *entry = (0, Instant::now());
         }
         entry.0 += 1;
+        Ok(())
     }
 
     fn succeeded(&self, ip: IpAddr) {
@@ -260,12 +260,11 @@ impl Refusal {
 
 /// Checks `token` against the limiter first, then in constant time.
 fn check_token(auth: &AdminAuth, client: IpAddr, token: &str) -> Result<(), Refusal> {
-    auth.failed.check(client).map_err(Refusal::TooMany)?;
+    auth.failed.attempt(client).map_err(Refusal::TooMany)?;
     if constant_time_eq(token, &auth.token) {
         auth.failed.succeeded(client);
         Ok(())
     } else {
-        auth.failed.failed(client);
         tracing::warn!(client.address = %client, "admin login refused: wrong token");
         Err(Refusal::Wrong)
     }
@@ -583,19 +582,18 @@ mod tests {
         let limiter = FailedLogins::new(2, Duration::from_secs(60));
         let ip: IpAddr = "2001:db8::1".parse().expect("ip");
         let neighbour: IpAddr = "2001:db8::2".parse().expect("ip");
-        limiter.failed(ip);
-        assert!(limiter.check(ip).is_ok());
-        limiter.failed(neighbour); // the same /64
-        assert!(limiter.check(ip).is_err());
+        assert!(limiter.attempt(ip).is_ok());
+        assert!(limiter.attempt(neighbour).is_ok()); // the same /64
+        assert!(limiter.attempt(ip).is_err());
         limiter.succeeded(ip);
-        assert!(limiter.check(ip).is_ok());
+        assert!(limiter.attempt(ip).is_ok());
     }
 
     #[test]
     fn failed_logins_track_a_bounded_number_of_addresses() {
         let limiter = FailedLogins::new(1, Duration::from_secs(60));
         for n in 0..(MAX_TRACKED_CLIENTS as u32 + 100) {
-            limiter.failed(IpAddr::V4(n.into()));
+            let _ = limiter.attempt(IpAddr::V4(n.into()));
         }
         let tracked = limiter.seen.lock().expect("lock").len();
         assert_eq!(tracked, MAX_TRACKED_CLIENTS);
