@@ -22,7 +22,14 @@ use tokio::{
 /// `cargo test` builds libraries and test harnesses but not other packages'
 /// executables, so the first call runs `cargo build --bins` for them, in the
 /// same profile and target directory as this test binary.
+///
+/// With `VISITME_BIN_DIR` set, the binaries are taken from there instead and
+/// nothing is built: to run tests against other builds, e.g. an older release,
+/// to see a regression test fail.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("VISITME_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
+    }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
         .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
@@ -95,18 +102,26 @@ pub struct Process {
     name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Process {
-    /// Spawns binary `name` with extra environment variables.
+    /// Spawns binary `name` with extra environment variables, logging at
+    /// `info` (a `RUST_LOG` in `env` is overridden; see [`Process::spawn_logging`]).
     pub fn spawn(name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_logging(
+            name,
+            env,
+            "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+        )
+    }
+
+    /// [`Process::spawn`] with the log filter `rust_log`.
+    pub fn spawn_logging(name: &str, env: &[(&str, &str)], rust_log: &str) -> anyhow::Result<Self> {
         let mut command = Command::new(binary(name)?);
         command
             .envs(env.iter().copied())
-            .env(
-                "RUST_LOG",
-                "info,sqlx::postgres::notice=warn,opentelemetry=warn",
-            )
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1");
         Self::start(name, command)
     }
@@ -131,6 +146,7 @@ impl Process {
             .kill_on_drop(true);
         let mut child = command.spawn().with_context(|| format!("spawn {name}"))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         let stdout = child.stdout.take().context("stdout")?;
         let stderr = child.stderr.take().context("stderr")?;
         for (stream, lines) in [
@@ -140,17 +156,18 @@ impl Process {
             ),
             (Box::new(stderr), lines.clone()),
         ] {
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.lock().expect("log buffer lock").push(line);
                 }
-            });
+            }));
         }
         Ok(Self {
             name: name.to_owned(),
             child,
             lines,
+            readers,
         })
     }
 
@@ -220,6 +237,40 @@ impl Process {
                 self.name,
                 self.output().join("\n")
             ),
+        }
+    }
+}
+
+impl Process {
+    /// Sends SIGTERM, waits (with a deadline) for the exit, then for the end
+    /// of its output, and returns both: everything it printed, up to its last
+    /// line at shutdown.
+    pub async fn terminate_with_output(
+        mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<(ExitStatus, Vec<String>)> {
+        self.signal(Signal::SIGTERM)?;
+        let status = match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => bail!(
+                "{} still running {deadline:?} after SIGTERM:\n{}",
+                self.name,
+                self.output().join("\n")
+            ),
+        };
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(Duration::from_secs(10), reader)
+                .await
+                .with_context(|| format!("{}'s output did not end after its exit", self.name))??;
+        }
+        Ok((status, self.output()))
+    }
+
+    /// Waits (with a deadline) for the process to exit by itself.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!("{} still running after {deadline:?}", self.name),
         }
     }
 }

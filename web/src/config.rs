@@ -1,10 +1,12 @@
 //! The `web` binary's settings: flags with environment-variable fallbacks.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{ArgAction, Parser};
 
 pub use crate::routes::visits::VisitorIp;
+pub use crate::serve::HttpConfig;
+use crate::{Error, routes::admin::MIN_TOKEN_CHARS, serve::parse_seconds};
 use jobs::WorkerConfig;
 
 /// Serves the VisitMe page: records each visit, lists the 10 newest, and
@@ -46,9 +48,25 @@ pub struct Config {
     pub visitor_ip: VisitorIp,
 
     /// Secret that unlocks the jobs dashboard at /admin (login form or
-    /// `Authorization: Bearer`); without it the dashboard is disabled.
+    /// `Authorization: Bearer`), at least 16 characters (`web` refuses to
+    /// start with a shorter one); without it the dashboard is disabled.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Serve Prometheus metrics at http://<METRICS_BIND>/metrics, e.g. on an
+    /// address only the monitoring network reaches; `/metrics` then answers
+    /// 404 on BIND. Unset: `/metrics` is served on BIND.
+    #[arg(long, env = "METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+
+    /// Seconds between two counts of the queue depth for /metrics (scrapes
+    /// in between get the last count; one count runs at a time).
+    #[arg(long, env = "METRICS_QUEUE_REFRESH", default_value = "5", value_parser = parse_seconds)]
+    pub metrics_queue_refresh: Duration,
+
+    /// HTTP server limits.
+    #[command(flatten)]
+    pub http: HttpConfig,
 
     /// Worker settings (used when the embedded worker runs).
     #[command(flatten)]
@@ -57,4 +75,30 @@ pub struct Config {
     /// Logging and telemetry settings.
     #[command(flatten)]
     pub telemetry: observability::Config,
+}
+
+impl Config {
+    /// Refuses settings that parse but must not run.
+    pub fn check(&self) -> Result<(), Error> {
+        if let Some(token) = self.admin_token.as_deref().filter(|t| !t.is_empty()) {
+            let chars = token.chars().count();
+            if chars < MIN_TOKEN_CHARS {
+                return Err(Error::Config(format!(
+                    "ADMIN_TOKEN is {chars} characters long, it must be at least \
+                     {MIN_TOKEN_CHARS}: a short token can be guessed (use e.g. `openssl rand -hex 32`)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_flags_are_a_valid_command_line() {
+        super::Config::command().debug_assert();
+    }
 }

@@ -19,6 +19,9 @@ pub enum Error {
     /// The job queue refused an operation (enqueue, dashboard query or action).
     #[error("job queue error: {0}")]
     Jobs(#[source] jobs::Error),
+    /// The configuration cannot be used (reported at startup, never to a user).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl From<jobs::Error> for Error {
@@ -60,7 +63,7 @@ impl IntoResponse for Error {
                 tracing::warn!(error = %self, "answering 503: database unavailable");
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Error::Database(_) | Error::Jobs(_) => {
+            Error::Database(_) | Error::Jobs(_) | Error::Config(_) => {
                 tracing::error!(error = %self, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -3,31 +3,47 @@
 mod config;
 mod error;
 pub mod routes;
+mod serve;
 mod state;
 mod telemetry;
 pub mod views;
 pub mod visits;
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, time::Duration};
 
 use axum::{Router, http::StatusCode, response::IntoResponse};
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tokio_util::sync::CancellationToken;
+use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
-pub use config::Config;
+pub use config::{Config, HttpConfig};
 pub use error::Error;
 pub use state::AppState;
 
-/// The whole HTTP surface.
+/// The whole HTTP surface, with the default request timeout.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    app(state, true, HttpConfig::default().request_timeout)
+}
+
+/// The HTTP surface; `/metrics` only with `with_metrics`. A request running
+/// longer than `request_timeout` is cancelled and answered 503 (inside the
+/// metrics and trace layers, so it is counted and traced like any answer).
+fn app(state: AppState, with_metrics: bool, request_timeout: Duration) -> Router {
+    let mut router = Router::new()
         .merge(routes::visits::router())
         .merge(routes::health::router())
         .merge(routes::assets::router())
-        .merge(routes::admin::router())
-        .merge(routes::metrics::router())
+        .merge(routes::admin::router());
+    if with_metrics {
+        router = router.merge(routes::metrics::router());
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .layer(axum::middleware::from_fn(routes::metrics::track))
         .layer(
@@ -84,17 +100,53 @@ async fn security_headers(
     response
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish.
+/// Serves `router(state)` on `listener` with the default [`HttpConfig`]
+/// until `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_with(listener, None, state, &HttpConfig::default(), shutdown).await
+}
+
+/// Serves the app on `listener` within the limits of `config` until
+/// `shutdown` completes. With a `metrics` listener, `/metrics` is served
+/// there only (and answers 404 on `listener`), within the same limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    state: AppState,
+    config: &HttpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let queue_depth = state.queue_depth.clone();
+    let result = match metrics {
+        None => {
+            let app = app(state, true, config.request_timeout);
+            serve::run(listener, app, config, shutdown).await
+        }
+        Some(metrics) => {
+            let stop = CancellationToken::new();
+            let stopper = stop.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                stopper.cancel();
+            });
+            let metrics_app = routes::metrics::router()
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    config.request_timeout,
+                ))
+                .with_state(state.clone());
+            let app = app(state, false, config.request_timeout);
+            let (main, metrics) = tokio::join!(
+                serve::run(listener, app, config, stop.clone().cancelled_owned()),
+                serve::run(metrics, metrics_app, config, stop.clone().cancelled_owned()),
+            );
+            main.and(metrics)
+        }
+    };
+    queue_depth.close().await;
+    result
 }

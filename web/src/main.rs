@@ -21,6 +21,7 @@ const EMBEDDED_RESTART_PAUSE: Duration = Duration::from_secs(30);
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::parse();
+    config.check()?; // a short ADMIN_TOKEN: one line, exit 1, before anything else
     let _telemetry = observability::init("visitme-web", &config.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();
 
@@ -29,6 +30,14 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let address = listener.local_addr()?;
+    let metrics_listener = match config.metrics_bind {
+        Some(bind) => Some(
+            TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind} (METRICS_BIND)"))?,
+        ),
+        None => None,
+    };
 
     let request_pool = PoolSettings::default();
     let pool = tokio::select! {
@@ -76,16 +85,21 @@ async fn run() -> anyhow::Result<()> {
         None
     };
 
-    let mut state = AppState::new(pool.clone());
+    let mut state = AppState::from_config(pool.clone(), &config)?;
     state.worker_health = config.embedded_worker.then_some(health);
-    state.trust_proxy = config.trust_proxy;
-    state.visitor_ip = config.visitor_ip;
-    match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
-        Some(token) => state = state.with_admin_token(token),
-        None => tracing::info!("jobs dashboard disabled: set ADMIN_TOKEN to enable /admin"),
+    if let Some(metrics) = &metrics_listener {
+        let metrics = metrics.local_addr()?;
+        tracing::info!(%metrics, "metrics on http://{metrics}/metrics");
     }
     tracing::info!(%address, "VisitMe is up: open http://{address}/");
-    web::serve(listener, state, shutdown.clone().cancelled_owned()).await?;
+    web::serve_with(
+        listener,
+        metrics_listener,
+        state,
+        &config.http,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
     shutdown.cancel();
     if let Some(worker) = worker {
         worker.await.context("worker task panicked")?;

@@ -1,11 +1,14 @@
 //! State shared by all handlers.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-use crate::routes::{admin::AdminAuth, visits::VisitorIp};
+use crate::{
+    Config, Error,
+    routes::{admin::AdminAuth, metrics::QueueDepth, visits::VisitorIp},
+};
 
 /// Cheap to clone: a pool handle, flags, and shared read-only settings.
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The embedded worker's state, when this process runs one (`/readyz`).
     pub worker_health: Option<jobs::Health>,
+    /// The cached queue depth of `/metrics`, on its own connection.
+    pub queue_depth: QueueDepth,
 }
 
 impl AppState {
@@ -30,18 +35,39 @@ impl AppState {
     /// (the binary defaults to `VISITOR_IP=masked`), dashboard disabled.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            pool,
             trust_proxy: false,
             visitor_ip: VisitorIp::Full,
             admin: None,
             metrics: observability::metrics::handle(),
             worker_health: None,
+            queue_depth: QueueDepth::new(&pool, Duration::from_secs(5)),
+            pool,
         }
     }
 
+    /// The `web` binary's state: `new(pool)` with the settings of `config`.
+    /// Fails on settings that must not run (a short `ADMIN_TOKEN`).
+    pub fn from_config(pool: PgPool, config: &Config) -> Result<Self, Error> {
+        config.check()?;
+        let mut state = Self::new(pool);
+        state.trust_proxy = config.trust_proxy;
+        state.visitor_ip = config.visitor_ip;
+        state.queue_depth = QueueDepth::new(&state.pool, config.metrics_queue_refresh);
+        match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => state = state.with_admin_token(token),
+            None => tracing::info!("jobs dashboard disabled: set ADMIN_TOKEN to enable /admin"),
+        }
+        Ok(state)
+    }
+
     /// Enables `/admin` with `token`.
-    pub fn with_admin_token(mut self, token: &str) -> Self {
-        self.admin = Some(Arc::new(AdminAuth::new(token)));
+    pub fn with_admin_token(self, token: &str) -> Self {
+        self.with_admin(AdminAuth::new(token))
+    }
+
+    /// Enables `/admin` with these credentials.
+    pub fn with_admin(mut self, auth: AdminAuth) -> Self {
+        self.admin = Some(Arc::new(auth));
         self
     }
 }

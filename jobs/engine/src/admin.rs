@@ -206,3 +206,20 @@ pub async fn reap_lost_attempts(
         .rows_affected();
     Ok(reaped)
 }
+
+/// Job counts per queue of the states that are not final (`pending`,
+/// `scheduled`, `claimed`, `running`), the queue depth of `/metrics`.
+///
+/// Cheaper than [`queue_status`], which groups every row by its computed
+/// state: pending and retrying rows are found through apalis's claim index
+/// (`idx_apalis_jobs_fetch_partial`, whose predicate this repeats), and only
+/// claimed and running rows are counted, so nothing is grouped or sorted but
+/// them. Finding those is still a sequential scan (no index covers `status`):
+/// 36 ms against 87 ms for [`queue_status`] over 300,000 finished jobs. Call
+/// it rarely, as `/metrics` does (cached, one at a time, its own connection).
+/// States with no job are absent.
+pub async fn open_job_counts(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
+    Ok(sqlx::query_as(queries::OPEN_JOB_COUNTS)
+        .fetch_all(pool)
+        .await?)
+}

@@ -154,6 +154,24 @@ group by job_type, state
 order by job_type, array_position(
     array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)";
 
+/// Jobs per queue and unfinished state. It spells the states out instead
+/// of reading `apalis.job_states`, so that waiting jobs are counted through
+/// the claim index (the view's state cannot use an index); keep it in step
+/// with the view.
+pub(crate) const OPEN_JOB_COUNTS: &str = "
+select job_type as queue,
+       case when status = 'Failed' or run_at > now() then 'scheduled' else 'pending' end as state,
+       count(*) as count
+from apalis.jobs
+where status = 'Pending' or (status = 'Failed' and attempts < max_attempts)
+group by 1, 2
+union all
+select job_type, case when status = 'Queued' then 'claimed' else 'running' end, count(*)
+from apalis.jobs
+where status in ('Queued', 'Running')
+group by 1, 2
+order by 1, 2";
+
 /// The newest `$1` jobs, any state.
 pub(crate) const LATEST_JOBS: &str = "
 select id, job_type as queue, state, attempts, max_attempts, run_at,

@@ -3,6 +3,7 @@
 mod browser;
 mod durability;
 mod faults;
+mod hardening;
 mod jobs;
 mod migrations;
 mod operations;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use jobs::probe::{Behaviour, Probe};
-use tests::{Process, TestApp, TestDb, enqueue_probes};
+use tests::{Process, TestApp, TestDb, enqueue_probes, fast_worker_env};
 
 /// The value of the sample `name{labels}` (labels as rendered), 0 if absent.
 fn sample(metrics: &str, series: &str) -> f64 {
@@ -15,47 +15,129 @@ fn sample(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
-    let mut app = TestApp::spawn().await?;
-    app.start_worker();
+    // A `web` process of its own (embedded worker on), so every count is ours
+    // alone and can be exact; the queue depth is counted afresh on each scrape.
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.extend([
+        ("DATABASE_URL", db.url.as_str()),
+        ("BIND", "127.0.0.1:0"),
+        ("METRICS_QUEUE_REFRESH", "0"),
+    ]);
+    let mut web = Process::spawn("web", &env)?;
+    let address = web.web_address().await?;
+    let client = reqwest::Client::new();
     let scrape = || async {
-        let response = app.client.get(app.url("/metrics")).send().await?;
+        let response = client
+            .get(format!("http://{address}/metrics"))
+            .send()
+            .await?;
         assert_eq!(
             response.headers()["content-type"],
             "text/plain; version=0.0.4; charset=utf-8"
         );
         anyhow::Ok(response.text().await?)
     };
+    // Three probes due in an hour: the queue depth must show exactly them.
+    let later = enqueue_probes(
+        &db.pool,
+        (0..3).map(|n| Probe {
+            key: format!("later-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    sqlx::query("update apalis.jobs set run_at = now() + interval '1 hour' where id = any($1)")
+        .bind(&later)
+        .execute(&db.pool)
+        .await?;
     let before = scrape().await?;
     for n in 0..12 {
-        app.visit(&format!("metered-{n}")).await?;
+        let page = client
+            .get(format!("http://{address}/"))
+            .header("user-agent", format!("metered-{n}"))
+            .send()
+            .await?;
+        assert_eq!(page.status(), 200);
     }
-    app.db.drain_queue(Duration::from_secs(30)).await?;
+    let trims_done = || async {
+        anyhow::Ok(
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from apalis.jobs where job_type = 'trim_visits' and status = 'Done'",
+            )
+            .fetch_one(&db.pool)
+            .await?,
+        )
+    };
+    // Wait for the trims (the three probes stay scheduled), then scrape.
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>(
+        "select count(*) from apalis.jobs where job_type = 'trim_visits' and status <> 'Done'",
+    )
+    .fetch_one(&db.pool)
+    .await?
+        > 0
+    {
+        anyhow::ensure!(std::time::Instant::now() < give_up, "trims did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let after = scrape().await?;
 
     let moved = |series: &str| sample(&after, series) - sample(&before, series);
-    assert!(moved("visitme_visits_recorded_total") >= 12.0, "{after}");
-    assert!(
-        moved(r#"visitme_http_requests_total{method="GET",route="/",status="200"}"#) >= 12.0,
+    assert_eq!(moved("visitme_visits_recorded_total"), 12.0, "{after}");
+    assert_eq!(
+        moved(r#"visitme_http_requests_total{method="GET",route="/",status="200"}"#),
+        12.0,
         "{after}"
     );
-    assert!(
-        moved(r#"visitme_jobs_enqueued_total{queue="trim_visits"}"#) >= 12.0,
+    assert_eq!(
+        moved(r#"visitme_http_requests_total{method="GET",route="/metrics",status="200"}"#),
+        1.0,
+        "the scrape before is counted once it answered: {after}"
+    );
+    assert_eq!(
+        moved(r#"visitme_jobs_enqueued_total{queue="trim_visits"}"#),
+        12.0,
         "{after}"
     );
-    assert!(
-        moved(r#"visitme_jobs_succeeded_total{queue="trim_visits"}"#) >= 1.0,
-        "{after}"
+    let done = trims_done().await?;
+    assert!(done >= 1);
+    assert_eq!(
+        moved(r#"visitme_jobs_succeeded_total{queue="trim_visits"}"#),
+        done as f64,
+        "one success per trim that ran: {after}"
     );
     assert!(
         after.contains("visitme_job_duration_seconds_bucket"),
         "job duration is a histogram"
     );
     assert!(after.contains("visitme_http_request_duration_seconds_bucket"));
-    assert!(
-        after.contains(r#"visitme_queue_jobs{queue="trim_visits",state="done"}"#),
-        "queue depth by state"
-    );
-    app.stop().await
+    // Queue depth by state, as the database has it.
+    for metrics in [&before, &after] {
+        assert_eq!(
+            sample(
+                metrics,
+                r#"visitme_queue_jobs{queue="probe",state="scheduled"}"#
+            ),
+            3.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(
+                metrics,
+                r#"visitme_queue_jobs{queue="probe",state="pending"}"#
+            ),
+            0.0,
+            "{metrics}"
+        );
+    }
+    // The trims ran: none open (absent, or 0 if a scrape saw one open).
+    for state in ["pending", "scheduled", "claimed", "running"] {
+        let series = format!(r#"visitme_queue_jobs{{queue="trim_visits",state="{state}"}}"#);
+        assert_eq!(sample(&after, &series), 0.0, "{after}");
+    }
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
 }
 
 #[tokio::test]

@@ -74,8 +74,8 @@ async fn invalid_utf8_in_headers_is_stored_lossily_not_refused() -> anyhow::Resu
     app.stop().await
 }
 
-#[test]
-fn visitor_addresses_are_masked_by_default_policy() {
+#[tokio::test]
+async fn visitor_addresses_are_masked_by_default_policy() -> anyhow::Result<()> {
     let v4 = "203.0.113.77".parse().expect("ipv4");
     let v6 = "2001:db8:1234:5678:9abc:def0:1234:5678"
         .parse()
@@ -92,11 +92,42 @@ fn visitor_addresses_are_masked_by_default_policy() {
         web::routes::visits::visitor_label(None, &headers),
         "hidden: unknown"
     );
+
+    // The binary's own default: `web` started without VISITOR_IP stores masked addresses.
+    let db = TestDb::migrated().await?;
+    let mut command = tokio::process::Command::new(tests::binary("web")?);
+    command
+        .env_remove("VISITOR_IP")
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", "127.0.0.1:0")
+        .env("EMBEDDED_WORKER", "false")
+        .env("NO_COLOR", "1");
+    let mut web = Process::start("web", command)?;
+    let address = web.web_address().await?;
+    let page = reqwest::Client::new()
+        .get(format!("http://{address}/"))
+        .header("user-agent", "default-settings")
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let stored: String = sqlx::query_scalar("select visitor from visits")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(stored, "127.0.0.0: default-settings");
+    assert_eq!(tests::VisitsPage::parse(&page)?.rows[0].2, stored);
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
 }
 
 #[tokio::test]
 async fn ipv6_clients_are_recorded_with_their_masked_address() -> anyhow::Result<()> {
     let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+        anyhow::ensure!(
+            std::env::var("CI").is_err(),
+            "no IPv6 loopback (::1), and CI must run this test"
+        );
         println!("skipped: no IPv6 loopback here");
         return Ok(());
     };
@@ -131,14 +162,15 @@ async fn secrets_never_appear_in_logs_or_help() -> anyhow::Result<()> {
     let with_password = db
         .url
         .replacen("postgres://root@", "postgres://root:pw-do-not-print@", 1);
-    let mut web = Process::spawn(
+    // Debug for everything, sqlx's statements included: the most a log can say.
+    let mut web = Process::spawn_logging(
         "web",
         &[
             ("DATABASE_URL", with_password.as_str()),
             ("BIND", "127.0.0.1:0"),
             ("ADMIN_TOKEN", "admin-do-not-print"),
-            ("RUST_LOG", "debug"),
         ],
+        "debug",
     )?;
     let address = web.web_address().await?;
     let client = reqwest::Client::new();
@@ -158,8 +190,14 @@ async fn secrets_never_appear_in_logs_or_help() -> anyhow::Result<()> {
         .send()
         .await?
         .error_for_status()?;
-    let output = web.output().join("\n");
-    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    // Read after the exit: the shutdown's own lines count too.
+    let (status, output) = web.terminate_with_output(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    let output = output.join("\n");
+    assert!(
+        output.contains("DEBUG") && output.contains("web stopped"),
+        "debug logging really on, and the whole output read: {output}"
+    );
     assert!(
         !output.contains("pw-do-not-print") && !output.contains("admin-do-not-print"),
         "{output}"

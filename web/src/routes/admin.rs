@@ -1,32 +1,74 @@
 //! `/admin`: the jobs dashboard, behind `ADMIN_TOKEN`.
 //!
-//! Authentication: a login form that sets an HttpOnly, SameSite=Strict session
-//! cookie (a random per-process value, never the token itself), or an
-//! `Authorization: Bearer <token>` header for scripts. Comparisons are
-//! constant-time. Actions are POSTs; with the cookie they must carry the
-//! page's CSRF token and, when the browser sends one, a same-origin `Origin`.
-//! Without `ADMIN_TOKEN` the dashboard is disabled, never open.
+//! Authentication: a login form that opens a session (a random value per
+//! login, kept in an HttpOnly, SameSite=Strict cookie, revoked on sign-out,
+//! expiring after 8 hours; never the token itself), or an
+//! `Authorization: Bearer <token>` header for scripts. Secrets are compared in
+//! constant time (`subtle`). Wrong tokens, by form or header, are limited per
+//! client address ([`FailedLogins`]): the 11th in a minute gets 429 without
+//! the token being checked. Every POST (login, sign-out, actions) from a
+//! browser must come from our own origin; actions with the cookie must also
+//! carry the page's CSRF token. Without `ADMIN_TOKEN` the dashboard is
+//! disabled, never open.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Form, Router,
-    extract::{Path, Query, State},
+    extract::{ConnectInfo, Path, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
+use subtle::ConstantTimeEq as _;
 
-use crate::{AppState, Error, views};
+use crate::{AppState, Error, routes::visits::client_ip, views};
 
 /// Cookie holding the session value.
 const SESSION_COOKIE: &str = "visitme_admin";
 
-/// The dashboard's secrets: the operator's token and per-process random values.
-#[derive(Clone)]
+/// Shortest `ADMIN_TOKEN` `web` accepts: shorter ones can be guessed.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// How long a session lasts after its login.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 60 * 60);
+
+/// Most open sessions; a login beyond it ends the oldest. Bounds memory (and
+/// the constant-time scan over them) whatever logins an operator leaves open.
+const MAX_SESSIONS: usize = 64;
+
+/// Wrong tokens allowed per client address and window before 429.
+const MAX_FAILURES: u32 = 10;
+
+/// The failure-counting window.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Most client addresses tracked by [`FailedLogins`].
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+
+/// Characters of a job id kept as they are in a URL path segment.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The dashboard's secrets: the operator's token, open sessions, the CSRF
+/// token, and the failed-login counts.
 pub struct AdminAuth {
     token: String,
-    session: String,
     csrf: String,
+    session_lifetime: Duration,
+    /// Open sessions and when each was opened, oldest first.
+    sessions: Mutex<Vec<(String, Instant)>>,
+    failed: FailedLogins,
 }
 
 impl std::fmt::Debug for AdminAuth {
@@ -36,18 +78,50 @@ impl std::fmt::Debug for AdminAuth {
 }
 
 impl AdminAuth {
-    /// Credentials for `token`, with a fresh session value and CSRF token.
+    /// Credentials for `token`, with a fresh CSRF token and no session.
     pub fn new(token: &str) -> Self {
         Self {
             token: token.to_owned(),
-            session: random_hex(),
             csrf: random_hex(),
+            session_lifetime: SESSION_LIFETIME,
+            sessions: Mutex::default(),
+            failed: FailedLogins::new(MAX_FAILURES, FAILURE_WINDOW),
         }
+    }
+
+    /// The same with sessions lasting `lifetime` (tests use seconds).
+    pub fn with_session_lifetime(mut self, lifetime: Duration) -> Self {
+        self.session_lifetime = lifetime;
+        self
     }
 
     /// The CSRF token forms must carry.
     pub fn csrf(&self) -> &str {
         &self.csrf
+    }
+
+    fn open_session(&self) -> String {
+        let value = random_hex();
+        let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
+        sessions.retain(|(_, opened)| opened.elapsed() < self.session_lifetime);
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.remove(0);
+        }
+        sessions.push((value.clone(), Instant::now()));
+        value
+    }
+
+    fn session_is_open(&self, value: &str) -> bool {
+        let sessions = self.sessions.lock().expect("sessions lock poisoned");
+        // Every open session is compared, in constant time each.
+        sessions.iter().fold(false, |found, (open, opened)| {
+            found | (constant_time_eq(open, value) && opened.elapsed() < self.session_lifetime)
+        })
+    }
+
+    fn close_session(&self, value: &str) {
+        let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
+        sessions.retain(|(open, _)| !constant_time_eq(open, value));
     }
 }
 
@@ -58,14 +132,77 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Equal in time independent of where the inputs differ.
+/// Equal, in a time that does not depend on where the inputs differ (only
+/// on their lengths).
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut difference = u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        difference |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// Wrong tokens per client address in a sliding-start window: checked before
+/// a token is compared, so a guesser gets 429 without a verdict. Only
+/// failures count, and a success clears its address. IPv6 clients are
+/// counted per /64, the block one subscriber usually gets. Memory is bounded:
+/// at most [`MAX_TRACKED_CLIENTS`] addresses, expired ones dropped first, then
+/// the oldest.
+#[derive(Debug)]
+pub struct FailedLogins {
+    max: u32,
+    window: Duration,
+    /// Failures and when the window of each address started.
+    seen: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl FailedLogins {
+    fn new(max: u32, window: Duration) -> Self {
+        Self {
+            max,
+            window,
+            seen: Mutex::default(),
+        }
     }
-    difference == 0
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        }
+    }
+
+    /// Counts an attempt from `ip` as a failure until [`Self::succeeded`]
+    /// says otherwise, or `Err(wait)` if `ip` used up its failures. Checking and
+    /// counting under one lock means concurrent guesses cannot slip past the
+    /// limit between the check and the count.
+    fn attempt(&self, ip: IpAddr) -> Result<(), Duration> {
+        let mut seen = self.seen.lock().expect("limiter lock poisoned");
+        if let Some(&(failures, since)) = seen.get(&Self::key(ip))
+            && failures >= self.max
+            && since.elapsed() < self.window
+        {
+            return Err(self.window.saturating_sub(since.elapsed()));
+        }
+        if seen.len() >= MAX_TRACKED_CLIENTS {
+            seen.retain(|_, (_, since)| since.elapsed() < self.window);
+            if seen.len() >= MAX_TRACKED_CLIENTS {
+                let oldest = seen.iter().min_by_key(|(_, (_, since))| *since);
+                if let Some(oldest) = oldest.map(|(ip, _)| *ip) {
+                    seen.remove(&oldest);
+                }
+            }
+        }
+        let entry = seen.entry(Self::key(ip)).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= self.window {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+        Ok(())
+    }
+
+    fn succeeded(&self, ip: IpAddr) {
+        self.seen
+            .lock()
+            .expect("limiter lock poisoned")
+            .remove(&Self::key(ip));
+    }
 }
 
 /// How a request proved it may use the dashboard.
@@ -75,31 +212,96 @@ enum Credential {
     Cookie,
 }
 
-fn credential(headers: &HeaderMap, auth: &AdminAuth) -> Option<Credential> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if bearer.is_some_and(|token| constant_time_eq(token.trim(), &auth.token)) {
-        return Some(Credential::Bearer);
-    }
-    let session = headers
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value);
-    session
-        .is_some_and(|value| constant_time_eq(value, &auth.session))
-        .then_some(Credential::Cookie)
+        .map(|(_, value)| value)
+}
+
+/// The request's credential, or why it has none: no valid one (401, the
+/// login form), or its address used up its failures (429).
+fn authenticate(
+    auth: &AdminAuth,
+    client: IpAddr,
+    headers: &HeaderMap,
+) -> Result<Credential, Refusal> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(token) = bearer {
+        return check_token(auth, client, token.trim()).map(|()| Credential::Bearer);
+    }
+    match session_cookie(headers) {
+        Some(value) if auth.session_is_open(value) => Ok(Credential::Cookie),
+        _ => Err(Refusal::Wrong),
+    }
+}
+
+/// Why a token was refused.
+enum Refusal {
+    TooMany(Duration),
+    Wrong,
+}
+
+impl Refusal {
+    fn into_response(self, message: Option<&str>) -> Response {
+        match self {
+            Refusal::TooMany(wait) => too_many_failures(wait),
+            Refusal::Wrong => unauthorized(message),
+        }
+    }
+}
+
+/// Checks `token` against the limiter first, then in constant time.
+fn check_token(auth: &AdminAuth, client: IpAddr, token: &str) -> Result<(), Refusal> {
+    auth.failed.attempt(client).map_err(Refusal::TooMany)?;
+    if constant_time_eq(token, &auth.token) {
+        auth.failed.succeeded(client);
+        Ok(())
+    } else {
+        tracing::warn!(client.address = %client, "admin login refused: wrong token");
+        Err(Refusal::Wrong)
+    }
+}
+
+fn unauthorized(message: Option<&str>) -> Response {
+    (StatusCode::UNAUTHORIZED, views::admin::login(message)).into_response()
+}
+
+fn too_many_failures(wait: Duration) -> Response {
+    tracing::warn!("admin login refused: too many wrong tokens from this address");
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        views::admin::login(Some(
+            "Too many wrong tokens from your address. Wait a minute, then try again.",
+        )),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
+fn forbidden() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        views::errors::page(StatusCode::FORBIDDEN),
+    )
+        .into_response()
 }
 
 /// A cross-site POST: an `Origin` that is not this host.
 fn cross_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return false; // older browsers and non-browser clients; the CSRF token still applies
+        return false; // older browsers and non-browser clients; CSRF token and SameSite still apply
     };
     let host = headers
         .get(header::HOST)
@@ -107,6 +309,20 @@ fn cross_origin(headers: &HeaderMap) -> bool {
         .unwrap_or("");
     let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
     origin_host != host
+}
+
+/// Whether the browser reached us over HTTPS. `web` speaks plain HTTP, so
+/// that is known only from our own TLS-terminating proxy: with
+/// `TRUST_PROXY`, its (last) `X-Forwarded-Proto`.
+fn over_https(headers: &HeaderMap, trust_proxy: bool) -> bool {
+    trust_proxy
+        && headers
+            .get_all("x-forwarded-proto")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
 /// `/admin…`.
@@ -122,22 +338,85 @@ fn disabled() -> Response {
     (StatusCode::FORBIDDEN, views::admin::disabled()).into_response()
 }
 
-/// Query of `/admin` after an action: what happened, for the notice line.
+/// The outcome of an action, carried to the dashboard in its query: a code,
+/// never free text, so a link cannot make the page say anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// A dead job was put back in the queue.
+    Retried,
+    /// A pending job was cancelled.
+    Cancelled,
+    /// Retry of a job that is not dead.
+    NotDead,
+    /// Cancel of a job that is not pending.
+    NotPending,
+}
+
+impl Notice {
+    const ALL: [Notice; 4] = [
+        Notice::Retried,
+        Notice::Cancelled,
+        Notice::NotDead,
+        Notice::NotPending,
+    ];
+
+    /// The notice with this code, if it is one.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|notice| notice.code() == code)
+    }
+
+    /// Its code in the query string.
+    pub fn code(self) -> &'static str {
+        match self {
+            Notice::Retried => "retried",
+            Notice::Cancelled => "cancelled",
+            Notice::NotDead => "not-dead",
+            Notice::NotPending => "not-pending",
+        }
+    }
+
+    /// The sentence shown, naming the job when `job` is a valid job id.
+    pub fn text(self, job: Option<ulid::Ulid>) -> String {
+        let job = job.map(|id| format!(" job {id}")).unwrap_or_default();
+        match self {
+            Notice::Retried => format!("retry:{job} done"),
+            Notice::Cancelled => format!("cancel:{job} done"),
+            Notice::NotDead => format!("retry:{job} not done, the job is not dead"),
+            Notice::NotPending => format!("cancel:{job} not done, the job is not pending"),
+        }
+    }
+}
+
+/// Query of `/admin` after an action. Anything unknown is ignored.
 #[derive(Debug, Deserialize)]
-struct Notice {
+struct NoticeQuery {
     notice: Option<String>,
+    job: Option<String>,
+}
+
+impl NoticeQuery {
+    fn text(&self) -> Option<String> {
+        let notice = Notice::from_code(self.notice.as_deref()?)?;
+        let job = self
+            .job
+            .as_deref()
+            .and_then(|id| ulid::Ulid::from_string(id).ok());
+        Some(notice.text(job))
+    }
 }
 
 async fn dashboard(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(notice): Query<Notice>,
+    Query(query): Query<NoticeQuery>,
 ) -> Result<Response, Error> {
     let Some(auth) = state.admin.as_deref() else {
         return Ok(disabled());
     };
-    if credential(&headers, auth).is_none() {
-        return Ok((StatusCode::UNAUTHORIZED, views::admin::login(None)).into_response());
+    let client = client_ip(peer, &headers, state.trust_proxy);
+    if let Err(refusal) = authenticate(auth, client, &headers) {
+        return Ok(refusal.into_response(None));
     }
     let pool = &state.pool;
     let data = views::admin::Dashboard {
@@ -145,7 +424,7 @@ async fn dashboard(
         last_hour: jobs::admin::last_hour(pool).await?,
         latest: jobs::admin::latest_jobs(pool, 50).await?,
         csrf: auth.csrf().to_owned(),
-        notice: notice.notice,
+        notice: query.text(),
     };
     Ok(views::admin::dashboard(&data).into_response())
 }
@@ -155,27 +434,56 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let Some(auth) = state.admin.as_deref() else {
         return disabled();
     };
-    if !constant_time_eq(form.token.trim(), &auth.token) {
-        tracing::warn!("admin login refused: wrong token");
-        return (
-            StatusCode::UNAUTHORIZED,
-            views::admin::login(Some("That token is not right.")),
-        )
-            .into_response();
+    if cross_origin(&headers) {
+        tracing::warn!("admin login refused: cross-origin post");
+        return forbidden();
+    }
+    let client = client_ip(peer, &headers, state.trust_proxy);
+    if let Err(refusal) = check_token(auth, client, form.token.trim()) {
+        return refusal.into_response(Some("That token is not right."));
     }
     let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=28800",
-        auth.session
+        "{SESSION_COOKIE}={}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        auth.open_session(),
+        auth.session_lifetime.as_secs(),
+        secure_attribute(&headers, state.trust_proxy),
     );
     with_cookie(Redirect::to("/admin").into_response(), &cookie)
 }
 
-async fn logout() -> Response {
-    let cookie = format!("{SESSION_COOKIE}=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0");
+fn secure_attribute(headers: &HeaderMap, trust_proxy: bool) -> &'static str {
+    if over_https(headers, trust_proxy) {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(auth) = state.admin.as_deref() else {
+        return disabled();
+    };
+    if cross_origin(&headers) {
+        tracing::warn!("admin sign-out refused: cross-origin post");
+        return forbidden();
+    }
+    // Revoked here, not just forgotten by the browser: a copied cookie stops working too.
+    if let Some(value) = session_cookie(&headers) {
+        auth.close_session(value);
+    }
+    let cookie = format!(
+        "{SESSION_COOKIE}=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure_attribute(&headers, state.trust_proxy)
+    );
     with_cookie(Redirect::to("/admin").into_response(), &cookie)
 }
 
@@ -186,6 +494,14 @@ fn with_cookie(mut response: Response, cookie: &str) -> Response {
     response
 }
 
+/// A job id as a path segment of a form action (percent-encoded).
+pub fn job_path(id: &str, action: &str) -> String {
+    format!(
+        "/admin/jobs/{}/{action}",
+        utf8_percent_encode(id, PATH_SEGMENT)
+    )
+}
+
 #[derive(Deserialize)]
 struct ActionForm {
     #[serde(default)]
@@ -194,6 +510,7 @@ struct ActionForm {
 
 async fn act(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
@@ -201,23 +518,28 @@ async fn act(
     let Some(auth) = state.admin.as_deref() else {
         return Ok(disabled());
     };
-    match credential(&headers, auth) {
-        None => return Ok((StatusCode::UNAUTHORIZED, views::admin::login(None)).into_response()),
-        Some(Credential::Cookie)
+    let client = client_ip(peer, &headers, state.trust_proxy);
+    match authenticate(auth, client, &headers) {
+        Err(refusal) => return Ok(refusal.into_response(None)),
+        Ok(Credential::Cookie)
             if cross_origin(&headers) || !constant_time_eq(&form.csrf, auth.csrf()) =>
         {
             tracing::warn!(job.id = %id, "admin action refused: missing or wrong CSRF token");
-            return Ok((
-                StatusCode::FORBIDDEN,
-                views::errors::page(StatusCode::FORBIDDEN),
-            )
-                .into_response());
+            return Ok(forbidden());
         }
-        Some(_) => {}
+        Ok(_) => {}
     }
-    let result = match action.as_str() {
-        "retry" => jobs::admin::retry(&state.pool, &id).await,
-        "cancel" => jobs::admin::cancel(&state.pool, &id).await,
+    let (result, done, refused) = match action.as_str() {
+        "retry" => (
+            jobs::admin::retry(&state.pool, &id).await,
+            Notice::Retried,
+            Notice::NotDead,
+        ),
+        "cancel" => (
+            jobs::admin::cancel(&state.pool, &id).await,
+            Notice::Cancelled,
+            Notice::NotPending,
+        ),
         _ => {
             return Ok((
                 StatusCode::NOT_FOUND,
@@ -229,32 +551,22 @@ async fn act(
     let notice = match result {
         Ok(()) => {
             tracing::info!(job.id = %id, action = %action, "admin action");
-            format!("{action}: job {id} done")
+            done
         }
-        Err(jobs::Error::NoSuchJob { expected, .. }) => {
-            format!("{action}: job {id} is not {expected}")
-        }
+        Err(jobs::Error::NoSuchJob { .. }) => refused,
         Err(other) => return Err(other.into()),
     };
-    let query = format!("/admin?notice={}", urlencode(&notice));
-    Ok(Redirect::to(&query).into_response())
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    let location = format!(
+        "/admin?notice={}&job={}",
+        notice.code(),
+        utf8_percent_encode(&id, PATH_SEGMENT)
+    );
+    Ok(Redirect::to(&location).into_response())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
 
     #[test]
     fn constant_time_eq_compares_whole_strings() {
@@ -263,5 +575,35 @@ mod tests {
         assert!(!constant_time_eq("secret", "secret2"));
         assert!(!constant_time_eq("", "x"));
         assert!(constant_time_eq("", ""));
+    }
+
+    #[test]
+    fn failed_logins_refuse_after_the_maximum_and_clear_on_success() {
+        let limiter = FailedLogins::new(2, Duration::from_secs(60));
+        let ip: IpAddr = "2001:db8::1".parse().expect("ip");
+        let neighbour: IpAddr = "2001:db8::2".parse().expect("ip");
+        assert!(limiter.attempt(ip).is_ok());
+        assert!(limiter.attempt(neighbour).is_ok()); // the same /64
+        assert!(limiter.attempt(ip).is_err());
+        limiter.succeeded(ip);
+        assert!(limiter.attempt(ip).is_ok());
+    }
+
+    #[test]
+    fn failed_logins_track_a_bounded_number_of_addresses() {
+        let limiter = FailedLogins::new(1, Duration::from_secs(60));
+        for n in 0..(MAX_TRACKED_CLIENTS as u32 + 100) {
+            let _ = limiter.attempt(IpAddr::V4(n.into()));
+        }
+        let tracked = limiter.seen.lock().expect("lock").len();
+        assert_eq!(tracked, MAX_TRACKED_CLIENTS);
+    }
+
+    #[test]
+    fn job_ids_are_percent_encoded_in_paths() {
+        assert_eq!(
+            job_path("a/../b?c=1#x", "retry"),
+            "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
+        );
     }
 }

@@ -6,6 +6,7 @@ use axum::{
     Router,
     extract::{ConnectInfo, State},
     http::{HeaderMap, header},
+    response::IntoResponse,
     routing::get,
 };
 use maud::Markup;
@@ -17,7 +18,14 @@ pub const MAX_USER_AGENT_CHARS: usize = 512;
 
 /// `/`.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/", get(index))
+    Router::new().route("/", get(index).head(head))
+}
+
+/// `HEAD /` (monitors, link checkers): the page's headers and nothing
+/// recorded. Without this axum runs the GET handler for HEAD, so every
+/// uptime check inserted a visit and enqueued a trim.
+async fn head() -> impl IntoResponse {
+    [(header::CONTENT_TYPE, "text/html; charset=utf-8")]
 }
 
 async fn index(

@@ -115,7 +115,8 @@ pub fn dashboard(data: &Dashboard) -> Markup {
 
 fn action(id: &str, action: &str, label: &str, csrf: &str) -> Markup {
     html! {
-        form.inline method="post" action={ "/admin/jobs/" (id) "/" (action) } {
+        // The id percent-encoded: a path segment, whatever a job row holds.
+        form.inline method="post" action=(crate::routes::admin::job_path(id, action)) {
             input type="hidden" name="csrf" value=(csrf);
             button type="submit" name="action" value=(action) { (label) }
         }

@@ -1,0 +1,223 @@
+//! The HTTP server loop: hyper's HTTP/1 connection driver with the limits
+//! `axum::serve` does not have.
+//!
+//! `axum::serve` gives hyper no timer, so hyper's header-read timeout is off:
+//! a client sending a byte a second (slowloris) or an idle keep-alive socket
+//! holds a connection, and a file descriptor, forever. It also has no cap on
+//! connections and sleeps a fixed second on `EMFILE`. Here:
+//! - HTTP/1 only (no h2c), with a header-read timeout that hyper re-arms
+//!   while a keep-alive connection idles, so it also closes idle sockets;
+//! - at most `max_connections` at once; the next one gets a plain 503 and is
+//!   closed, instead of queueing until file descriptors run out;
+//! - accept errors other than a vanished client (`EMFILE`, `ENFILE`, ...) are
+//!   logged once per burst and retried with a growing pause (10 ms to 1 s);
+//! - on shutdown: stop accepting, let connections finish their request, and
+//!   give up on them after `shutdown_grace`.
+//!
+//! The per-request timeout is a tower layer on the router (see [`crate::app`]).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io::ErrorKind,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::Router;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tower::Service as _;
+
+/// Limits of the HTTP server (flags and environment variables of `web`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Seconds a client has to send a request's headers; also how long an
+    /// idle keep-alive connection stays open. Closes slowloris connections.
+    #[arg(long = "http-header-timeout", env = "HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    pub header_timeout: Duration,
+
+    /// Seconds one request may take before it is answered 503 (the handler is
+    /// cancelled, its transaction rolled back).
+    #[arg(long = "http-request-timeout", env = "HTTP_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    pub request_timeout: Duration,
+
+    /// Most connections served at once; more get an immediate 503 and are
+    /// closed. Keep it below `ulimit -n` minus the database pools (each
+    /// connection is a file descriptor).
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a shutdown waits for open connections to finish their requests.
+    #[arg(id = "http_shutdown_grace", long = "http-shutdown-grace", value_name = "SECONDS", env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            max_connections: 512,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `"2.5"` -> 2.5 s.
+pub(crate) fn parse_seconds(value: &str) -> Result<Duration, String> {
+    let seconds: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{value:?}: {err}"))
+}
+
+/// What an over-the-cap connection is told before it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain; charset=utf-8\r\nretry-after: 1\r\n\
+content-length: 43\r\nconnection: close\r\n\r\n\
+Too many connections; try again in a moment";
+
+/// Serves `app` (with `ConnectInfo<SocketAddr>`) on `listener` until
+/// `shutdown` completes, within the limits of `config`.
+pub async fn run(
+    listener: TcpListener,
+    app: Router,
+    config: &HttpConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Without a timer hyper silently ignores header_read_timeout.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(true);
+    let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let permits = Arc::new(Semaphore::new(config.max_connections as usize));
+    let refused = Arc::new(AtomicU64::new(0));
+    let graceful = GracefulShutdown::new();
+    let mut accept_errors = AcceptErrors::default();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => {
+                    accept_errors.recovered();
+                    connection
+                }
+                // The client gave up before we took it: nothing to do.
+                Err(err) if matches!(err.kind(), ErrorKind::ConnectionAborted
+                    | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused) => continue,
+                Err(err) => {
+                    tokio::time::sleep(accept_errors.failed(&err)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Counted, and logged at most once per 1,000, so a flood cannot flood the log.
+            if refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                tracing::warn!(
+                    http.max_connections = config.max_connections,
+                    connections.refused = refused.load(Ordering::Relaxed),
+                    "connection limit reached: answering 503"
+                );
+            }
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let service = make_service
+            .call(peer)
+            .await
+            .unwrap_or_else(|never: Infallible| match never {});
+        let connection = graceful
+            .watch(http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
+        tokio::spawn(async move {
+            // Errors here are the client's (reset, timeout, bad request): not ours to log.
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(config.shutdown_grace) => {
+            tracing::warn!(
+                grace = ?config.shutdown_grace,
+                "connections still open after the shutdown grace: closing them"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Answers 503 on a connection over the cap and closes it. It reads (briefly)
+/// what the client sent first: closing a socket with unread input sends a
+/// reset, which can destroy the 503 before the client reads it.
+async fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if stream.write_all(BUSY).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+
+/// Accept failures (file descriptors exhausted, usually): one error line per
+/// burst, one info line when accepting works again, and a pause that doubles.
+#[derive(Debug)]
+struct AcceptErrors {
+    in_a_row: u64,
+    pause: Duration,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        Self {
+            in_a_row: 0,
+            pause: Duration::from_millis(10),
+        }
+    }
+}
+
+impl AcceptErrors {
+    /// Notes a failure; returns how long to pause before the next accept.
+    fn failed(&mut self, err: &std::io::Error) -> Duration {
+        if self.in_a_row == 0 {
+            tracing::error!(
+                error = %err,
+                "cannot accept connections (out of file descriptors?): backing off \
+                 until it works again; lower HTTP_MAX_CONNECTIONS or raise `ulimit -n`"
+            );
+        }
+        self.in_a_row += 1;
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        pause
+    }
+
+    /// Notes a success, ending a burst of failures.
+    fn recovered(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(
+                accept.failures = self.in_a_row,
+                "accepting connections again"
+            );
+            *self = Self::default();
+        }
+    }
+}
