@@ -100,13 +100,80 @@ impl Process {
         Self::start(name, command)
     }
 
-    /// Spawns a `worker` process and waits until it runs jobs.
+    /// Spawns a `worker` process and waits until it is ready to claim jobs
+    /// (see [`Process::wait_until_registered`]). `env` names its
+    /// `DATABASE_URL` (else the binary's default) and `WORKER_PROBES`.
     pub async fn started_worker(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut worker = Self::spawn("worker", env)?;
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        worker.wait_until_registered(env).await?;
         Ok(worker)
+    }
+
+    /// Waits until this `worker` process, spawned with `env`, has registered
+    /// a worker row in `apalis.workers` for each of its queues: apalis
+    /// registers a worker just before its first claim, while "worker started"
+    /// is logged before any of that (a test that enqueues on that line races
+    /// the start-up). Fails if the process exits or after a minute.
+    pub async fn wait_until_registered(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let setting = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        let url = setting("DATABASE_URL").unwrap_or("postgres://localhost/visitme");
+        let queues: i64 = if setting("WORKER_PROBES") == Some("true") {
+            2
+        } else {
+            1
+        };
+        let pid = self.pid().context("worker already reaped")?;
+        self.wait_for_line("worker started", Duration::from_secs(60))
+            .await?;
+        let db = sqlx::PgPool::connect_with(migrations::parse_url(url)?).await?;
+        // Worker names end `-<pid>-<start ms>-<generation>` (jobs::worker::worker_name).
+        let pattern = format!("-{pid}-[0-9]+-[0-9]+$");
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        let result = loop {
+            let registered: i64 = sqlx::query_scalar(
+                "select count(distinct worker_type) from apalis.workers where id ~ $1",
+            )
+            .bind(&pattern)
+            .fetch_one(&db)
+            .await?;
+            if registered >= queues {
+                break Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                break Err(anyhow::anyhow!(
+                    "{} exited ({status}) before registering its workers:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                ));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break Err(anyhow::anyhow!(
+                    "{} registered {registered} of {queues} workers within a minute:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        db.close().await;
+        result
+    }
+
+    /// The process id, until the process has been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits (with a deadline) for the process to exit on its own.
+    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "{} still running after {deadline:?}:\n{}",
+                self.name,
+                self.output().join("\n")
+            ),
+        }
     }
 
     /// Spawns any command, collecting its output like [`Process::spawn`].
@@ -130,9 +197,24 @@ impl Process {
             (Box::new(stderr), lines.clone()),
         ] {
             tokio::spawn(async move {
-                let mut reader = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    lines.lock().expect("log buffer lock").push(line);
+                // Bytes, not `lines()`: that stops at the first line that is
+                // not UTF-8, and every later absence check would pass vacuously.
+                let mut reader = BufReader::new(stream);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let text = match reader.read_until(b'\n', &mut line).await {
+                        Ok(0) => break,
+                        Ok(_) => String::from_utf8_lossy(&line)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_owned(),
+                        Err(err) => {
+                            let note = format!("(test harness: reading output failed: {err})");
+                            lines.lock().expect("log buffer lock").push(note);
+                            break;
+                        }
+                    };
+                    lines.lock().expect("log buffer lock").push(text);
                 }
             });
         }

@@ -72,3 +72,21 @@ async fn web_reports_a_port_in_use_in_one_clear_line() -> anyhow::Result<()> {
     assert!(line.contains(&bind), "{line}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_output_reader_keeps_reading_past_a_line_that_is_not_utf8() -> anyhow::Result<()> {
+    // Absence checks ("no ERROR line") would pass vacuously if reading stopped there.
+    let mut command = tokio::process::Command::new("printf");
+    command.arg(r"before\n\377 not utf-8\nafter\n");
+    let mut printer = Process::start("printf", command)?;
+    assert!(printer.wait(Duration::from_secs(10)).await?.success());
+    printer
+        .wait_for_line("after", Duration::from_secs(10))
+        .await?;
+    assert_eq!(
+        printer.output(),
+        ["before", "\u{fffd} not utf-8", "after"],
+        "every line, the bad byte replaced"
+    );
+    Ok(())
+}
