@@ -64,13 +64,25 @@ async fn web_with_embedded_worker_is_the_whole_app() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn web_reports_a_port_in_use_in_one_clear_line() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let bind = taken.local_addr()?.to_string();
-    let mut web = Process::spawn("web", &[("BIND", bind.as_str())])?;
-    let line = web
-        .wait_for_line("cannot listen on", Duration::from_secs(30))
-        .await?;
-    assert!(line.contains(&bind), "{line}");
+    let mut command = tokio::process::Command::new(tests::binary("web")?);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", &bind)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(output.status.code(), Some(1), "exit 1: {stderr}");
+    assert_eq!(lines.len(), 1, "one line on stderr: {lines:?}");
+    assert!(
+        lines[0].contains("cannot listen on") && lines[0].contains(&bind),
+        "{lines:?}"
+    );
+    drop(taken);
     Ok(())
 }
 
