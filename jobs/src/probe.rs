@@ -2,7 +2,7 @@
 //!
 //! Each execution records a row in `job_probe_runs` (which attempt, which
 //! worker, when it started and finished), then behaves as asked: succeed,
-//! fail, panic, sleep or wait for a lock. Operators use it to check a
+//! fail, panic, crash the process, sleep or wait for a lock. Operators use it to check a
 //! deployment; our tests use it to prove retries, crash recovery and scaling
 //! against the real `worker` binary. Workers run probes only when started with
 //! `WORKER_PROBES=true`.
@@ -53,6 +53,9 @@ pub enum Behaviour {
         /// How long, in milliseconds.
         millis: u64,
     },
+    /// Abort the whole worker process (`std::process::abort`) in every
+    /// attempt, after recording the run: a real crash, for crash-recovery tests.
+    Abort,
     /// Block until the Postgres advisory lock `lock` is free (someone else
     /// holds it to keep the job running), then succeed.
     WaitForLock {
@@ -107,6 +110,10 @@ pub async fn handle(
             .into());
         }
         Behaviour::Panic => panic!("probe {} panics as asked (attempt {attempt})", probe.key),
+        Behaviour::Abort => {
+            tracing::error!(job.id = %task_id, job.attempt = attempt, probe = %probe.key, "probe aborting the process as asked");
+            std::process::abort();
+        }
         Behaviour::Sleep { millis } => {
             tokio::time::sleep(std::time::Duration::from_millis(millis)).await
         }

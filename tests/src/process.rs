@@ -115,7 +115,8 @@ impl Process {
     /// is logged before any of that (a test that enqueues on that line races
     /// the start-up). Fails if the process exits or after a minute.
     pub async fn wait_until_registered(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
-        let setting = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        // The last occurrence wins, as in the child's environment.
+        let setting = |key: &str| env.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
         let url = setting("DATABASE_URL").unwrap_or("postgres://localhost/visitme");
         let queues: i64 = if setting("WORKER_PROBES") == Some("true") {
             2
@@ -162,6 +163,11 @@ impl Process {
     /// The process id, until the process has been reaped.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// Waits (with a deadline) for the process to exit on its own.
