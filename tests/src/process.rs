@@ -48,24 +48,8 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "-p", "web", "-p", "jobs", "--bins"]);
-    // Cargo sets these for the crate it runs (us). Build scripts that watch
-    // one (ring watches CARGO_MANIFEST_DIR) would see it change between our
-    // build and the outer one and rebuild ring, rustls and sqlx every time.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-            ]
-            .contains(&key.as_ref())
-        {
-            build.env_remove(key.as_ref());
-        }
+    for key in cargo_crate_env() {
+        build.env_remove(key);
     }
     if !cfg!(debug_assertions) {
         build.arg("--release");
@@ -75,6 +59,29 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
         bail!("cargo build of the web/worker binaries failed: {status}");
     }
     Ok(profile_dir)
+}
+
+/// Variables cargo sets for the crate it runs (this test binary), to remove
+/// from the environment of a nested `cargo build` (ours, or a script's).
+/// Build scripts that watch one (ring watches CARGO_MANIFEST_DIR) would see
+/// it change between that build and the outer one and rebuild ring, rustls
+/// and sqlx every time.
+pub fn cargo_crate_env() -> Vec<String> {
+    std::env::vars_os()
+        .map(|(key, _)| key.to_string_lossy().into_owned())
+        .filter(|key| {
+            key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_str())
+        })
+        .collect()
 }
 
 /// A running child process whose stdout+stderr lines are collected.
