@@ -61,9 +61,20 @@ fn load(
     (samples, tasks)
 }
 
+/// Counts every committed visit in `visit_audit`, in the visit's own transaction.
+const VISIT_AUDIT: &str = "
+create table visit_audit (id bigint primary key);
+create function audit_visit() returns trigger language plpgsql as $$
+begin
+    insert into visit_audit values (new.id);
+    return new;
+end $$;
+create trigger audit_visit after insert on visits for each row execute function audit_visit();";
+
 #[tokio::test]
 async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() -> anyhow::Result<()>
 {
+    const OUTAGE: Duration = Duration::from_secs(5);
     let cluster = PrivateCluster::start()?;
     let url = cluster.url("visitme");
     let mut env = fast_worker_env();
@@ -81,9 +92,9 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
     )?;
     let mut worker = Process::spawn("worker", &env)?;
     let address = web.web_address().await?;
-    worker
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    worker.wait_until_registered(&env).await?;
+    let db = sqlx::PgPool::connect_with(migrations::parse_url(&url)?).await?;
+    sqlx::raw_sql(VISIT_AUDIT).execute(&db).await?;
 
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -94,10 +105,47 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         stop.clone(),
         started,
     );
+    // Jobs enqueued all through the run, one every 100 ms, from a pool that
+    // gives up quickly: those whose commit succeeded must all complete.
+    let trickle = {
+        let stop = stop.clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_with(migrations::parse_url(&url)?)
+            .await?;
+        tokio::spawn(async move {
+            let (mut committed, mut failed) = (Vec::new(), 0usize);
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let probe = Probe {
+                    key: format!("trickle-{n}"),
+                    behaviour: Behaviour::Succeed,
+                };
+                match enqueue_probes(&pool, [probe]).await {
+                    Ok(ids) => committed.extend(ids),
+                    // Maybe committed (a commit whose answer was lost).
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (committed, failed)
+        })
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // 4 s of work for the worker's 4 slots: running and waiting when Postgres stops.
+    let before = enqueue_probes(
+        &db,
+        (0..40).map(|n| Probe {
+            key: format!("before-{n}"),
+            behaviour: Behaviour::Sleep { millis: 400 },
+        }),
+    )
+    .await?;
     cluster.stop()?;
-    let outage = (started.elapsed().as_secs_f64(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let outage_at = started.elapsed().as_secs_f64();
+    tokio::time::sleep(OUTAGE).await;
     cluster.resume()?;
     let resumed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -105,6 +153,7 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
     for client in clients {
         client.await?;
     }
+    let (committed, maybe) = trickle.await?;
     let samples = samples.lock().expect("samples").clone();
 
     let count = |status: u16| samples.iter().filter(|s| s.1 == status).count();
@@ -112,31 +161,62 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         .iter()
         .filter(|s| s.1 != 200 && s.1 != 503)
         .collect();
-    let slowest = samples.iter().map(|s| s.2).max().unwrap_or_default();
+    let slowest = |status: u16| {
+        samples
+            .iter()
+            .filter(|s| s.1 == status)
+            .map(|s| s.2)
+            .max()
+            .unwrap_or_default()
+    };
+    let first_503 = samples
+        .iter()
+        .filter(|s| s.1 == 503)
+        .map(|s| s.0)
+        .fold(f64::MAX, f64::min);
+    // Sent after the stop and answered before the restart: nothing can succeed.
+    let ok_during: Vec<_> = samples
+        .iter()
+        .filter(|s| s.1 == 200 && s.0 - s.2.as_secs_f64() > outage_at + 0.1 && s.0 < resumed)
+        .collect();
     let recovered_at = samples
         .iter()
         .filter(|s| s.0 > resumed && s.1 == 200)
         .map(|s| s.0)
         .fold(f64::MAX, f64::min);
     println!(
-        "outage {:.1}s..{resumed:.1}s: {} requests, {} ok, {} x 503, slowest {slowest:?}, first 200 after restart at +{:.2}s",
-        outage.0,
+        "outage {outage_at:.1}s..{resumed:.1}s: {} requests, {} ok, {} x 503 (first at +{:.2}s, slowest {:?}), slowest 200 {:?}, first 200 after restart at +{:.2}s; jobs: {} before, {} enqueued during the run ({maybe} enqueues failed)",
         samples.len(),
         count(200),
         count(503),
+        first_503 - outage_at,
+        slowest(503),
+        slowest(200),
         recovered_at - resumed,
+        before.len(),
+        committed.len(),
     );
     assert!(unexpected.is_empty(), "only 200s and 503s: {unexpected:?}");
     assert!(count(503) > 0, "the outage was seen");
     assert!(
-        slowest < Duration::from_secs(6),
-        "no request hangs: {slowest:?}"
+        first_503 < outage_at + 4.0,
+        "503s start within the pool's 3 s acquire timeout of the stop: +{:.2}s",
+        first_503 - outage_at
     );
+    // The request pool gives up after 3 s: a request that hung through the
+    // outage (5 s) fails these bounds.
+    let bound = Duration::from_secs(4);
+    assert!(slowest(503) < bound, "503s are fast: {:?}", slowest(503));
+    assert!(slowest(200) < bound, "no request hangs: {:?}", slowest(200));
+    assert!(ok_during.is_empty(), "no success while down: {ok_during:?}");
     assert!(recovered_at < resumed + 5.0, "the web recovered by itself");
-    let _ = outage.1;
+    assert!(
+        !committed.is_empty(),
+        "jobs were enqueued around the outage"
+    );
 
-    // Every job committed before (and after) the outage completes; the worker reconnected.
-    let db = sqlx::PgPool::connect_with(migrations::parse_url(&url)?).await?;
+    // Every job committed before, during and after the outage completes; the
+    // worker reconnected.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let open: i64 =
@@ -156,10 +236,34 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    for (what, ids) in [("before the outage", &before), ("around it", &committed)] {
+        let finished: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs j
+             where j.id = any($1) and j.status = 'Done'
+               and exists (select 1 from job_probe_runs r
+                           where r.probe = convert_from(j.job, 'UTF8')::jsonb ->> 'key'
+                             and r.finished_at is not null)",
+        )
+        .bind(ids)
+        .fetch_one(&db)
+        .await?;
+        assert_eq!(
+            usize::try_from(finished)?,
+            ids.len(),
+            "every job committed {what} ran to the end"
+        );
+    }
+    let probes: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'probe'")
+            .fetch_one(&db)
+            .await?;
+    let expected = before.len() + committed.len();
+    assert!(
+        (expected..=expected + maybe).contains(&usize::try_from(probes)?),
+        "{probes} probe jobs: {expected} committed, at most {maybe} more from failed commits"
+    );
     // The invariant: after one more view and its trim, only the 10 newest remain.
-    reqwest::get(format!("http://{address}/"))
-        .await?
-        .error_for_status()?;
+    let last = tests::visit_times(&address, 1, "after-outage").await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while sqlx::query_scalar::<_, i64>("select count(*) from visits")
         .fetch_one(&db)
@@ -169,6 +273,30 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         anyhow::ensure!(Instant::now() < deadline, "the table was not trimmed to 10");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every view answered 200 was committed, and every committed visit but
+    // the 10 newest was trimmed.
+    let audited: Vec<i64> = sqlx::query_scalar("select id from visit_audit order by id")
+        .fetch_all(&db)
+        .await?;
+    let answered = count(200) + 1;
+    assert!(
+        (answered..=samples.len() + 1).contains(&audited.len()),
+        "{} visits committed for {answered} views answered 200 of {}",
+        audited.len(),
+        samples.len() + 1
+    );
+    let mut remaining = sqlx::query_scalar::<_, i64>("select id from visits order by id")
+        .fetch_all(&db)
+        .await?;
+    remaining.sort_unstable();
+    let mut shown = last.ids();
+    shown.sort_unstable();
+    assert_eq!(
+        remaining,
+        audited[audited.len() - 10..],
+        "the 10 newest remain"
+    );
+    assert_eq!(remaining, shown, "the ones the last page shows");
     db.close().await;
     for process in [web, worker] {
         assert!(process.terminate(Duration::from_secs(30)).await?.success());
