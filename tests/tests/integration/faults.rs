@@ -1,6 +1,7 @@
 //! Faults with real processes: a database outage, workers killed mid-drain, a soak.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -8,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use jobs::probe::{Behaviour, Probe};
 use nix::sys::signal::Signal;
 use tests::{Process, TestDb, cluster::PrivateCluster, enqueue_probes, fast_worker_env};
@@ -324,7 +326,9 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
         }),
     )
     .await?;
-    let mut kills = 0;
+    // Pids of workers killed while an attempt of theirs was running.
+    let mut killed: Vec<u32> = Vec::new();
+    let mut next = 0;
     loop {
         let open: i64 = sqlx::query_scalar(
             "select count(*) from apalis.jobs where status in ('Pending', 'Queued', 'Running')
@@ -339,12 +343,23 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
             started.elapsed() < Duration::from_secs(180),
             "{open} jobs still open"
         );
-        if kills < 12 {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            let victim = kills % workers.len();
-            workers[victim].signal(Signal::SIGKILL)?;
-            workers[victim] = Process::spawn("worker", &env)?;
-            kills += 1;
+        if killed.len() < 12 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let victim = next % workers.len();
+            next += 1;
+            let pid = workers[victim].pid().context("worker running")?;
+            // Only a worker in the middle of a job: an attempt started, not finished.
+            let busy: bool = sqlx::query_scalar(
+                "select exists (select 1 from job_probe_runs where finished_at is null and worker ~ $1)",
+            )
+            .bind(worker_pattern(pid))
+            .fetch_one(&db.pool)
+            .await?;
+            if busy {
+                workers[victim].signal(Signal::SIGKILL)?;
+                workers[victim] = Process::spawn("worker", &env)?;
+                killed.push(pid);
+            }
         } else {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -364,14 +379,54 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
     )
     .fetch_one(&db.pool)
     .await?;
+    let retried: i64 = sqlx::query_scalar("select count(*) from apalis.jobs where attempts > 1")
+        .fetch_one(&db.pool)
+        .await?;
+    // Attempts cut off by a kill that no later attempt of the same job finished.
+    let unfinished: Vec<String> = sqlx::query_scalar(
+        "select probe from job_probe_runs r where finished_at is null and not exists (
+             select 1 from job_probe_runs again where again.probe = r.probe
+             and again.attempt > r.attempt and again.finished_at is not null)",
+    )
+    .fetch_all(&db.pool)
+    .await?;
     println!(
-        "1000 jobs, {kills} SIGKILLs, drained in {elapsed:?}: {rerun} jobs re-run after a kill, {finished_twice} completed twice (at-least-once)"
+        "1000 jobs, {} SIGKILLs of busy workers, drained in {elapsed:?}: {rerun} jobs re-run after a kill, {retried} with attempts > 1, {finished_twice} completed twice (at-least-once)",
+        killed.len()
     );
     assert_eq!(finished, 1000, "every job completed");
+    assert!(killed.len() >= 3, "kills landed: {killed:?}");
+    for pid in &killed {
+        let cut: i64 = sqlx::query_scalar(
+            "select count(*) from job_probe_runs where finished_at is null and worker ~ $1",
+        )
+        .bind(worker_pattern(*pid))
+        .fetch_one(&db.pool)
+        .await?;
+        assert!(
+            cut > 0,
+            "the kill of worker {pid} cut off a running attempt"
+        );
+    }
+    assert!(
+        usize::try_from(rerun)? >= killed.len() && usize::try_from(retried)? >= killed.len(),
+        "each kill made at least one job run again: {rerun} re-run, {retried} retried, {} kills",
+        killed.len()
+    );
+    assert!(
+        unfinished.is_empty(),
+        "every attempt cut off was followed by one that finished: {unfinished:?}"
+    );
     for worker in workers {
         assert!(worker.terminate(Duration::from_secs(30)).await?.success());
     }
     Ok(())
+}
+
+/// Matches the names of the workers of process `pid` (names end
+/// `-<pid>-<start ms>-<generation>`, see `jobs::worker`).
+fn worker_pattern(pid: u32) -> String {
+    format!("-{pid}-[0-9]+-[0-9]+$")
 }
 
 /// `just soak` runs this for 60 s (`SOAK_SECONDS`); the test suite for 8 s.
@@ -398,9 +453,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         Process::spawn("worker", &env)?,
     ];
     for worker in &mut workers {
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        worker.wait_until_registered(&env).await?;
     }
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -411,6 +464,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         stop.clone(),
         started,
     );
+    let sampler = tokio::spawn(sample_recovery(db.pool.clone(), stop.clone()));
     let mut restarts = 0;
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -430,6 +484,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
     }
     let samples = samples.lock().expect("samples").clone();
     let errors = samples.iter().filter(|s| s.1 != 200).count();
+    let (checks, broken) = sampler.await??;
     // Jobs of killed workers come back after the lease (3 s here).
     db.drain_queue(Duration::from_secs(60)).await?;
     let visits = db.visit_ids().await?.len();
@@ -438,6 +493,11 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         samples.len()
     );
     assert_eq!(errors, 0, "zero unexpected 5xx or failed requests");
+    assert!(
+        checks >= seconds * 2,
+        "the recovery checks ran during the restarts: {checks}"
+    );
+    assert!(broken.is_empty(), "during the restarts: {broken:#?}");
     let orphaned: i64 = sqlx::query_scalar(
         "select count(*) from apalis.jobs j join apalis.workers w on w.id = j.lock_by
          where j.status in ('Running', 'Queued') and w.last_seen < now() - interval '3 seconds'",
@@ -454,4 +514,49 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         assert!(process.terminate(Duration::from_secs(30)).await?.success());
     }
     Ok(())
+}
+
+/// Checks the queue's recovery promises every 200 ms until `stop`; returns
+/// how many checks ran and what they found broken:
+///
+/// - no job is held by a worker silent for two leases (6 s): a dead worker's
+///   jobs are recovered within a lease and a heartbeat (4 s);
+/// - no job stays due and unclaimed for over a second after being due for a
+///   lease (3 s), seen in two checks: a job re-queued by that recovery keeps
+///   its old `run_at`, so one check alone may see it before its claim.
+async fn sample_recovery(
+    pool: sqlx::PgPool,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let (mut checks, mut broken) = (0, Vec::new());
+    let mut due_since: HashMap<String, Instant> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let orphaned: Vec<(String, String, f64)> = sqlx::query_as(
+            "select j.id, w.id, extract(epoch from now() - w.last_seen)::float8
+             from apalis.jobs j join apalis.workers w on w.id = j.lock_by
+             where j.status in ('Running', 'Queued') and w.last_seen < now() - interval '6 seconds'",
+        )
+        .fetch_all(&pool)
+        .await?;
+        broken.extend(orphaned.into_iter().map(|(job, worker, silent)| {
+            format!("job {job} held by {worker}, silent for {silent:.1}s")
+        }));
+        let stale: Vec<String> = sqlx::query_scalar(
+            "select id from apalis.jobs where run_at < now() - interval '3 seconds'
+               and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))",
+        )
+        .fetch_all(&pool)
+        .await?;
+        due_since.retain(|id, _| stale.contains(id));
+        for id in stale {
+            let since = *due_since.entry(id.clone()).or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                broken.push(format!("job {id} due and unclaimed for over a second"));
+                due_since.remove(&id);
+            }
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((checks, broken))
 }
