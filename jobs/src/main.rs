@@ -73,14 +73,28 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let result = tokio::runtime::Runtime::new()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(run()));
-    observability::exit_code("worker", result)
+    let mut cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return observability::exit_code("worker", Err(anyhow::Error::from(err))),
+    };
+    let Some(command) = cli.command.take() else {
+        return observability::exit_code("worker", runtime.block_on(run(cli)));
+    };
+    // An operator command's output is its answer alone, for people and
+    // scripts: no telemetry (so no start-up or migration log lines), and an
+    // error once, on stderr.
+    match runtime.block_on(operate(&cli, command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("worker: {}", printable(&observability::one_line(&*err)));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Runs jobs until SIGTERM or SIGINT.
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = observability::init("visitme-worker", &cli.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();
     if let Some(address) = cli.metrics_bind {
@@ -103,16 +117,41 @@ async fn run() -> anyhow::Result<()> {
         .await
         .context("cannot migrate the database")?;
 
-    match cli.command {
-        None => jobs::run(pool.clone(), cli.worker, shutdown).await?,
-        Some(command) => operate(&pool, command, &cli.worker).await?,
-    }
+    jobs::run(pool.clone(), cli.worker, shutdown).await?;
     jobs::shutdown::close_pool(&pool).await;
     Ok(())
 }
 
-/// Runs one operator command, printing its result to stdout.
-async fn operate(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyhow::Result<()> {
+/// Connects, migrates (as the worker would), runs one operator command.
+async fn operate(cli: &Cli, command: Command) -> anyhow::Result<()> {
+    let pool = migrations::connect(&cli.database_url, &PoolSettings::default())
+        .await
+        .context("cannot connect to the database")?;
+    migrations::run(&pool)
+        .await
+        .context("cannot migrate the database")?;
+    let result = answer(&pool, command, &cli.worker).await;
+    pool.close().await;
+    result
+}
+
+/// Text from the database for a terminal: a job's error (or a hand-written
+/// row) may hold control characters, e.g. escape sequences that rewrite the
+/// screen, so everything not printable is shown escaped (`\u{1b}`, `\n`).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            // Printable, but `escape_debug` would add a backslash.
+            '"' | '\'' | '\\' => out.push(c),
+            _ => out.extend(c.escape_debug()),
+        }
+    }
+    out
+}
+
+/// Prints one operator command's result to stdout.
+async fn answer(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyhow::Result<()> {
     match command {
         Command::Status => {
             let counts = admin::queue_status(pool).await?;
@@ -121,7 +160,8 @@ async fn operate(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyh
             }
             println!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
             for row in counts {
-                println!("{:<16} {:<10} {:>8}", row.queue, row.state, row.count);
+                let (queue, state) = (printable(&row.queue), printable(&row.state));
+                println!("{queue:<16} {state:<10} {:>8}", row.count);
             }
         }
         Command::Dead { limit } => {
@@ -136,20 +176,22 @@ async fn operate(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyh
                     .unwrap_or_else(|| "-".to_owned());
                 println!(
                     "{}  {}  attempts={}  died={died}\n    {}",
-                    job.id,
-                    job.queue,
+                    printable(&job.id),
+                    printable(&job.queue),
                     job.attempts,
-                    job.last_error.as_deref().unwrap_or("(no error recorded)")
+                    job.last_error
+                        .as_deref()
+                        .map_or_else(|| "(no error recorded)".to_owned(), printable)
                 );
             }
         }
         Command::Retry { id } => {
             admin::retry(pool, &id).await?;
-            println!("job {id} is pending again");
+            println!("job {} is pending again", printable(&id));
         }
         Command::Cancel { id } => {
             admin::cancel(pool, &id).await?;
-            println!("job {id} cancelled");
+            println!("job {} cancelled", printable(&id));
         }
         Command::Prune => {
             let pruned = admin::prune(pool, config.retention()).await?;

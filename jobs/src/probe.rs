@@ -2,10 +2,11 @@
 //!
 //! Each execution records a row in `job_probe_runs` (which attempt, which
 //! worker, when it started and finished), then behaves as asked: succeed,
-//! fail, panic, sleep or wait for a lock. Operators use it to check a
-//! deployment; our tests and benchmarks use it to prove retries, crash
-//! recovery and scaling against the real `worker` binary. It is built only
-//! with the `probes` cargo feature, which the tests and the bench turn on.
+//! fail, panic, crash the process, sleep or wait for a lock. Operators use
+//! it to check a deployment; our tests and benchmarks use it to prove
+//! retries, crash recovery and scaling against the real `worker` binary. It
+//! is built only with the `probes` cargo feature, which the tests and the
+//! bench turn on.
 //!
 //! **Running it twice** records two runs: that is the point, so duplicates
 //! are visible.
@@ -53,6 +54,9 @@ pub enum Behaviour {
         /// How long, in milliseconds.
         millis: u64,
     },
+    /// Abort the whole worker process (`std::process::abort`) in every
+    /// attempt, after recording the run: a real crash, for crash-recovery tests.
+    Abort,
     /// Block until the Postgres advisory lock `lock` is free (someone else
     /// holds it to keep the job running), then succeed.
     WaitForLock {
@@ -108,6 +112,10 @@ async fn run(probe: Probe, job: &durable_jobs::JobContext<'_, JobContext>) -> Re
             )));
         }
         Behaviour::Panic => panic!("probe {} panics as asked (attempt {attempt})", probe.key),
+        Behaviour::Abort => {
+            tracing::error!(job.id = job.id(), job.attempt = attempt, probe = %probe.key, "probe aborting the process as asked");
+            std::process::abort();
+        }
         Behaviour::Sleep { millis } => {
             tokio::time::sleep(std::time::Duration::from_millis(millis)).await
         }

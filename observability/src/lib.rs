@@ -151,6 +151,9 @@ pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error>
     };
     tracing_subscriber::registry()
         .with(EnvFilter::try_new(&config.log_filter)?)
+        .with(tracing_subscriber::filter::filter_fn(|event| {
+            !is_duplicate_export_error(event)
+        }))
         .with(stdout)
         .with(otel_traces)
         .with(otel_logs)
@@ -164,6 +167,17 @@ pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error>
     }
     tracing::info!(service.name = %export.service_name, "telemetry: {}", export.describe());
     Ok(Guard { tracer, logger })
+}
+
+/// A failed OTLP export is reported twice: a WARN from the exporter
+/// ("OTLP export exhausted retries - telemetry data will be lost") and an
+/// ERROR from the SDK's batch processor (`BatchSpanProcessor.ExportError`,
+/// `BatchLogProcessor.ExportError`). A collector that is down is not an error
+/// of this app, which keeps serving: the WARN says it, the ERROR is dropped.
+fn is_duplicate_export_error(event: &tracing::Metadata<'_>) -> bool {
+    *event.level() == tracing::Level::ERROR
+        && event.target() == "opentelemetry_sdk"
+        && event.name().ends_with(".ExportError")
 }
 
 /// An error and its causes on one line, `outer: cause: root cause`, skipping

@@ -66,24 +66,8 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
         "--features",
         "jobs/probes",
     ]);
-    // Cargo sets these for the crate it runs (us). Build scripts that watch
-    // one (ring watches CARGO_MANIFEST_DIR) would see it change between our
-    // build and the outer one and rebuild ring, rustls and sqlx every time.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-            ]
-            .contains(&key.as_ref())
-        {
-            build.env_remove(key.as_ref());
-        }
+    for key in cargo_crate_env() {
+        build.env_remove(key);
     }
     if !cfg!(debug_assertions) {
         build.arg("--release");
@@ -93,6 +77,29 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
         bail!("cargo build of the web/worker binaries failed: {status}");
     }
     Ok(profile_dir)
+}
+
+/// Variables cargo sets for the crate it runs (this test binary), to remove
+/// from the environment of a nested `cargo build` (ours, or a script's).
+/// Build scripts that watch one (ring watches CARGO_MANIFEST_DIR) would see
+/// it change between that build and the outer one and rebuild ring, rustls
+/// and sqlx every time.
+pub fn cargo_crate_env() -> Vec<String> {
+    std::env::vars_os()
+        .map(|(key, _)| key.to_string_lossy().into_owned())
+        .filter(|key| {
+            key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_str())
+        })
+        .collect()
 }
 
 /// A running child process whose stdout+stderr lines are collected.
@@ -126,13 +133,83 @@ impl Process {
         Self::start(name, command)
     }
 
-    /// Spawns a `worker` process and waits until it runs jobs.
+    /// Spawns a `worker` process and waits until it is ready to claim jobs
+    /// (see [`Process::wait_until_registered`]). `env` names its
+    /// `DATABASE_URL` (else the binary's default).
     pub async fn started_worker(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut worker = Self::spawn("worker", env)?;
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        worker.wait_until_registered(env).await?;
         Ok(worker)
+    }
+
+    /// Waits until this `worker` process, spawned with `env`, has registered
+    /// a worker row in `apalis.workers` for each of its queues: apalis
+    /// registers a worker just before its first claim, while "worker started"
+    /// is logged before any of that (a test that enqueues on that line races
+    /// the start-up). Fails if the process exits or after a minute.
+    pub async fn wait_until_registered(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        // The last occurrence wins, as in the child's environment.
+        let setting = |key: &str| env.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        let url = setting("DATABASE_URL").unwrap_or("postgres://localhost/visitme");
+        // Every queue of the registry (the tests' builds have the probe job).
+        let queues = i64::try_from(jobs::registry().queues().len())?;
+        let pid = self.pid().context("worker already reaped")?;
+        self.wait_for_line("worker started", Duration::from_secs(60))
+            .await?;
+        let db = sqlx::PgPool::connect_with(migrations::parse_url(url)?).await?;
+        // Worker names end `-<pid>-<start ms>-<generation>` (jobs::worker::worker_name).
+        let pattern = format!("-{pid}-[0-9]+-[0-9]+$");
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        let result = loop {
+            let registered: i64 = sqlx::query_scalar(
+                "select count(distinct worker_type) from apalis.workers where id ~ $1",
+            )
+            .bind(&pattern)
+            .fetch_one(&db)
+            .await?;
+            if registered >= queues {
+                break Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                break Err(anyhow::anyhow!(
+                    "{} exited ({status}) before registering its workers:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                ));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break Err(anyhow::anyhow!(
+                    "{} registered {registered} of {queues} workers within a minute:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        db.close().await;
+        result
+    }
+
+    /// The process id, until the process has been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits (with a deadline) for the process to exit on its own.
+    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "{} still running after {deadline:?}:\n{}",
+                self.name,
+                self.output().join("\n")
+            ),
+        }
     }
 
     /// Spawns any command, collecting its output like [`Process::spawn`].
@@ -157,9 +234,24 @@ impl Process {
             (Box::new(stderr), lines.clone()),
         ] {
             readers.push(tokio::spawn(async move {
-                let mut reader = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    lines.lock().expect("log buffer lock").push(line);
+                // Bytes, not `lines()`: that stops at the first line that is
+                // not UTF-8, and every later absence check would pass vacuously.
+                let mut reader = BufReader::new(stream);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let text = match reader.read_until(b'\n', &mut line).await {
+                        Ok(0) => break,
+                        Ok(_) => String::from_utf8_lossy(&line)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_owned(),
+                        Err(err) => {
+                            let note = format!("(test harness: reading output failed: {err})");
+                            lines.lock().expect("log buffer lock").push(note);
+                            break;
+                        }
+                    };
+                    lines.lock().expect("log buffer lock").push(text);
                 }
             }));
         }

@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use jobs::probe::{Behaviour, Probe};
 use sqlx::Connection as _;
@@ -24,6 +25,23 @@ async fn runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, String, DateTi
     .bind(key)
     .fetch_all(&db.pool)
     .await?)
+}
+
+/// Probe runs per worker process id (worker names end
+/// `-<pid>-<start ms>-<generation>`, see `jobs::worker`).
+async fn runs_per_pid(db: &TestDb) -> anyhow::Result<HashMap<u32, i64>> {
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "select substring(worker from '-([0-9]+)-[0-9]+-[0-9]+$'), count(*)
+         from job_probe_runs group by 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    rows.into_iter()
+        .map(|(pid, runs)| {
+            let pid = pid.context("a worker name without a pid")?;
+            Ok((pid.parse()?, runs))
+        })
+        .collect()
 }
 
 /// `(status, attempts, last_result)` of job `id`.
@@ -250,14 +268,16 @@ async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> a
         .fetch_one(&db.pool)
         .await?;
     assert_eq!(total, 3000);
-    let split: HashMap<String, i64> = sqlx::query_as(
-        "select split_part(worker, '-', 2), count(*) from job_probe_runs group by 1",
-    )
-    .fetch_all(&db.pool)
-    .await?
-    .into_iter()
-    .collect();
+    let split = runs_per_pid(&db).await?;
     println!("3000 jobs in {elapsed:?} by 3 workers (pid: jobs): {split:?}");
+    assert_eq!(split.len(), 3, "three workers ran jobs: {split:?}");
+    for worker in &workers {
+        let pid = worker.pid().context("worker still running")?;
+        assert!(
+            split.get(&pid).is_some_and(|jobs| *jobs > 0),
+            "worker {pid} ran jobs: {split:?}"
+        );
+    }
     for worker in workers {
         assert!(worker.terminate(Duration::from_secs(30)).await?.success());
     }
@@ -522,5 +542,202 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
         returned, 4,
         "the four unstarted jobs went back to the queue: {states:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_live_worker_keeps_the_lease_of_a_job_three_leases_long_while_another_polls()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.extend([
+        ("DATABASE_URL", db.url.as_str()),
+        // Not 2: the lease in seconds is truncated from 3 heartbeats of
+        // 0.666 s, so "2" means a 1 s lease, which a busy machine can miss.
+        ("JOB_LEASE", "3"),
+        ("JOB_TIMEOUT", "30"),
+    ]);
+    let first = Process::started_worker(&env).await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [probe("long", Behaviour::Sleep { millis: 9_000 })],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while runs(&db, "long").await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the first worker never started the job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Polls every 50 ms and, with every heartbeat, takes over the jobs of
+    // workers silent for a lease: the first one's heartbeats must keep it off.
+    let second = Process::started_worker(&env).await?;
+    db.drain_queue(Duration::from_secs(30)).await?;
+
+    let runs = runs(&db, "long").await?;
+    assert_eq!(runs.len(), 1, "it ran exactly once: {runs:?}");
+    assert!(runs[0].3, "and finished: {runs:?}");
+    let first_pid = first.pid().context("first worker running")?;
+    assert!(
+        runs[0].1.contains(&format!("-{first_pid}-")),
+        "the first worker ran it: {runs:?}"
+    );
+    let (status, attempts, _) = job_row(&db, &ids[0]).await?;
+    assert_eq!((status.as_str(), attempts), ("Done", 1));
+    for worker in [first, second] {
+        assert!(worker.terminate(Duration::from_secs(30)).await?.success());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retry_keeps_its_stored_time_and_attempt_count_across_a_worker_restart()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.push(("DATABASE_URL", db.url.as_str()));
+    let mut slow_retries = env.clone();
+    slow_retries.push(("JOB_BACKOFF_BASE", "4"));
+    let first = Process::started_worker(&slow_retries).await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [probe("flaky", Behaviour::FailFirst { failures: 1 })],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, attempts, _) = job_row(&db, &ids[0]).await?;
+        if (status.as_str(), attempts) == ("Failed", 1) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the first attempt never failed: {status} {attempts}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retry_at: DateTime<Utc> =
+        sqlx::query_scalar("select run_at from apalis.jobs where id = $1")
+            .bind(&ids[0])
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(first.terminate(Duration::from_secs(30)).await?.success());
+
+    // The new worker's own backoff is 0.2 s: only the stored time can hold it back.
+    let second = Process::started_worker(&env).await?;
+    let early: bool = sqlx::query_scalar("select now() < $1")
+        .bind(retry_at)
+        .fetch_one(&db.pool)
+        .await?;
+    anyhow::ensure!(
+        early,
+        "the new worker was not up before the retry was due; the test proves nothing"
+    );
+    db.drain_queue(Duration::from_secs(30)).await?;
+
+    let runs = runs(&db, "flaky").await?;
+    let attempts: Vec<i32> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(attempts, [1, 2], "the retry is attempt 2: {runs:?}");
+    let (first_pid, second_pid) = (
+        pid_of(&runs[0].1)?,
+        second.pid().context("second worker running")?,
+    );
+    assert_ne!(first_pid, second_pid, "{runs:?}");
+    assert_eq!(
+        pid_of(&runs[1].1)?,
+        second_pid,
+        "the new worker ran the retry"
+    );
+    let backoff = (retry_at - runs[0].2).to_std()?;
+    assert!(
+        backoff >= Duration::from_millis(3_600),
+        "the first worker stored its 4 s backoff (±10 %): {backoff:?}"
+    );
+    assert!(
+        runs[1].2 >= retry_at,
+        "the retry started at {} before its stored time {retry_at}",
+        runs[1].2
+    );
+    assert_eq!(job_row(&db, &ids[0]).await?.0, "Done");
+    assert!(second.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+/// The process id in a worker name (`<queue>@<host>-<pid>-<start ms>-<generation>`).
+fn pid_of(worker: &str) -> anyhow::Result<u32> {
+    let mut parts = worker.rsplit('-');
+    let pid = parts
+        .nth(2)
+        .context("worker name ends -<pid>-<ms>-<generation>")?;
+    Ok(pid.parse()?)
+}
+
+#[tokio::test]
+async fn a_job_that_crashes_its_worker_on_every_attempt_ends_killed_after_max_attempts()
+-> anyhow::Result<()> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.extend([("DATABASE_URL", db.url.as_str()), ("JOB_LEASE", "2")]);
+    let mut worker = Process::started_worker(&env).await?;
+    let ids = enqueue_probes(&db.pool, [probe("crasher", Behaviour::Abort)]).await?;
+    // A supervisor's part: start a new worker whenever one dies.
+    let mut crashes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = worker.exited()? {
+            assert_eq!(status.signal(), Some(6), "the worker aborted: {status}");
+            crashes += 1;
+            worker = Process::started_worker(&env).await?;
+        }
+        let (status, attempts, _) = job_row(&db, &ids[0]).await?;
+        if status == "Killed" {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "after {crashes} crashes the job is still {status} with {attempts} attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let max = usize::try_from(<Probe as jobs::Job>::MAX_ATTEMPTS)?;
+    let (status, attempts, last_result) = job_row(&db, &ids[0]).await?;
+    println!("killed after {crashes} crashes: {last_result}");
+    assert_eq!(
+        (status.as_str(), usize::try_from(attempts)?),
+        ("Killed", max),
+        "{last_result}"
+    );
+    assert!(
+        last_result.contains(&format!("gave up after {max} of {max} attempts"))
+            && last_result.contains("lost with its worker"),
+        "an honest reason: {last_result}"
+    );
+    let runs = runs(&db, "crasher").await?;
+    let numbers: Vec<i32> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(
+        numbers,
+        [1, 2, 3],
+        "each attempt ran once, in its own worker: {runs:?}"
+    );
+    assert!(runs.iter().all(|r| !r.3), "no attempt finished: {runs:?}");
+    let pids: std::collections::HashSet<u32> = runs
+        .iter()
+        .map(|r| pid_of(&r.1))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        pids.len(),
+        max,
+        "each attempt in a worker of its own: {runs:?}"
+    );
+    assert_eq!(crashes, max, "each attempt crashed its worker");
+    // The survivor is not crash-looping: it stays up and stops cleanly.
+    assert!(
+        worker.exited()?.is_none(),
+        "the last worker is still running"
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Faults with real processes: a database outage, workers killed mid-drain, a soak.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -8,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use jobs::probe::{Behaviour, Probe};
 use nix::sys::signal::Signal;
 use tests::{Process, TestDb, cluster::PrivateCluster, enqueue_probes, fast_worker_env};
@@ -61,9 +63,20 @@ fn load(
     (samples, tasks)
 }
 
+/// Counts every committed visit in `visit_audit`, in the visit's own transaction.
+const VISIT_AUDIT: &str = "
+create table visit_audit (id bigint primary key);
+create function audit_visit() returns trigger language plpgsql as $$
+begin
+    insert into visit_audit values (new.id);
+    return new;
+end $$;
+create trigger audit_visit after insert on visits for each row execute function audit_visit();";
+
 #[tokio::test]
 async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() -> anyhow::Result<()>
 {
+    const OUTAGE: Duration = Duration::from_secs(5);
     let cluster = PrivateCluster::start()?;
     let url = cluster.url("visitme");
     let mut env = fast_worker_env();
@@ -81,9 +94,9 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
     )?;
     let mut worker = Process::spawn("worker", &env)?;
     let address = web.web_address().await?;
-    worker
-        .wait_for_line("worker started", Duration::from_secs(60))
-        .await?;
+    worker.wait_until_registered(&env).await?;
+    let db = sqlx::PgPool::connect_with(migrations::parse_url(&url)?).await?;
+    sqlx::raw_sql(VISIT_AUDIT).execute(&db).await?;
 
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -94,10 +107,47 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         stop.clone(),
         started,
     );
+    // Jobs enqueued all through the run, one every 100 ms, from a pool that
+    // gives up quickly: those whose commit succeeded must all complete.
+    let trickle = {
+        let stop = stop.clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_with(migrations::parse_url(&url)?)
+            .await?;
+        tokio::spawn(async move {
+            let (mut committed, mut failed) = (Vec::new(), 0usize);
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let probe = Probe {
+                    key: format!("trickle-{n}"),
+                    behaviour: Behaviour::Succeed,
+                };
+                match enqueue_probes(&pool, [probe]).await {
+                    Ok(ids) => committed.extend(ids),
+                    // Maybe committed (a commit whose answer was lost).
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (committed, failed)
+        })
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // 4 s of work for the worker's 4 slots: running and waiting when Postgres stops.
+    let before = enqueue_probes(
+        &db,
+        (0..40).map(|n| Probe {
+            key: format!("before-{n}"),
+            behaviour: Behaviour::Sleep { millis: 400 },
+        }),
+    )
+    .await?;
     cluster.stop()?;
-    let outage = (started.elapsed().as_secs_f64(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let outage_at = started.elapsed().as_secs_f64();
+    tokio::time::sleep(OUTAGE).await;
     cluster.resume()?;
     let resumed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -105,6 +155,7 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
     for client in clients {
         client.await?;
     }
+    let (committed, maybe) = trickle.await?;
     let samples = samples.lock().expect("samples").clone();
 
     let count = |status: u16| samples.iter().filter(|s| s.1 == status).count();
@@ -112,31 +163,62 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         .iter()
         .filter(|s| s.1 != 200 && s.1 != 503)
         .collect();
-    let slowest = samples.iter().map(|s| s.2).max().unwrap_or_default();
+    let slowest = |status: u16| {
+        samples
+            .iter()
+            .filter(|s| s.1 == status)
+            .map(|s| s.2)
+            .max()
+            .unwrap_or_default()
+    };
+    let first_503 = samples
+        .iter()
+        .filter(|s| s.1 == 503)
+        .map(|s| s.0)
+        .fold(f64::MAX, f64::min);
+    // Sent after the stop and answered before the restart: nothing can succeed.
+    let ok_during: Vec<_> = samples
+        .iter()
+        .filter(|s| s.1 == 200 && s.0 - s.2.as_secs_f64() > outage_at + 0.1 && s.0 < resumed)
+        .collect();
     let recovered_at = samples
         .iter()
         .filter(|s| s.0 > resumed && s.1 == 200)
         .map(|s| s.0)
         .fold(f64::MAX, f64::min);
     println!(
-        "outage {:.1}s..{resumed:.1}s: {} requests, {} ok, {} x 503, slowest {slowest:?}, first 200 after restart at +{:.2}s",
-        outage.0,
+        "outage {outage_at:.1}s..{resumed:.1}s: {} requests, {} ok, {} x 503 (first at +{:.2}s, slowest {:?}), slowest 200 {:?}, first 200 after restart at +{:.2}s; jobs: {} before, {} enqueued during the run ({maybe} enqueues failed)",
         samples.len(),
         count(200),
         count(503),
+        first_503 - outage_at,
+        slowest(503),
+        slowest(200),
         recovered_at - resumed,
+        before.len(),
+        committed.len(),
     );
     assert!(unexpected.is_empty(), "only 200s and 503s: {unexpected:?}");
     assert!(count(503) > 0, "the outage was seen");
     assert!(
-        slowest < Duration::from_secs(6),
-        "no request hangs: {slowest:?}"
+        first_503 < outage_at + 4.0,
+        "503s start within the pool's 3 s acquire timeout of the stop: +{:.2}s",
+        first_503 - outage_at
     );
+    // The request pool gives up after 3 s: a request that hung through the
+    // outage (5 s) fails these bounds.
+    let bound = Duration::from_secs(4);
+    assert!(slowest(503) < bound, "503s are fast: {:?}", slowest(503));
+    assert!(slowest(200) < bound, "no request hangs: {:?}", slowest(200));
+    assert!(ok_during.is_empty(), "no success while down: {ok_during:?}");
     assert!(recovered_at < resumed + 5.0, "the web recovered by itself");
-    let _ = outage.1;
+    assert!(
+        !committed.is_empty(),
+        "jobs were enqueued around the outage"
+    );
 
-    // Every job committed before (and after) the outage completes; the worker reconnected.
-    let db = sqlx::PgPool::connect_with(migrations::parse_url(&url)?).await?;
+    // Every job committed before, during and after the outage completes; the
+    // worker reconnected.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let open: i64 =
@@ -156,10 +238,34 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    for (what, ids) in [("before the outage", &before), ("around it", &committed)] {
+        let finished: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs j
+             where j.id = any($1) and j.status = 'Done'
+               and exists (select 1 from job_probe_runs r
+                           where r.probe = convert_from(j.job, 'UTF8')::jsonb ->> 'key'
+                             and r.finished_at is not null)",
+        )
+        .bind(ids)
+        .fetch_one(&db)
+        .await?;
+        assert_eq!(
+            usize::try_from(finished)?,
+            ids.len(),
+            "every job committed {what} ran to the end"
+        );
+    }
+    let probes: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where job_type = 'probe'")
+            .fetch_one(&db)
+            .await?;
+    let expected = before.len() + committed.len();
+    assert!(
+        (expected..=expected + maybe).contains(&usize::try_from(probes)?),
+        "{probes} probe jobs: {expected} committed, at most {maybe} more from failed commits"
+    );
     // The invariant: after one more view and its trim, only the 10 newest remain.
-    reqwest::get(format!("http://{address}/"))
-        .await?
-        .error_for_status()?;
+    let last = tests::visit_times(&address, 1, "after-outage").await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while sqlx::query_scalar::<_, i64>("select count(*) from visits")
         .fetch_one(&db)
@@ -169,6 +275,30 @@ async fn a_5_second_postgres_outage_gives_fast_503s_recovers_and_loses_no_job() 
         anyhow::ensure!(Instant::now() < deadline, "the table was not trimmed to 10");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every view answered 200 was committed, and every committed visit but
+    // the 10 newest was trimmed.
+    let audited: Vec<i64> = sqlx::query_scalar("select id from visit_audit order by id")
+        .fetch_all(&db)
+        .await?;
+    let answered = count(200) + 1;
+    assert!(
+        (answered..=samples.len() + 1).contains(&audited.len()),
+        "{} visits committed for {answered} views answered 200 of {}",
+        audited.len(),
+        samples.len() + 1
+    );
+    let mut remaining = sqlx::query_scalar::<_, i64>("select id from visits order by id")
+        .fetch_all(&db)
+        .await?;
+    remaining.sort_unstable();
+    let mut shown = last.ids();
+    shown.sort_unstable();
+    assert_eq!(
+        remaining,
+        audited[audited.len() - 10..],
+        "the 10 newest remain"
+    );
+    assert_eq!(remaining, shown, "the ones the last page shows");
     db.close().await;
     for process in [web, worker] {
         assert!(process.terminate(Duration::from_secs(30)).await?.success());
@@ -196,7 +326,10 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
         }),
     )
     .await?;
-    let mut kills = 0;
+    // Pids of workers killed while an attempt of theirs was running, and of
+    // all workers killed.
+    let (mut killed, mut kills): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+    let mut next = 0;
     loop {
         let open: i64 = sqlx::query_scalar(
             "select count(*) from apalis.jobs where status in ('Pending', 'Queued', 'Running')
@@ -211,12 +344,35 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
             started.elapsed() < Duration::from_secs(180),
             "{open} jobs still open"
         );
-        if kills < 12 {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            let victim = kills % workers.len();
-            workers[victim].signal(Signal::SIGKILL)?;
-            workers[victim] = Process::spawn("worker", &env)?;
-            kills += 1;
+        if killed.len() < 12 && kills.len() < 24 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let victim = next % workers.len();
+            next += 1;
+            let pid = workers[victim].pid().context("worker running")?;
+            // Only a worker in the middle of a job: an attempt started, not finished.
+            let busy: bool = sqlx::query_scalar(
+                "select exists (select 1 from job_probe_runs where finished_at is null and worker ~ $1)",
+            )
+            .bind(worker_pattern(pid))
+            .fetch_one(&db.pool)
+            .await?;
+            if busy {
+                workers[victim].signal(Signal::SIGKILL)?;
+                workers[victim].wait(Duration::from_secs(10)).await?;
+                workers[victim] = Process::spawn("worker", &env)?;
+                kills.push(pid);
+                // Its attempt may have finished just before the kill: only
+                // an attempt left unfinished by the dead process proves it.
+                let cut: i64 = sqlx::query_scalar(
+                    "select count(*) from job_probe_runs where finished_at is null and worker ~ $1",
+                )
+                .bind(worker_pattern(pid))
+                .fetch_one(&db.pool)
+                .await?;
+                if cut > 0 {
+                    killed.push(pid);
+                }
+            }
         } else {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -236,14 +392,48 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
     )
     .fetch_one(&db.pool)
     .await?;
+    let retried: i64 = sqlx::query_scalar("select count(*) from apalis.jobs where attempts > 1")
+        .fetch_one(&db.pool)
+        .await?;
+    // Attempts cut off by a kill that no later attempt of the same job finished.
+    let unfinished: Vec<String> = sqlx::query_scalar(
+        "select probe from job_probe_runs r where finished_at is null and not exists (
+             select 1 from job_probe_runs again where again.probe = r.probe
+             and again.attempt > r.attempt and again.finished_at is not null)",
+    )
+    .fetch_all(&db.pool)
+    .await?;
     println!(
-        "1000 jobs, {kills} SIGKILLs, drained in {elapsed:?}: {rerun} jobs re-run after a kill, {finished_twice} completed twice (at-least-once)"
+        "1000 jobs, {} SIGKILLs of busy workers, {} cutting off an attempt, drained in {elapsed:?}: {rerun} jobs re-run after a kill, {retried} with attempts > 1, {finished_twice} completed twice (at-least-once)",
+        kills.len(),
+        killed.len()
     );
     assert_eq!(finished, 1000, "every job completed");
+    assert!(
+        killed.len() >= 3 && killed.len() * 2 >= kills.len(),
+        "kills cut off running attempts: {} of {}",
+        killed.len(),
+        kills.len()
+    );
+    assert!(
+        usize::try_from(rerun)? >= killed.len() && usize::try_from(retried)? >= killed.len(),
+        "each kill made at least one job run again: {rerun} re-run, {retried} retried, {} kills",
+        killed.len()
+    );
+    assert!(
+        unfinished.is_empty(),
+        "every attempt cut off was followed by one that finished: {unfinished:?}"
+    );
     for worker in workers {
         assert!(worker.terminate(Duration::from_secs(30)).await?.success());
     }
     Ok(())
+}
+
+/// Matches the names of the workers of process `pid` (names end
+/// `-<pid>-<start ms>-<generation>`, see `jobs::worker`).
+fn worker_pattern(pid: u32) -> String {
+    format!("-{pid}-[0-9]+-[0-9]+$")
 }
 
 /// `just soak` runs this for 60 s (`SOAK_SECONDS`); the test suite for 8 s.
@@ -270,9 +460,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         Process::spawn("worker", &env)?,
     ];
     for worker in &mut workers {
-        worker
-            .wait_for_line("worker started", Duration::from_secs(60))
-            .await?;
+        worker.wait_until_registered(&env).await?;
     }
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,6 +471,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         stop.clone(),
         started,
     );
+    let sampler = tokio::spawn(sample_recovery(db.pool.clone(), stop.clone()));
     let mut restarts = 0;
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -302,6 +491,7 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
     }
     let samples = samples.lock().expect("samples").clone();
     let errors = samples.iter().filter(|s| s.1 != 200).count();
+    let (checks, broken) = sampler.await??;
     // Jobs of killed workers come back after the lease (3 s here).
     db.drain_queue(Duration::from_secs(60)).await?;
     let visits = db.visit_ids().await?.len();
@@ -310,6 +500,11 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         samples.len()
     );
     assert_eq!(errors, 0, "zero unexpected 5xx or failed requests");
+    assert!(
+        checks >= seconds * 2,
+        "the recovery checks ran during the restarts: {checks}"
+    );
+    assert!(broken.is_empty(), "during the restarts: {broken:#?}");
     let orphaned: i64 = sqlx::query_scalar(
         "select count(*) from apalis.jobs j join apalis.workers w on w.id = j.lock_by
          where j.status in ('Running', 'Queued') and w.last_seen < now() - interval '3 seconds'",
@@ -326,4 +521,49 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         assert!(process.terminate(Duration::from_secs(30)).await?.success());
     }
     Ok(())
+}
+
+/// Checks the queue's recovery promises every 200 ms until `stop`; returns
+/// how many checks ran and what they found broken:
+///
+/// - no job is held by a worker silent for two leases (6 s): a dead worker's
+///   jobs are recovered within a lease and a heartbeat (4 s);
+/// - no job stays due and unclaimed for over a second after being due for a
+///   lease (3 s), seen in two checks: a job re-queued by that recovery keeps
+///   its old `run_at`, so one check alone may see it before its claim.
+async fn sample_recovery(
+    pool: sqlx::PgPool,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let (mut checks, mut broken) = (0, Vec::new());
+    let mut due_since: HashMap<String, Instant> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let orphaned: Vec<(String, String, f64)> = sqlx::query_as(
+            "select j.id, w.id, extract(epoch from now() - w.last_seen)::float8
+             from apalis.jobs j join apalis.workers w on w.id = j.lock_by
+             where j.status in ('Running', 'Queued') and w.last_seen < now() - interval '6 seconds'",
+        )
+        .fetch_all(&pool)
+        .await?;
+        broken.extend(orphaned.into_iter().map(|(job, worker, silent)| {
+            format!("job {job} held by {worker}, silent for {silent:.1}s")
+        }));
+        let stale: Vec<String> = sqlx::query_scalar(
+            "select id from apalis.jobs where run_at < now() - interval '3 seconds'
+               and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))",
+        )
+        .fetch_all(&pool)
+        .await?;
+        due_since.retain(|id, _| stale.contains(id));
+        for id in stale {
+            let since = *due_since.entry(id.clone()).or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                broken.push(format!("job {id} due and unclaimed for over a second"));
+                due_since.remove(&id);
+            }
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((checks, broken))
 }

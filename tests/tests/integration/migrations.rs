@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use tests::{Process, TestDb};
+use jobs::probe::{Behaviour, Probe};
+use tests::{Process, TestApp, TestDb, enqueue_probes};
 
 #[tokio::test]
 async fn migrations_run_twice_without_error() -> anyhow::Result<()> {
@@ -55,18 +56,52 @@ async fn two_processes_create_and_migrate_a_missing_database_at_once() -> anyhow
 
 #[tokio::test]
 async fn claims_go_through_our_plan_caching_get_jobs() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
-    let language: String = sqlx::query_scalar(
-        "select l.lanname from pg_proc p join pg_language l on l.oid = p.prolang
-         where p.oid = 'apalis.get_jobs(text, text, integer)'::regprocedure",
+    let mut app = TestApp::spawn().await?;
+    // Count calls of PL/pgSQL functions in every new session on this database
+    // (the worker's pools are opened after this). `pl` does not count
+    // LANGUAGE sql functions, so apalis's own get_jobs would show no calls.
+    sqlx::raw_sql(
+        "do $$ begin
+           execute format('alter database %I set track_functions = %L', current_database(), 'pl');
+         end $$",
     )
-    .fetch_one(&db.pool)
+    .execute(&app.db.pool)
     .await?;
-    assert_eq!(
-        language, "plpgsql",
-        "a LANGUAGE sql get_jobs is re-planned on every claim"
-    );
-    Ok(())
+    app.start_worker();
+    enqueue_probes(
+        &app.db.pool,
+        (0..5).map(|n| Probe {
+            key: format!("claimed-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+    let ran: i64 = sqlx::query_scalar("select count(distinct probe) from job_probe_runs")
+        .fetch_one(&app.db.pool)
+        .await?;
+    assert_eq!(ran, 5, "the worker claimed and ran every job");
+
+    // Sessions report their counts when idle (at most once a second).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let calls = loop {
+        let calls: Option<i64> = sqlx::query_scalar(
+            "select calls from pg_stat_user_functions
+             where schemaname = 'apalis' and funcname = 'get_jobs'",
+        )
+        .fetch_optional(&app.db.pool)
+        .await?;
+        if let Some(calls @ 1..) = calls {
+            break calls;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's claims never called the PL/pgSQL apalis.get_jobs (calls: {calls:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("apalis.get_jobs (PL/pgSQL) called {calls} times for 5 jobs");
+    app.stop().await
 }
 
 #[tokio::test]

@@ -376,7 +376,13 @@ async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c
         .env("UP_FEATURES", "jobs/probes")
         .env("BIND", &bind)
         .env("DATABASE_URL", &db.url)
+        // Heartbeats every second, so that the test sees the workers beat.
+        .env("JOB_LEASE", "3")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    // The script builds too: the same environment as ours keeps that quick.
+    for key in tests::cargo_crate_env() {
+        command.env_remove(key);
+    }
     tests::binary("web")?; // built once, so the script's own build is quick
     let mut up = Process::start("up", command)?;
     up.wait_for_line("VisitMe: http://", Duration::from_secs(120))
@@ -391,6 +397,7 @@ async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c
         .arg(format!("{root}/scripts/scale.sh"))
         .arg("2")
         .env("UP_DATA_DIR", &data)
+        .env("JOB_LEASE", "3")
         .output()
         .await?;
     assert!(
@@ -398,11 +405,25 @@ async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c
         "{}",
         String::from_utf8_lossy(&scale.stderr)
     );
-    let pids: Vec<i32> = std::fs::read_to_string(data.join("up.pids"))?
+    let listed: Vec<(i32, String)> = std::fs::read_to_string(data.join("up.pids"))?
         .lines()
-        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .filter_map(|line| {
+            let (pid, name) = line.split_once(' ')?;
+            Some((pid.parse().ok()?, name.to_owned()))
+        })
         .collect();
-    assert_eq!(pids.len(), 3, "web and two workers");
+    assert_eq!(listed.len(), 3, "web and two workers: {listed:?}");
+    let workers: Vec<i32> = listed
+        .iter()
+        .filter(|(_, name)| name.starts_with("worker-"))
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert_eq!(workers.len(), 2, "{listed:?}");
+    // Listed is not running: each worker must be up, registered and beating.
+    for pid in workers {
+        wait_until_heartbeating(&db, pid).await?;
+    }
+    let pids: Vec<i32> = listed.iter().map(|(pid, _)| *pid).collect();
 
     up.signal(nix::sys::signal::Signal::SIGINT)?;
     up.wait_for_line("up: stopped", Duration::from_secs(60))
@@ -413,6 +434,35 @@ async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c
     }
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
+}
+
+/// Waits until `worker` process `pid` has registered with the queue and sent
+/// a heartbeat since; fails if it exits first or within a minute.
+async fn wait_until_heartbeating(db: &TestDb, pid: i32) -> anyhow::Result<()> {
+    // Worker names end `-<pid>-<start ms>-<generation>` (jobs::worker).
+    let pattern = format!("-{pid}-[0-9]+-[0-9]+$");
+    let mut registered = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "select max(last_seen) from apalis.workers where id ~ $1 and worker_type = 'trim_visits'",
+        )
+        .bind(&pattern)
+        .fetch_one(&db.pool)
+        .await?;
+        match (registered, seen) {
+            (None, Some(at)) => registered = Some(at),
+            (Some(first), Some(at)) if at > first => return Ok(()),
+            _ => {}
+        }
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        anyhow::ensure!(alive, "worker {pid} exited (registered: {registered:?})");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "worker {pid} did not register and beat within a minute (registered: {registered:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use tests::{Process, TestDb};
+use jobs::probe::{Behaviour, Probe};
+use tests::{Process, TestDb, enqueue_probes};
 
 #[tokio::test]
 async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyhow::Result<()> {
@@ -63,12 +64,170 @@ async fn web_with_embedded_worker_is_the_whole_app() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn web_reports_a_port_in_use_in_one_clear_line() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let bind = taken.local_addr()?.to_string();
-    let mut web = Process::spawn("web", &[("BIND", bind.as_str())])?;
-    let line = web
-        .wait_for_line("cannot listen on", Duration::from_secs(30))
+    let mut command = tokio::process::Command::new(tests::binary("web")?);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", &bind)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(output.status.code(), Some(1), "exit 1: {stderr}");
+    assert_eq!(lines.len(), 1, "one line on stderr: {lines:?}");
+    assert!(
+        lines[0].contains("cannot listen on") && lines[0].contains(&bind),
+        "{lines:?}"
+    );
+    drop(taken);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_output_reader_keeps_reading_past_a_line_that_is_not_utf8() -> anyhow::Result<()> {
+    // Absence checks ("no ERROR line") would pass vacuously if reading stopped there.
+    let mut command = tokio::process::Command::new("printf");
+    command.arg(r"before\n\377 not utf-8\nafter\n");
+    let mut printer = Process::start("printf", command)?;
+    assert!(printer.wait(Duration::from_secs(10)).await?.success());
+    printer
+        .wait_for_line("after", Duration::from_secs(10))
         .await?;
-    assert!(line.contains(&bind), "{line}");
+    assert_eq!(
+        printer.output(),
+        ["before", "\u{fffd} not utf-8", "after"],
+        "every line, the bad byte replaced"
+    );
+    Ok(())
+}
+
+/// `(exit code, stdout lines, stderr lines)` of `worker <args>` run to the
+/// end on `db`, with `RUST_LOG=info` so that any log line would show.
+async fn operator(db: &TestDb, args: &[&str]) -> anyhow::Result<(i32, Vec<String>, Vec<String>)> {
+    let mut command = tokio::process::Command::new(tests::binary("worker")?);
+    command
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await??;
+    let lines = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    Ok((
+        output.status.code().unwrap_or(-1),
+        lines(&output.stdout),
+        lines(&output.stderr),
+    ))
+}
+
+#[tokio::test]
+async fn operator_commands_print_only_their_answer_and_an_error_once_on_stderr()
+-> anyhow::Result<()> {
+    // Not migrated yet: the first command migrates it, and must not say so.
+    let db = TestDb::empty().await?;
+    let header = format!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
+    let empty = operator(&db, &["status"]).await?;
+    assert_eq!(
+        empty,
+        (
+            0,
+            vec!["the queue is empty".to_owned(), header.clone()],
+            vec![]
+        ),
+        "status on an empty queue"
+    );
+    let ids = enqueue_probes(
+        &db.pool,
+        [Probe {
+            key: "waiting".to_owned(),
+            behaviour: Behaviour::Succeed,
+        }],
+    )
+    .await?;
+    let (code, stdout, stderr) = operator(&db, &["status"]).await?;
+    assert_eq!((code, stderr.as_slice()), (0, &[][..]), "{stdout:?}");
+    assert_eq!(stdout.len(), 2, "the header and one row: {stdout:?}");
+    assert_eq!(stdout[0], header);
+    assert!(
+        stdout[1].starts_with("probe ") && stdout[1].ends_with(" 1"),
+        "{stdout:?}"
+    );
+    assert_eq!(
+        operator(&db, &["dead"]).await?,
+        (0, vec!["no dead jobs".to_owned()], vec![])
+    );
+    assert_eq!(
+        operator(&db, &["cancel", &ids[0]]).await?,
+        (0, vec![format!("job {} cancelled", ids[0])], vec![])
+    );
+    let (code, stdout, stderr) = operator(&db, &["prune"]).await?;
+    assert_eq!(
+        (code, stdout.len(), stderr.len()),
+        (0, 1, 0),
+        "{stdout:?} {stderr:?}"
+    );
+    assert!(stdout[0].starts_with("pruned "), "{stdout:?}");
+
+    // Errors: exit 1, nothing on stdout, one line on stderr.
+    for args in [
+        &["retry", "01JNOSUCHJOB0000000000000"][..],
+        &["cancel", &ids[0]][..],
+    ] {
+        let (code, stdout, stderr) = operator(&db, args).await?;
+        assert_eq!(code, 1, "{args:?}: {stdout:?} {stderr:?}");
+        assert!(stdout.is_empty(), "{args:?}: nothing on stdout: {stdout:?}");
+        assert_eq!(stderr.len(), 1, "{args:?}: the error once: {stderr:?}");
+        assert!(stderr[0].starts_with("worker: "), "{stderr:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_dead_shows_control_characters_in_job_errors_escaped() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let ids = enqueue_probes(
+        &db.pool,
+        [Probe {
+            key: "hostile".to_owned(),
+            behaviour: Behaviour::Succeed,
+        }],
+    )
+    .await?;
+    // A job error that clears the screen, retitles the terminal and forges a
+    // line of output: what a job's error text (say, from a remote server) can hold.
+    let error = "boom \u{1b}[2J\u{1b}]0;pwned\u{7} \u{9b}31m\nworker: all fine";
+    sqlx::query(
+        "update apalis.jobs set status = 'Killed', attempts = 3, done_at = now(),
+         last_result = jsonb_build_object('Err', $2::text) where id = $1",
+    )
+    .bind(&ids[0])
+    .bind(error)
+    .execute(&db.pool)
+    .await?;
+    let (code, stdout, stderr) = operator(&db, &["dead"]).await?;
+    assert_eq!((code, stderr.len()), (0, 0), "{stdout:?} {stderr:?}");
+    assert_eq!(
+        stdout.len(),
+        2,
+        "the job line and its error line: {stdout:?}"
+    );
+    assert!(stdout[0].starts_with(&ids[0]), "{stdout:?}");
+    let shown = &stdout[1];
+    assert!(
+        !shown.chars().any(char::is_control),
+        "no control character reaches the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains(r"boom \u{1b}[2J\u{1b}]0;pwned\u{7} \u{9b}31m\nworker: all fine"),
+        "the error, escaped: {shown}"
+    );
     Ok(())
 }
