@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 /// How long closing the pool waits for connections still in use.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Closes `pool` at exit, waiting at most [`CLOSE_WAIT`] for connections
+/// Closes `pool` at exit, waiting at most 2 s for connections
 /// still in use: a job abandoned at the end of the shutdown grace may hold
 /// one, blocked in the database, and must not keep the process alive (its
 /// attempt goes to another worker once the lease expires).

@@ -107,7 +107,7 @@ impl WorkerConfig {
     /// Database connections a worker process running `registry` needs in the
     /// pool it is given: per queue, one per running job (its own writes) and
     /// two spare; plus maintenance. The queue's listener and bookkeeping use
-    /// [`Self::bookkeeping_pool`], a pool of their own.
+    /// a small pool of their own, built from this one.
     pub fn connections_needed<C>(&self, registry: &Registry<C>) -> u32 {
         queue_count(registry) * (u32::from(self.concurrency) + 2) + 1
     }
@@ -451,8 +451,8 @@ impl Health {
 /// returns `Ok`. If the worker dies while the database is unreachable, it
 /// waits for the database (with backoff, logging each wait) and restarts; that
 /// never counts against it. If it dies while the database answers, it is
-/// restarted with a backoff; after [`MAX_RESTARTS`] such deaths in a row (a
-/// run of [`HEALTHY_RUN`] resets the count) this returns [`Error::WorkerDied`].
+/// restarted with a backoff; after 5 such deaths in a row (a
+/// minute of healthy running resets the count) this returns [`Error::WorkerDied`].
 pub async fn run<C: Clone + Send + Sync + 'static>(
     pool: PgPool,
     registry: Registry<C>,

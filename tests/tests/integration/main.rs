@@ -2,6 +2,7 @@
 
 mod browser;
 mod durability;
+mod engine;
 mod faults;
 mod hardening;
 mod jobs;

@@ -1,0 +1,248 @@
+//! The engine on its own (`durable_jobs`), with job types of these tests: no
+//! VisitMe type in sight.
+
+use std::time::Duration;
+
+use durable_jobs::{Job, JobContext, JobError, Merge, Registry, Unique};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tests::{TestDb, fast_worker_config};
+use tokio_util::sync::CancellationToken;
+
+/// Succeeds at once.
+#[derive(Debug, Serialize, Deserialize)]
+struct Noop;
+
+impl Job for Noop {
+    const NAME: &'static str = "engine_test_noop";
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, _: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// Fails its first attempt, then succeeds.
+#[derive(Debug, Serialize, Deserialize)]
+struct FailsOnce;
+
+impl Job for FailsOnce {
+    const NAME: &'static str = "engine_test_fails_once";
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        if job.attempt() == 1 {
+            return Err(JobError::retry("the first attempt fails"));
+        }
+        Ok(())
+    }
+}
+
+/// At most one pending per key; the greatest `n` wins.
+#[derive(Debug, Serialize, Deserialize)]
+struct Latest {
+    n: u32,
+}
+
+impl Job for Latest {
+    const NAME: &'static str = "engine_test_latest";
+    type Context = PgPool;
+    type Output = ();
+
+    fn unique(&self) -> Option<Unique> {
+        Some(Unique::key("the-one").merge(Merge::KeepGreatest {
+            order: format!("{:010}", self.n),
+        }))
+    }
+
+    async fn run(self, _: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// Runs a worker for `registry` on `db` until the returned token is cancelled.
+fn start(
+    db: &TestDb,
+    registry: Registry<PgPool>,
+    config: durable_jobs::WorkerConfig,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), durable_jobs::Error>>,
+) {
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(durable_jobs::run(
+        db.pool.clone(),
+        registry,
+        db.pool.clone(),
+        config,
+        shutdown.clone(),
+    ));
+    (shutdown, worker)
+}
+
+async fn status(db: &TestDb, id: &str) -> anyhow::Result<(String, Option<String>)> {
+    Ok(
+        sqlx::query_as("select status, last_result ->> 'Err' from apalis.jobs where id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut tx = db.pool.begin().await?;
+    let ours = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
+    tx.commit().await?;
+    // A job of a type this registry does not have, waiting long past the grace.
+    let stranger: String = sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, max_attempts, run_at)
+         values (apalis.generate_ulid(), 'engine_test_stranger', '\\x6e756c6c', 'Pending', 3,
+                 now() - interval '1 hour')
+         returning id",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    sqlx::query("update apalis.jobs set run_at = now() - interval '1 hour' where id = $1")
+        .bind(&ours)
+        .execute(&db.pool)
+        .await?;
+
+    let config = durable_jobs::WorkerConfig {
+        unknown_grace: Duration::ZERO,
+        ..fast_worker_config()
+    };
+    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while status(&db, &stranger).await?.0 != "Killed" || status(&db, &ours).await?.0 != "Done" {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "ours {:?}, stranger {:?}",
+            status(&db, &ours).await?,
+            status(&db, &stranger).await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status(&db, &stranger).await?.1.as_deref(),
+        Some("no worker handles job type engine_test_stranger")
+    );
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_enqueues_of_one_key_leave_one_pending_job_with_the_greatest()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let enqueues: Vec<_> = (0..200u32)
+        .map(|n| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                let mut tx = pool.begin().await?;
+                let id = durable_jobs::enqueue(&mut tx, &Latest { n }).await?;
+                tx.commit().await?;
+                anyhow::Ok(id)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for enqueue in enqueues {
+        ids.push(enqueue.await??);
+    }
+    ids.dedup();
+    let pending: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "select id, convert_from(job, 'UTF8')::jsonb from apalis.jobs where job_type = $1",
+    )
+    .bind(Latest::NAME)
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(pending.len(), 1, "one pending job: {pending:?}");
+    assert_eq!(ids.len(), 1, "every enqueue answered the same job");
+    assert_eq!(pending[0].0, ids[0].to_string());
+    assert_eq!(
+        pending[0].1,
+        serde_json::json!({"n": 199}),
+        "the greatest wins"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // Every write to the job's row, as the row changes.
+    sqlx::raw_sql(
+        "create table job_writes (
+             n bigint generated always as identity, id text,
+             old_status text, new_status text, old_attempts int, new_attempts int,
+             old_run_at timestamptz, new_run_at timestamptz);
+         create function log_job_write() returns trigger language plpgsql as $$
+         begin
+             insert into job_writes (id, old_status, new_status, old_attempts, new_attempts, old_run_at, new_run_at)
+             values (new.id, old.status, new.status, old.attempts, new.attempts, old.run_at, new.run_at);
+             return new;
+         end $$;
+         create trigger log_job_write after update on apalis.jobs
+             for each row execute function log_job_write();",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut tx = db.pool.begin().await?;
+    let id = durable_jobs::enqueue(&mut tx, &FailsOnce)
+        .await?
+        .to_string();
+    tx.commit().await?;
+
+    let (shutdown, worker) = start(
+        &db,
+        Registry::new().register::<FailsOnce>(),
+        fast_worker_config(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while status(&db, &id).await?.0 != "Done" {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            status(&db, &id).await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    worker.await??;
+
+    type Write = (String, String, i32, i32, bool);
+    let writes: Vec<Write> = sqlx::query_as(
+        "select old_status, new_status, old_attempts, new_attempts, new_run_at > old_run_at
+         from job_writes where id = $1 order by n",
+    )
+    .bind(&id)
+    .fetch_all(&db.pool)
+    .await?;
+    let failing: Vec<&Write> = writes
+        .iter()
+        .take_while(|w| !(w.0 == "Failed" && w.1 == "Queued"))
+        .filter(|w| w.0 != "Pending")
+        .collect();
+    // Claimed (Pending -> Queued, left out), then the start mark (Queued ->
+    // Running, unless it went in the same round), then one write that ends
+    // the attempt: Failed, attempt 1, run_at pushed out by the backoff.
+    let settle = failing.last().expect("the failed attempt was written");
+    assert_eq!(
+        (settle.1.as_str(), settle.3, settle.4),
+        ("Failed", 1, true),
+        "the acknowledgement carries the backoff: {writes:?}"
+    );
+    assert!(
+        failing.len() <= 2
+            && failing
+                .iter()
+                .all(|w| w.1 == "Failed" || (w.0 == "Queued" && w.1 == "Running")),
+        "one write settles the failure, no other touches the row: {writes:?}"
+    );
+    Ok(())
+}
