@@ -145,6 +145,20 @@ pub(crate) const DUE_FOR: &str = "
 select exists (select 1 from apalis.job_states
                where job_type = any($1) and due and run_at < now() - make_interval(secs => $2))";
 
+/// Wakes the workers of each queue in `$1` that has due jobs, through the
+/// channel and payload of apalis-postgres's insert trigger. apalis's poll
+/// interval does not wake a worker parked after an empty claim (measured:
+/// retries waited for the next heartbeat, a third of the lease), and the
+/// trigger fires only for jobs due at insert, so retries and delayed jobs
+/// need this.
+pub(crate) const WAKE_FOR_DUE: &str = "
+select pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', min(id))::text)
+from apalis.jobs
+where job_type = any($1)
+  and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+  and run_at < now()
+group by job_type";
+
 // ---- operator views and actions (admin.rs) ----
 
 /// Jobs per queue and state, in lifecycle order.

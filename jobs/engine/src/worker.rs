@@ -502,6 +502,12 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
         config.clone(),
         shutdown.clone(),
     ));
+    let waker = tokio::spawn(wake_for_due(
+        pool.clone(),
+        queues.clone(),
+        config.poll_interval,
+        shutdown.clone(),
+    ));
     let activity: Activity = Arc::new(AtomicU64::new(now_millis()));
     let mut failures = 0u32;
     let result = async {
@@ -565,11 +571,36 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
     }
     .await;
     maintenance.abort();
+    waker.abort();
     health.set(WorkerState::Stopped);
     if result.is_ok() {
         tracing::info!("worker stopped");
     }
     result
+}
+
+/// Every `poll_interval`, wakes this process's workers (and every other's)
+/// for queues with due jobs (see `queries::WAKE_FOR_DUE`): retries and
+/// delayed jobs start when due, not at the next heartbeat.
+async fn wake_for_due(
+    pool: PgPool,
+    queues: Vec<&'static str>,
+    poll_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(poll_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        // A failure (the database is down, say) is the heartbeat's to report.
+        let _ = sqlx::query(queries::WAKE_FOR_DUE)
+            .bind(&queues)
+            .execute(&pool)
+            .await;
+    }
 }
 
 /// Whether the database answers a trivial query within a few seconds.

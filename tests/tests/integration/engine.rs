@@ -246,3 +246,36 @@ async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut tx = db.pool.begin().await?;
+    let id = durable_jobs::enqueue(&mut tx, &FailsOnce)
+        .await?
+        .to_string();
+    tx.commit().await?;
+    // Heartbeats every 20 s (a third of the lease); the retry is due 0.2 s
+    // after the failure, and the poll runs every 0.1 s. With two job types
+    // in one process, apalis's poll interval alone did not wake the worker.
+    let config = durable_jobs::WorkerConfig {
+        lease: Duration::from_secs(60),
+        poll_interval: Duration::from_millis(100),
+        ..fast_worker_config()
+    };
+    let registry = Registry::new().register::<FailsOnce>().register::<Noop>();
+    let (shutdown, worker) = start(&db, registry, config);
+    let started = tokio::time::Instant::now();
+    while status(&db, &id).await?.0 != "Done" {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the retry waited for a heartbeat: {:?}",
+            status(&db, &id).await?
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("failed, retried and done in {:?}", started.elapsed());
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
