@@ -33,7 +33,7 @@ fn app(state: AppState, with_metrics: bool, request_timeout: Duration) -> Router
         .merge(routes::visits::router())
         .merge(routes::health::router())
         .merge(routes::assets::router())
-        .merge(routes::admin::router());
+        .merge(routes::admin::router(&state));
     if with_metrics {
         router = router.merge(routes::metrics::router());
     }

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admin;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 mod durability;
 mod enqueue;
 mod error;

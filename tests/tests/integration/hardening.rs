@@ -719,25 +719,29 @@ async fn the_dashboard_shows_only_known_notices() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn job_ids_are_percent_encoded_in_the_dashboards_form_actions() {
-    let job = |id: &str, state: &str| jobs::admin::JobSummary {
-        id: id.to_owned(),
-        queue: "probe".to_owned(),
-        state: state.to_owned(),
-        attempts: 1,
-        max_attempts: 3,
-        run_at: None,
-        last_error: None,
-    };
-    let page = web::views::admin::dashboard(&web::views::admin::Dashboard {
-        counts: Vec::new(),
-        last_hour: Vec::new(),
-        latest: vec![job("../logout?x=1#", "dead"), job("a b/c", "pending")],
-        csrf: "csrf".to_owned(),
-        notice: None,
-    })
-    .into_string();
+#[tokio::test]
+async fn job_ids_are_percent_encoded_in_the_dashboards_form_actions() -> anyhow::Result<()> {
+    let db = tests::TestDb::migrated().await?;
+    // Rows with hostile ids, as another tool might have written them before
+    // the schema refused them.
+    sqlx::raw_sql(
+        "alter table apalis.jobs drop constraint jobs_id_is_canonical_ulid;
+         insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts)
+         values ('../logout?x=1#', 'probe', '\\x7b7d', 'Killed', 3, 3),
+                ('a b/c', 'probe', '\\x7b7d', 'Pending', 0, 3);",
+    )
+    .execute(&db.pool)
+    .await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("a-long-enough-token");
+    let app = tests::TestApp::spawn_with(db, state).await?;
+    let page = app
+        .client
+        .get(app.url("/admin"))
+        .bearer_auth("a-long-enough-token")
+        .send()
+        .await?
+        .text()
+        .await?;
     assert!(
         page.contains(r#"action="/admin/jobs/..%2Flogout%3Fx%3D1%23/retry""#),
         "{page}"
@@ -746,4 +750,5 @@ fn job_ids_are_percent_encoded_in_the_dashboards_form_actions() {
         page.contains(r#"action="/admin/jobs/a%20b%2Fc/cancel""#),
         "{page}"
     );
+    app.stop().await
 }

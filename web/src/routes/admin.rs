@@ -1,4 +1,4 @@
-//! `/admin`: the jobs dashboard, behind `ADMIN_TOKEN`.
+//! `/admin`: the engine's jobs dashboard, behind `ADMIN_TOKEN`.
 //!
 //! Authentication: a login form that opens a session (a random value per
 //! login, kept in an HttpOnly, SameSite=Strict cookie, revoked on sign-out,
@@ -20,16 +20,17 @@ use std::{
 
 use axum::{
     Form, Router,
-    extract::{ConnectInfo, Path, Query, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Redirect, Response},
-    routing::{get, post},
+    routing::post,
 };
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use durable_jobs::dashboard::{self, Csrf, Dashboard};
 use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
 
-use crate::{AppState, Error, routes::visits::client_ip, views};
+use crate::{AppState, routes::visits::client_ip, views};
 
 /// Cookie holding the session value.
 const SESSION_COOKIE: &str = "visitme_admin";
@@ -52,13 +53,6 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Most client addresses tracked by [`FailedLogins`].
 const MAX_TRACKED_CLIENTS: usize = 10_000;
-
-/// Characters of a job id kept as they are in a URL path segment.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
 
 /// The dashboard's secrets: the operator's token, open sessions, the CSRF
 /// token, and the failed-login counts.
@@ -325,108 +319,51 @@ fn over_https(headers: &HeaderMap, trust_proxy: bool) -> bool {
             .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
-/// `/admin…`.
-pub fn router() -> Router<AppState> {
+/// `/admin…`: the login and sign-out of VisitMe's operators, and the
+/// engine's dashboard (`durable_jobs::dashboard`) behind [`guard`].
+pub fn router(state: &AppState) -> Router<AppState> {
+    let dashboard = Dashboard::new(state.pool.clone()).with_layout(views::admin::page);
     Router::new()
-        .route("/admin", get(dashboard))
         .route("/admin/login", post(login))
         .route("/admin/logout", post(logout))
-        .route("/admin/jobs/{id}/{action}", post(act))
+        .nest(
+            "/admin",
+            dashboard::router(dashboard)
+                .layer(axum::middleware::from_fn_with_state(state.clone(), guard)),
+        )
 }
 
 fn disabled() -> Response {
     (StatusCode::FORBIDDEN, views::admin::disabled()).into_response()
 }
 
-/// The outcome of an action, carried to the dashboard in its query: a code,
-/// never free text, so a link cannot make the page say anything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Notice {
-    /// A dead job was put back in the queue.
-    Retried,
-    /// A pending job was cancelled.
-    Cancelled,
-    /// Retry of a job that is not dead.
-    NotDead,
-    /// Cancel of a job that is not pending.
-    NotPending,
-}
-
-impl Notice {
-    const ALL: [Notice; 4] = [
-        Notice::Retried,
-        Notice::Cancelled,
-        Notice::NotDead,
-        Notice::NotPending,
-    ];
-
-    /// The notice with this code, if it is one.
-    pub fn from_code(code: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|notice| notice.code() == code)
-    }
-
-    /// Its code in the query string.
-    pub fn code(self) -> &'static str {
-        match self {
-            Notice::Retried => "retried",
-            Notice::Cancelled => "cancelled",
-            Notice::NotDead => "not-dead",
-            Notice::NotPending => "not-pending",
-        }
-    }
-
-    /// The sentence shown, naming the job when `job` is a valid job id.
-    pub fn text(self, job: Option<ulid::Ulid>) -> String {
-        let job = job.map(|id| format!(" job {id}")).unwrap_or_default();
-        match self {
-            Notice::Retried => format!("retry:{job} done"),
-            Notice::Cancelled => format!("cancel:{job} done"),
-            Notice::NotDead => format!("retry:{job} not done, the job is not dead"),
-            Notice::NotPending => format!("cancel:{job} not done, the job is not pending"),
-        }
-    }
-}
-
-/// Query of `/admin` after an action. Anything unknown is ignored.
-#[derive(Debug, Deserialize)]
-struct NoticeQuery {
-    notice: Option<String>,
-    job: Option<String>,
-}
-
-impl NoticeQuery {
-    fn text(&self) -> Option<String> {
-        let notice = Notice::from_code(self.notice.as_deref()?)?;
-        let job = self
-            .job
-            .as_deref()
-            .and_then(|id| ulid::Ulid::from_string(id).ok());
-        Some(notice.text(job))
-    }
-}
-
-async fn dashboard(
+/// Lets a request reach the dashboard only with a credential: a session
+/// cookie (whose posts must also come from our own origin; the dashboard's
+/// forms then carry the CSRF token, [`Csrf`]) or the bearer token.
+async fn guard(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Query(query): Query<NoticeQuery>,
-) -> Result<Response, Error> {
+    mut request: Request,
+    next: Next,
+) -> Response {
     let Some(auth) = state.admin.as_deref() else {
-        return Ok(disabled());
+        return disabled();
     };
-    let client = client_ip(peer, &headers, state.trust_proxy);
-    if let Err(refusal) = authenticate(auth, client, &headers) {
-        return Ok(refusal.into_response(None));
+    let headers = request.headers();
+    let client = client_ip(peer, headers, state.trust_proxy);
+    match authenticate(auth, client, headers) {
+        Err(refusal) => return refusal.into_response(None),
+        Ok(Credential::Cookie) => {
+            if request.method() == Method::POST && cross_origin(headers) {
+                tracing::warn!("admin action refused: cross-origin post");
+                return forbidden();
+            }
+            let csrf = Csrf(auth.csrf().to_owned());
+            request.extensions_mut().insert(csrf);
+        }
+        Ok(Credential::Bearer) => {}
     }
-    let pool = &state.pool;
-    let data = views::admin::Dashboard {
-        counts: jobs::admin::queue_status(pool).await?,
-        last_hour: jobs::admin::last_hour(pool).await?,
-        latest: jobs::admin::latest_jobs(pool, 50).await?,
-        csrf: auth.csrf().to_owned(),
-        notice: query.text(),
-    };
-    Ok(views::admin::dashboard(&data).into_response())
+    next.run(request).await
 }
 
 #[derive(Deserialize)]
@@ -494,76 +431,6 @@ fn with_cookie(mut response: Response, cookie: &str) -> Response {
     response
 }
 
-/// A job id as a path segment of a form action (percent-encoded).
-pub fn job_path(id: &str, action: &str) -> String {
-    format!(
-        "/admin/jobs/{}/{action}",
-        utf8_percent_encode(id, PATH_SEGMENT)
-    )
-}
-
-#[derive(Deserialize)]
-struct ActionForm {
-    #[serde(default)]
-    csrf: String,
-}
-
-async fn act(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    Form(form): Form<ActionForm>,
-) -> Result<Response, Error> {
-    let Some(auth) = state.admin.as_deref() else {
-        return Ok(disabled());
-    };
-    let client = client_ip(peer, &headers, state.trust_proxy);
-    match authenticate(auth, client, &headers) {
-        Err(refusal) => return Ok(refusal.into_response(None)),
-        Ok(Credential::Cookie)
-            if cross_origin(&headers) || !constant_time_eq(&form.csrf, auth.csrf()) =>
-        {
-            tracing::warn!(job.id = %id, "admin action refused: missing or wrong CSRF token");
-            return Ok(forbidden());
-        }
-        Ok(_) => {}
-    }
-    let (result, done, refused) = match action.as_str() {
-        "retry" => (
-            jobs::admin::retry(&state.pool, &id).await,
-            Notice::Retried,
-            Notice::NotDead,
-        ),
-        "cancel" => (
-            jobs::admin::cancel(&state.pool, &id).await,
-            Notice::Cancelled,
-            Notice::NotPending,
-        ),
-        _ => {
-            return Ok((
-                StatusCode::NOT_FOUND,
-                views::errors::page(StatusCode::NOT_FOUND),
-            )
-                .into_response());
-        }
-    };
-    let notice = match result {
-        Ok(()) => {
-            tracing::info!(job.id = %id, action = %action, "admin action");
-            done
-        }
-        Err(jobs::Error::NoSuchJob { .. }) => refused,
-        Err(other) => return Err(other.into()),
-    };
-    let location = format!(
-        "/admin?notice={}&job={}",
-        notice.code(),
-        utf8_percent_encode(&id, PATH_SEGMENT)
-    );
-    Ok(Redirect::to(&location).into_response())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,13 +464,5 @@ mod tests {
         }
         let tracked = limiter.seen.lock().expect("lock").len();
         assert_eq!(tracked, MAX_TRACKED_CLIENTS);
-    }
-
-    #[test]
-    fn job_ids_are_percent_encoded_in_paths() {
-        assert_eq!(
-            job_path("a/../b?c=1#x", "retry"),
-            "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
-        );
     }
 }
