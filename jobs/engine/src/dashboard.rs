@@ -205,15 +205,15 @@ async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Some(Extension(Csrf(expected))) = csrf {
-        if !bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes())) {
-            tracing::warn!(job.id = %id, "dashboard action refused: missing or wrong CSRF token");
-            return (
-                StatusCode::FORBIDDEN,
-                (dashboard.layout)("Forbidden", html! { h1 { "Forbidden" } }),
-            )
-                .into_response();
-        }
+    if let Some(Extension(Csrf(expected))) = csrf
+        && !bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes()))
+    {
+        tracing::warn!(job.id = %id, "dashboard action refused: missing or wrong CSRF token");
+        return (
+            StatusCode::FORBIDDEN,
+            (dashboard.layout)("Forbidden", html! { h1 { "Forbidden" } }),
+        )
+            .into_response();
     }
     let pool = &dashboard.pool;
     let (result, done, refused) = match action.as_str() {
