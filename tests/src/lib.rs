@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
-pub use process::{Process, binary, cargo_crate_env};
+pub use process::{Process, binary, cargo_crate_env, example};
 
 /// Shows this process's logs in the test output (captured unless the test
 /// fails); `RUST_LOG` filters, default `info`.

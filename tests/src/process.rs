@@ -38,6 +38,13 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir.join(name))
 }
 
+/// The path of the engine's example `name` (built with the binaries).
+pub fn example(name: &str) -> anyhow::Result<PathBuf> {
+    let web = binary("web")?;
+    let dir = web.parent().context("binaries have a directory")?;
+    Ok(dir.join("examples").join(name))
+}
+
 fn build_binaries() -> anyhow::Result<PathBuf> {
     // <target>/<profile>/deps/integration-<hash> (a test) or
     // <target>/<profile>/bench (a binary)  ->  <target>/<profile>
@@ -54,7 +61,8 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     // rust-toolchain.toml (sqlx ships one) choose its compiler.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
-    // With the probe job, as the tests' own build of `jobs` has it.
+    // With the probe job, as the tests' own build of `jobs` has it; and the
+    // engine's quickstart example.
     build.args([
         "build",
         "--quiet",
@@ -62,9 +70,13 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
         "web",
         "-p",
         "jobs",
+        "-p",
+        "durable-jobs",
         "--bins",
+        "--example",
+        "quickstart",
         "--features",
-        "jobs/probes",
+        "jobs/probes,durable-jobs/dashboard",
     ]);
     for key in cargo_crate_env() {
         build.env_remove(key);

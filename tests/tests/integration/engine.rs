@@ -279,3 +279,50 @@ async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<(
     worker.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_quickstart_example_runs_as_a_process_and_its_job_completes() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut command = tokio::process::Command::new(tests::example("quickstart")?);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "info");
+    let mut app = tests::Process::start("quickstart", command)?;
+    let line = app
+        .wait_for_line("quickstart: http://", Duration::from_secs(60))
+        .await?;
+    let url = line.trim_start_matches("quickstart: ").trim().to_owned();
+
+    let page = reqwest::get(&url).await?;
+    assert_eq!(page.status(), 200);
+    let text = page.text().await?;
+    assert!(text.contains("written; job"), "{text}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (delivered, done): (bool, bool) = sqlx::query_as(
+            "select (select bool_and(delivered_at is not null) from notes),
+                    (select bool_and(status = 'Done') from apalis.jobs where job_type = 'deliver_note')",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if delivered && done {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the note was not delivered:\n{}",
+            app.output().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dashboard = reqwest::get(format!("{url}jobs")).await?;
+    assert_eq!(dashboard.status(), 200);
+    let dashboard = dashboard.text().await?;
+    assert!(
+        dashboard.contains(r#"data-queue="deliver_note""#),
+        "the dashboard lists the queue: {dashboard}"
+    );
+    assert!(app.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
