@@ -32,7 +32,7 @@ use crate::{
 #[command(next_help_heading = "Worker")]
 pub struct WorkerConfig {
     /// Jobs this process runs at once.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// Jobs claimed per round trip (default: the concurrency, so that other
     /// processes share the work). More suits floods of short jobs: fewer
@@ -42,15 +42,15 @@ pub struct WorkerConfig {
     pub claim_batch: Option<u16>,
     /// Seconds between queue polls, on top of LISTEN/NOTIFY wake-ups; picks up
     /// delayed and retried jobs, which send no notification.
-    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = defaults::POLL_INTERVAL, value_parser = parse_seconds)]
     pub poll_interval: Duration,
     /// Seconds after which a silent worker's jobs are handed to another worker
     /// (heartbeats run at a third of this).
-    #[arg(long, env = "JOB_LEASE", default_value = "30", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_LEASE", default_value = defaults::LEASE, value_parser = parse_seconds)]
     pub lease: Duration,
     /// Seconds a shutdown waits for running jobs before abandoning them (they
     /// are then recovered by another worker once the lease expires).
-    #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = "25", value_parser = parse_seconds)]
+    #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
     /// Seconds one attempt may run before it is cancelled and counted as
     /// failed, for every job type (default: each type's own, 60 s unless it
@@ -67,14 +67,14 @@ pub struct WorkerConfig {
     #[arg(long, env = "JOB_BACKOFF_MAX", value_parser = parse_seconds)]
     pub backoff_max: Option<Duration>,
     /// Seconds a done job is kept before it is pruned.
-    #[arg(long, env = "JOB_RETENTION_DONE", default_value = "86400", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_RETENTION_DONE", default_value = defaults::RETENTION_DONE, value_parser = parse_seconds)]
     pub retention_done: Duration,
     /// Seconds a dead job is kept (visible to operators) before it is pruned.
-    #[arg(long, env = "JOB_RETENTION_DEAD", default_value = "604800", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_RETENTION_DEAD", default_value = defaults::RETENTION_DEAD, value_parser = parse_seconds)]
     pub retention_dead: Duration,
     /// Seconds a job of a type no worker handles may wait before it is killed
     /// (room for rolling deploys that add job types).
-    #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = "3600", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = defaults::UNKNOWN_GRACE, value_parser = parse_seconds)]
     pub unknown_grace: Duration,
     /// Wait for the disk flush on the queue's own bookkeeping too (claims,
     /// start and finish marks, heartbeats; true/false). By default these commit
@@ -145,20 +145,33 @@ fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
 }
 
+/// The worker's defaults, written once: the command line's and [`Default`]'s.
+mod defaults {
+    pub(super) const CONCURRENCY: u16 = 4;
+    pub(super) const POLL_INTERVAL: &str = "1";
+    pub(super) const LEASE: &str = "30";
+    pub(super) const SHUTDOWN_GRACE: &str = "25";
+    pub(super) const RETENTION_DONE: &str = "86400";
+    pub(super) const RETENTION_DEAD: &str = "604800";
+    pub(super) const UNKNOWN_GRACE: &str = "3600";
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
+        // The defaults are constants of ours, so they parse.
+        let seconds = |value| parse_seconds(value).expect("a default number of seconds");
         Self {
-            concurrency: 4,
+            concurrency: defaults::CONCURRENCY,
             claim_batch: None,
-            poll_interval: Duration::from_secs(1),
-            lease: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(25),
+            poll_interval: seconds(defaults::POLL_INTERVAL),
+            lease: seconds(defaults::LEASE),
+            shutdown_grace: seconds(defaults::SHUTDOWN_GRACE),
             job_timeout: None,
             backoff_base: None,
             backoff_max: None,
-            retention_done: Duration::from_secs(86_400),
-            retention_dead: Duration::from_secs(604_800),
-            unknown_grace: Duration::from_secs(3600),
+            retention_done: seconds(defaults::RETENTION_DONE),
+            retention_dead: seconds(defaults::RETENTION_DEAD),
+            unknown_grace: seconds(defaults::UNKNOWN_GRACE),
             sync_bookkeeping: false,
         }
     }
@@ -184,10 +197,9 @@ const HEARTBEATS_PER_LEASE: u32 = 3;
 /// worker's twin would keep its jobs from ever being recovered), so every
 /// process and every restart gets its own.
 fn worker_name(queue: &str, generation: usize) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host = nix::unistd::gethostname()
         .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
+        .map(|h| h.to_string_lossy().into_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
     let started_ms = SystemTime::now()
@@ -693,5 +705,31 @@ async fn maintain(
                 tracing::warn!(error = %err, "checking for unknown job types failed; will retry")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerConfig,
+    }
+
+    #[test]
+    fn the_command_lines_defaults_are_the_default_config() {
+        // Only where no WORKER_*/JOB_* variable is set, as in CI.
+        if std::env::vars().any(|(key, _)| key.starts_with("WORKER_") || key.starts_with("JOB_")) {
+            return;
+        }
+        let parsed = Cli::try_parse_from(["worker"]).expect("no arguments parse");
+        assert_eq!(
+            format!("{:?}", parsed.worker),
+            format!("{:?}", WorkerConfig::default())
+        );
     }
 }
