@@ -153,6 +153,16 @@ impl TestDb {
         Ok(())
     }
 
+    /// `(status, last_result ->> 'Err')` of job `id`.
+    pub async fn job_outcome(&self, id: &str) -> anyhow::Result<(String, Option<String>)> {
+        Ok(
+            sqlx::query_as("select status, last_result ->> 'Err' from apalis.jobs where id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// Ids of all visits, ascending.
     pub async fn visit_ids(&self) -> anyhow::Result<Vec<i64>> {
         Ok(sqlx::query_scalar("select id from visits order by id")

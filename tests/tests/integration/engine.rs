@@ -82,15 +82,6 @@ fn start(
     (shutdown, worker)
 }
 
-async fn status(db: &TestDb, id: &str) -> anyhow::Result<(String, Option<String>)> {
-    Ok(
-        sqlx::query_as("select status, last_result ->> 'Err' from apalis.jobs where id = $1")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await?,
-    )
-}
-
 #[tokio::test]
 async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
@@ -117,17 +108,18 @@ async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()
     };
     let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while status(&db, &stranger).await?.0 != "Killed" || status(&db, &ours).await?.0 != "Done" {
+    while db.job_outcome(&stranger).await?.0 != "Killed" || db.job_outcome(&ours).await?.0 != "Done"
+    {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "ours {:?}, stranger {:?}",
-            status(&db, &ours).await?,
-            status(&db, &stranger).await?
+            db.job_outcome(&ours).await?,
+            db.job_outcome(&stranger).await?
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        status(&db, &stranger).await?.1.as_deref(),
+        db.job_outcome(&stranger).await?.1.as_deref(),
         Some("no worker handles job type engine_test_stranger")
     );
     shutdown.cancel();
@@ -204,11 +196,11 @@ async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> 
         fast_worker_config(),
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while status(&db, &id).await?.0 != "Done" {
+    while db.job_outcome(&id).await?.0 != "Done" {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "{:?}",
-            status(&db, &id).await?
+            db.job_outcome(&id).await?
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -266,11 +258,11 @@ async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<(
     let registry = Registry::new().register::<FailsOnce>().register::<Noop>();
     let (shutdown, worker) = start(&db, registry, config);
     let started = tokio::time::Instant::now();
-    while status(&db, &id).await?.0 != "Done" {
+    while db.job_outcome(&id).await?.0 != "Done" {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(10),
             "the retry waited for a heartbeat: {:?}",
-            status(&db, &id).await?
+            db.job_outcome(&id).await?
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -56,16 +56,6 @@ async fn insert_trim_row(
     Ok(id.to_owned())
 }
 
-/// `(status, last_result ->> 'Err')` of job `id`.
-async fn outcome(db: &TestDb, id: &str) -> anyhow::Result<(String, Option<String>)> {
-    Ok(
-        sqlx::query_as("select status, last_result ->> 'Err' from apalis.jobs where id = $1")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await?,
-    )
-}
-
 #[tokio::test]
 async fn poison_rows_die_alone_with_their_reason_and_web_stays_up() -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
@@ -136,7 +126,7 @@ async fn poison_rows_die_alone_with_their_reason_and_web_stays_up() -> anyhow::R
         .with_context(|| web.output().join("\n"))?;
 
     for id in &healthy {
-        assert_eq!(outcome(&db, id).await?.0, "Done", "healthy job {id}");
+        assert_eq!(db.job_outcome(id).await?.0, "Done", "healthy job {id}");
     }
     let expect_dead = [
         ("not-a-ulid", "is not a ULID"),
@@ -150,7 +140,7 @@ async fn poison_rows_die_alone_with_their_reason_and_web_stays_up() -> anyhow::R
         ),
     ];
     for (id, reason) in expect_dead {
-        let (status, error) = outcome(&db, id).await?;
+        let (status, error) = db.job_outcome(id).await?;
         assert_eq!(status, "Killed", "poison row {id}: {error:?}");
         let error = error.unwrap_or_default();
         assert!(
@@ -171,7 +161,7 @@ async fn poison_rows_die_alone_with_their_reason_and_web_stays_up() -> anyhow::R
     .await?;
     db.wait_until_idle(Duration::from_secs(10)).await?;
     assert_eq!(
-        outcome(&db, &late[0]).await?.0,
+        db.job_outcome(&late[0]).await?.0,
         "Done",
         "the worker still runs jobs"
     );
@@ -300,16 +290,16 @@ async fn a_lost_workers_trim_is_taken_over_beside_a_newer_pending_trim() -> anyh
     env.extend([("DATABASE_URL", db.url.as_str()), ("JOB_TIMEOUT", "30")]);
     let worker = Process::started_worker(&env).await?;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while outcome(&db, &lost).await?.0 != "Done" {
+    while db.job_outcome(&lost).await?.0 != "Done" {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the lost trim did not run again: {:?}\n{}",
-            outcome(&db, &lost).await?,
+            db.job_outcome(&lost).await?,
             worker.output().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(outcome(&db, &newer).await?.0, "Pending");
+    assert_eq!(db.job_outcome(&newer).await?.0, "Pending");
     let attempts: i32 = sqlx::query_scalar("select attempts from apalis.jobs where id = $1")
         .bind(&lost)
         .fetch_one(&db.pool)
@@ -338,8 +328,8 @@ async fn retrying_a_dead_trim_while_a_newer_one_is_pending_queues_it() -> anyhow
     let pending = enqueue_trim(&db, Utc::now()).await?;
 
     jobs::admin::retry(&db.pool, &dead).await?;
-    assert_eq!(outcome(&db, &dead).await?.0, "Pending");
-    assert_eq!(outcome(&db, &pending).await?.0, "Pending");
+    assert_eq!(db.job_outcome(&dead).await?.0, "Pending");
+    assert_eq!(db.job_outcome(&pending).await?.0, "Pending");
     Ok(())
 }
 
