@@ -74,15 +74,14 @@ async fn insert<J: Job>(
     payloads: &[Vec<u8>],
     metadata: HashMap<String, String>,
 ) -> Result<(), Error> {
-    let n = ids.len();
-    let metadata = serde_json::to_value(metadata)?;
+    let (keys, values): (Vec<String>, Vec<String>) = metadata.into_iter().unzip();
     sqlx::query(queries::INSERT_JOBS)
         .bind(ids.iter().map(Ulid::to_string).collect::<Vec<_>>())
         .bind(J::NAME)
         .bind(payloads)
-        .bind(vec![i32::try_from(J::MAX_ATTEMPTS).unwrap_or(i32::MAX); n])
-        .bind(vec![0.0_f64; n])
-        .bind(vec![metadata; n])
+        .bind(i32::try_from(J::MAX_ATTEMPTS).unwrap_or(i32::MAX))
+        .bind(&keys)
+        .bind(&values)
         .execute(&mut *conn)
         .instrument(observability::db_span("INSERT", "apalis.jobs"))
         .await?;
@@ -106,7 +105,7 @@ async fn upsert<J: Job>(
         metadata.insert(ORDER_KEY.to_owned(), order.clone());
     }
     let payload = serde_json::to_vec(job)?;
-    let metadata = serde_json::to_value(metadata)?;
+    let (keys, values): (Vec<String>, Vec<String>) = metadata.into_iter().unzip();
     // The pending job can be claimed between our reading and our merge; the
     // merge then changes nothing and the key is free (or, with a window, the
     // next window has begun): the next try inserts.
@@ -116,8 +115,8 @@ async fn upsert<J: Job>(
             .bind(J::NAME)
             .bind(&payload)
             .bind(i32::try_from(J::MAX_ATTEMPTS).unwrap_or(i32::MAX))
-            .bind(0.0_f64)
-            .bind(&metadata)
+            .bind(&keys)
+            .bind(&values)
             .bind(&unique.key)
             .bind(unique.window.map(|window| window.as_secs_f64()))
             .bind(rule)

@@ -97,20 +97,19 @@ where jobs.id = lost.id"#;
 
 // ---- enqueueing (enqueue.rs) ----
 
-/// Inserts jobs: `$1` ids, `$2` queue, `$3` payloads, `$4` max attempts,
-/// `$5` delays in seconds, `$6` metadata (trace context) as JSON objects.
+/// Inserts jobs due at once: `$1` ids, `$2` queue, `$3` payloads, `$4` max
+/// attempts, `$5`/`$6` the metadata's keys and values (the enqueuer's trace
+/// context, shared by the batch). `run_at` is the transaction's `now()`, so
+/// apalis's insert trigger notifies the workers (it skips future rows).
 pub(crate) const INSERT_JOBS: &str = "
 insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
-select job.id, $2, job.job, 'Pending', 0, job.max_attempts,
-       clock_timestamp() + make_interval(secs => job.delay), 0,
-       (select hstore(array_agg(key), array_agg(value)) from jsonb_each_text(job.metadata))
-from unnest($1::text[], $3::bytea[], $4::int4[], $5::float8[], $6::jsonb[])
-     as job(id, job, max_attempts, delay, metadata)";
+select job.id, $2, job.job, 'Pending', 0, $4, now(), 0, hstore($5::text[], $6::text[])
+from unnest($1::text[], $3::bytea[]) as job(id, job)";
 
 /// Inserts a unique job, or merges into the pending one of its key. The key
 /// is `$7`, suffixed with the window when `$8` (window seconds) is set; the
-/// job is then due when its window closes; else after `$5` seconds. `$6` is
-/// the metadata as a JSON object (with the newcomer's order under
+/// job is then due when its window closes, else at once. `$5`/`$6` are the
+/// metadata's keys and values (with the newcomer's order under
 /// `unique.order` for `greatest`), `$9` the merge rule (`keep`, `replace` or
 /// `greatest`), `$10` the newcomer's order.
 /// Returns no row when the pending job was claimed meanwhile (try again: the
@@ -119,13 +118,12 @@ pub(crate) const UPSERT_UNIQUE: &str = "
 with slot as (
     select case when $8::float8 is null then $7
                 else $7 || '@' || floor(extract(epoch from clock_timestamp()) / $8)::bigint end as key,
-           case when $8::float8 is null then clock_timestamp() + make_interval(secs => $5)
+           case when $8::float8 is null then now()
                 else to_timestamp((floor(extract(epoch from clock_timestamp()) / $8) + 1) * $8) end as run_at
 )
 insert into apalis.jobs as jobs
     (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, unique_key)
-select $1, $2, $3, 'Pending', 0, $4, slot.run_at, 0,
-       (select hstore(array_agg(key), array_agg(value)) from jsonb_each_text($6::jsonb)), slot.key
+select $1, $2, $3, 'Pending', 0, $4, slot.run_at, 0, hstore($5::text[], $6::text[]), slot.key
 from slot
 on conflict (job_type, unique_key) where unique_key is not null do update set
     job = case when $9 = 'replace'
@@ -145,19 +143,22 @@ pub(crate) const DUE_FOR: &str = "
 select exists (select 1 from apalis.job_states
                where job_type = any($1) and due and run_at < now() - make_interval(secs => $2))";
 
-/// Wakes the workers of each queue in `$1` that has due jobs, through the
-/// channel and payload of apalis-postgres's insert trigger. apalis's poll
-/// interval does not wake a worker parked after an empty claim (measured:
-/// retries waited for the next heartbeat, a third of the lease), and the
-/// trigger fires only for jobs due at insert, so retries and delayed jobs
-/// need this.
+/// Wakes the workers of each queue in `$1` with a job that fell due in the
+/// last `$2` seconds, through the channel and payload of apalis-postgres's
+/// insert trigger. apalis's poll interval does not wake a worker parked
+/// after an empty claim (measured: retries waited for the next heartbeat, a
+/// third of the lease), and the trigger fires only for jobs due at insert,
+/// so retries and delayed jobs need this. One index probe per queue.
 pub(crate) const WAKE_FOR_DUE: &str = "
-select pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', min(id))::text)
-from apalis.jobs
-where job_type = any($1)
-  and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
-  and run_at < now()
-group by job_type";
+select pg_notify('apalis::job::insert', json_build_object('job_type', queue, 'id', due.id)::text)
+from unnest($1::text[]) as queue
+cross join lateral (
+    select id from apalis.jobs
+    where job_type = queue
+      and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+      and run_at < now() and run_at >= now() - make_interval(secs => $2)
+    limit 1
+) as due";
 
 // ---- operator views and actions (admin.rs) ----
 

@@ -608,8 +608,10 @@ async fn wake_for_due(
             () = shutdown.cancelled() => return,
         }
         // A failure (the database is down, say) is the heartbeat's to report.
+        // Twice the interval: a tick that came late still sees what fell due.
         let _ = sqlx::query(queries::WAKE_FOR_DUE)
             .bind(&queues)
+            .bind(2.0 * poll_interval.as_secs_f64())
             .execute(&pool)
             .await;
     }
