@@ -195,7 +195,11 @@ async fn rows_that_no_worker_could_run_cannot_be_written() -> anyhow::Result<()>
             .and_then(|err| err.as_database_error())
             .and_then(|err| err.code())
             .map(|code| code.into_owned());
-        assert_eq!(code.as_deref(), Some("23514"), "{id}{values}: a check violation: {err}");
+        assert_eq!(
+            code.as_deref(),
+            Some("23514"),
+            "{id}{values}: a check violation: {err}"
+        );
     }
     insert_trim_row(&db, &Ulid::generate().to_string(), "", "").await?;
     Ok(())

@@ -26,6 +26,7 @@ use axum::{
     response::{IntoResponse, Redirect, Response},
     routing::post,
 };
+use cookie::{Cookie, SameSite};
 use durable_jobs::dashboard::{self, Csrf, Dashboard};
 use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
@@ -206,15 +207,31 @@ enum Credential {
     Cookie,
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+/// The session cookie's value, parsed by the `cookie` crate.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value)
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|cookie| cookie.name() == SESSION_COOKIE)
+        .map(|cookie| cookie.value().to_owned())
+}
+
+/// The session cookie with `value` and `max_age` (0 removes it): HttpOnly,
+/// SameSite=Strict, only under `/admin`, `Secure` when `https`.
+fn session_cookie_header(value: String, max_age: Duration, https: bool) -> String {
+    let max_age =
+        cookie::time::Duration::seconds(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX));
+    Cookie::build((SESSION_COOKIE, value))
+        .path("/admin")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .max_age(max_age)
+        .secure(https)
+        .build()
+        .to_string()
 }
 
 /// The request's credential, or why it has none: no valid one (401, the
@@ -232,7 +249,7 @@ fn authenticate(
         return check_token(auth, client, token.trim()).map(|()| Credential::Bearer);
     }
     match session_cookie(headers) {
-        Some(value) if auth.session_is_open(value) => Ok(Credential::Cookie),
+        Some(value) if auth.session_is_open(&value) => Ok(Credential::Cookie),
         _ => Err(Refusal::Wrong),
     }
 }
@@ -388,21 +405,12 @@ async fn login(
     if let Err(refusal) = check_token(auth, client, form.token.trim()) {
         return refusal.into_response(Some("That token is not right."));
     }
-    let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{}",
+    let cookie = session_cookie_header(
         auth.open_session(),
-        auth.session_lifetime.as_secs(),
-        secure_attribute(&headers, state.trust_proxy),
+        auth.session_lifetime,
+        over_https(&headers, state.trust_proxy),
     );
     with_cookie(Redirect::to("/admin").into_response(), &cookie)
-}
-
-fn secure_attribute(headers: &HeaderMap, trust_proxy: bool) -> &'static str {
-    if over_https(headers, trust_proxy) {
-        "; Secure"
-    } else {
-        ""
-    }
 }
 
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -415,11 +423,12 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     }
     // Revoked here, not just forgotten by the browser: a copied cookie stops working too.
     if let Some(value) = session_cookie(&headers) {
-        auth.close_session(value);
+        auth.close_session(&value);
     }
-    let cookie = format!(
-        "{SESSION_COOKIE}=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0{}",
-        secure_attribute(&headers, state.trust_proxy)
+    let cookie = session_cookie_header(
+        String::new(),
+        Duration::ZERO,
+        over_https(&headers, state.trust_proxy),
     );
     with_cookie(Redirect::to("/admin").into_response(), &cookie)
 }
