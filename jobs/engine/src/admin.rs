@@ -103,8 +103,11 @@ pub async fn dead_jobs(pool: &PgPool, limit: i64) -> Result<Vec<DeadJob>, Error>
 
 /// Puts a dead job back in the queue with a fresh set of attempts.
 pub async fn retry(pool: &PgPool, id: &str) -> Result<(), Error> {
-    let updated = sqlx::query(queries::RETRY).bind(id).execute(pool).await?;
-    require_changed(updated.rows_affected(), id, "dead")
+    let retried: i64 = sqlx::query_scalar(queries::RETRY)
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    require_changed(u64::try_from(retried).unwrap_or_default(), id, "dead")
 }
 
 /// Cancels a job that has not started (pending, or waiting for a retry): it

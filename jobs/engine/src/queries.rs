@@ -144,18 +144,20 @@ select exists (select 1 from apalis.job_states
                where job_type = any($1) and due and run_at < now() - make_interval(secs => $2))";
 
 /// Wakes the workers of each queue in `$1` with a job that fell due in the
-/// last `$2` seconds, through the channel and payload of apalis-postgres's
-/// insert trigger. apalis's poll interval does not wake a worker parked
-/// after an empty claim (measured: retries waited for the next heartbeat, a
-/// third of the lease), and the trigger fires only for jobs due at insert,
-/// so retries and delayed jobs need this. One index probe per queue.
+/// last `$2` seconds and that no insert notified: a retry, or a unique job
+/// whose window closed (jobs due at insert were notified by apalis-postgres's
+/// insert trigger, whose channel and payload this uses). apalis's poll
+/// interval does not wake a worker parked after an empty claim (measured:
+/// retries waited for the next heartbeat, a third of the lease). One index
+/// probe per queue.
 pub(crate) const WAKE_FOR_DUE: &str = "
 select pg_notify('apalis::job::insert', json_build_object('job_type', queue, 'id', due.id)::text)
 from unnest($1::text[]) as queue
 cross join lateral (
     select id from apalis.jobs
     where job_type = queue
-      and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+      and ((status = 'Pending' and unique_key is not null)
+           or (status = 'Failed' and attempts < max_attempts))
       and run_at < now() and run_at >= now() - make_interval(secs => $2)
     limit 1
 ) as due";
@@ -212,12 +214,20 @@ from apalis.job_states where state = 'dead'
 order by done_at desc nulls last, id desc
 limit $1";
 
-/// A dead job `$1` back to pending with fresh attempts.
+/// A dead job `$1` back to pending with fresh attempts; its queue's workers
+/// are woken as for a new job. Returns how many jobs it put back (0 or 1).
 pub(crate) const RETRY: &str = "
-update apalis.jobs
-set status = 'Pending', attempts = 0, run_at = now(),
-    lock_by = null, lock_at = null, done_at = null
-where id = $1 and id in (select id from apalis.job_states where id = $1 and state = 'dead')";
+with retried as (
+    update apalis.jobs
+    set status = 'Pending', attempts = 0, run_at = now(),
+        lock_by = null, lock_at = null, done_at = null
+    where id = $1 and id in (select id from apalis.job_states where id = $1 and state = 'dead')
+    returning id, job_type
+), woken as (
+    select pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', id)::text)
+    from retried
+)
+select count(*) from woken";
 
 /// A job `$1` that has not started ends dead, cancelled.
 pub(crate) const CANCEL: &str = r#"

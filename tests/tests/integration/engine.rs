@@ -318,3 +318,40 @@ async fn the_quickstart_example_runs_as_a_process_and_its_job_completes() -> any
     assert!(app.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dead_job_retried_by_an_operator_runs_at_once() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut tx = db.pool.begin().await?;
+    let id = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
+    tx.commit().await?;
+    sqlx::query(
+        "update apalis.jobs set status = 'Killed', attempts = 20, done_at = now() where id = $1",
+    )
+    .bind(&id)
+    .execute(&db.pool)
+    .await?;
+    // Heartbeats every 20 s: only the retry's own wake-up can start it soon.
+    let config = durable_jobs::WorkerConfig {
+        lease: Duration::from_secs(60),
+        ..fast_worker_config()
+    };
+    let registry = Registry::new().register::<Noop>().register::<FailsOnce>();
+    let (shutdown, worker) = start(&db, registry, config);
+    // Let the worker start and park on an empty queue first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    durable_jobs::admin::retry(&db.pool, &id).await?;
+    let retried = tokio::time::Instant::now();
+    while db.job_outcome(&id).await?.0 != "Done" {
+        anyhow::ensure!(
+            retried.elapsed() < Duration::from_secs(10),
+            "the retried job waited: {:?}",
+            db.job_outcome(&id).await?
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("retried job done {:?} after the retry", retried.elapsed());
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
