@@ -163,6 +163,27 @@ impl TestDb {
         )
     }
 
+    /// Waits until job `id` has `status`, polling every 20 ms; fails after
+    /// `within` with the job's outcome. Returns how long it took.
+    pub async fn wait_for_status(
+        &self,
+        id: &str,
+        status: &str,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let outcome = self.job_outcome(id).await?;
+            if outcome.0 == status {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() >= within {
+                bail!("job {id} is not {status} after {within:?}: {outcome:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Ids of all visits, ascending.
     pub async fn visit_ids(&self) -> anyhow::Result<Vec<i64>> {
         Ok(sqlx::query_scalar("select id from visits order by id")

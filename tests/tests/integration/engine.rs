@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use durable_jobs::{Job, JobContext, JobError, Merge, Registry, Unique};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -195,15 +196,8 @@ async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> 
         Registry::new().register::<FailsOnce>(),
         fast_worker_config(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while db.job_outcome(&id).await?.0 != "Done" {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            db.job_outcome(&id).await?
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_for_status(&id, "Done", Duration::from_secs(20))
+        .await?;
     shutdown.cancel();
     worker.await??;
 
@@ -257,16 +251,11 @@ async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<(
     };
     let registry = Registry::new().register::<FailsOnce>().register::<Noop>();
     let (shutdown, worker) = start(&db, registry, config);
-    let started = tokio::time::Instant::now();
-    while db.job_outcome(&id).await?.0 != "Done" {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the retry waited for a heartbeat: {:?}",
-            db.job_outcome(&id).await?
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    println!("failed, retried and done in {:?}", started.elapsed());
+    let took = db
+        .wait_for_status(&id, "Done", Duration::from_secs(10))
+        .await
+        .context("the retry waited for a heartbeat")?;
+    println!("failed, retried and done in {took:?}");
     shutdown.cancel();
     worker.await??;
     Ok(())
@@ -341,16 +330,11 @@ async fn a_dead_job_retried_by_an_operator_runs_at_once() -> anyhow::Result<()> 
     // Let the worker start and park on an empty queue first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     durable_jobs::admin::retry(&db.pool, &id).await?;
-    let retried = tokio::time::Instant::now();
-    while db.job_outcome(&id).await?.0 != "Done" {
-        anyhow::ensure!(
-            retried.elapsed() < Duration::from_secs(10),
-            "the retried job waited: {:?}",
-            db.job_outcome(&id).await?
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    println!("retried job done {:?} after the retry", retried.elapsed());
+    let took = db
+        .wait_for_status(&id, "Done", Duration::from_secs(10))
+        .await
+        .context("the retried job waited")?;
+    println!("retried job done {took:?} after the retry");
     shutdown.cancel();
     worker.await??;
     Ok(())

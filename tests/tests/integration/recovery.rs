@@ -287,16 +287,14 @@ async fn a_lost_workers_trim_is_taken_over_beside_a_newer_pending_trim() -> anyh
     // timeout + lease) out of this: the lease's recovery must do it.
     env.extend([("DATABASE_URL", db.url.as_str()), ("JOB_TIMEOUT", "30")]);
     let worker = Process::started_worker(&env).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while db.job_outcome(&lost).await?.0 != "Done" {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the lost trim did not run again: {:?}\n{}",
-            db.job_outcome(&lost).await?,
-            worker.output().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_for_status(&lost, "Done", Duration::from_secs(15))
+        .await
+        .with_context(|| {
+            format!(
+                "the lost trim did not run again:\n{}",
+                worker.output().join("\n")
+            )
+        })?;
     assert_eq!(db.job_outcome(&newer).await?.0, "Pending");
     let attempts: i32 = sqlx::query_scalar("select attempts from apalis.jobs where id = $1")
         .bind(&lost)
