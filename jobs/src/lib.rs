@@ -30,8 +30,7 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let context = JobContext { pool: pool.clone() };
-    durable_jobs::run(pool, registry(), context, config, shutdown).await
+    run_reporting(pool, config, shutdown, &Health::default()).await
 }
 
 /// [`run`], reporting what the worker is doing in `health`.

@@ -9,13 +9,18 @@
 //! their latency is the queue's throughput.
 //!
 //! [`QueueStorage`] keeps apalis's state machine ([`Persisted`]), its schema,
-//! its claim function and its worker registration, heartbeat and recovery
-//! queries, and replaces two steps:
+//! its claim function (as the engine's migration redefines it), its
+//! heartbeat and its hand-back of abandoned jobs, and replaces:
 //!
-//! - a claim is the single statement `apalis.get_jobs(..)`, sent without a
-//!   transaction around it (it is atomic on its own);
-//! - the starts (`Running`) and results of a round go in one statement that
-//!   finds its rows by id (see `RECORD_EVENTS`).
+//! - the claim: the single statement `apalis.get_jobs(..)`, sent without a
+//!   transaction around it (it is atomic on its own), each claimed row turned
+//!   into a task on its own ([`claim`]: a row that cannot be one is killed
+//!   alone, where apalis's decoder failed the whole batch);
+//! - the round of starts (`Running`) and results: one statement that finds
+//!   its rows by id and settles a failure with its backoff
+//!   (`queries::RECORD_EVENTS`);
+//! - worker registration and orphan recovery ([`recover_orphans`]: jobs out
+//!   of attempts end dead, and a failure never kills the worker).
 //!
 //! It writes rows as apalis-postgres 1.0 does: status names as `Status`
 //! displays them, `last_result` as `{"Ok": ..}` or `{"Err": ..}`. An upgrade
@@ -49,7 +54,7 @@ use sqlx::{
 use ulid::Ulid;
 
 /// Decodes nothing: the handler receives the stored JSON bytes and decodes them
-/// itself, so an undecodable row fails only its own job (see `trim_visits::handle`).
+/// itself, so an undecodable payload fails only its own job (see `worker::handle`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawPayload;
 
