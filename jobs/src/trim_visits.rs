@@ -59,11 +59,15 @@ impl Job for TrimVisits {
 pub struct TrimOutcome {
     /// How many visits were deleted.
     pub deleted: usize,
+    /// The ids deleted, oldest first: the first [`SUMMARY_IDS`] of them
+    /// (the page shows them; every id is also logged).
+    #[serde(default)]
+    pub ids: Vec<i64>,
 }
 
 /// Longest list of ids written into the summary line; every id also has its own
 /// log record, so nothing is lost by shortening a huge summary.
-const SUMMARY_IDS: usize = 100;
+pub const SUMMARY_IDS: usize = 100;
 
 impl TrimVisits {
     /// Deletes the visits older than the threshold and returns their ids, oldest first.
@@ -105,7 +109,10 @@ impl TrimVisits {
                 shown.join(", ")
             );
         }
-        Ok(TrimOutcome { deleted: ids.len() })
+        Ok(TrimOutcome {
+            deleted: ids.len(),
+            ids: ids.into_iter().take(SUMMARY_IDS).collect(),
+        })
     }
 }
 

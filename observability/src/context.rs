@@ -51,3 +51,23 @@ pub fn db_span(operation: &'static str, table: &'static str) -> Span {
         db.query.summary = format!("{operation} {table}"),
     )
 }
+
+/// The 32-hex trace id of the current span, when it is part of an exported
+/// trace (none when OTLP export is off).
+pub fn current_trace_id() -> Option<String> {
+    let context = Span::current().context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+/// The trace id in a W3C `traceparent` value (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_of_traceparent(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    (trace_id.len() == 32
+        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace_id.bytes().any(|b| b != b'0'))
+    .then_some(trace_id)
+}

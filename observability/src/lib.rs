@@ -3,6 +3,7 @@
 mod context;
 mod export;
 pub mod metrics;
+mod text;
 
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
 use opentelemetry_sdk::{logs::SdkLoggerProvider, trace::SdkTracerProvider};
@@ -10,8 +11,12 @@ use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
 
-pub use context::{db_span, extract_into, inject_current, set_remote_parent};
+pub use context::{
+    current_trace_id, db_span, extract_into, inject_current, set_remote_parent,
+    trace_id_of_traceparent,
+};
 pub use export::Export;
+pub use text::colour_wanted;
 
 /// What can go wrong while installing telemetry.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +151,10 @@ pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error>
         OpenTelemetryTracingBridge::new(provider).with_filter(quiet)
     });
     let stdout = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(text::colour_wanted())
+            .event_format(text::TextLine)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
     };
     tracing_subscriber::registry()
@@ -154,6 +162,7 @@ pub fn init(default_service_name: &str, config: &Config) -> Result<Guard, Error>
         .with(tracing_subscriber::filter::filter_fn(|event| {
             !is_duplicate_export_error(event)
         }))
+        .with(text::CarryJobId)
         .with(stdout)
         .with(otel_traces)
         .with(otel_logs)

@@ -388,7 +388,9 @@ pub async fn visit_times(address: &str, count: usize, agent: &str) -> anyhow::Re
 pub struct VisitsPage {
     /// The whole HTML.
     pub html: String,
-    /// `(data-visit-id, <time datetime>, visitor text)` per row, in page order.
+    /// `(data-visit-id, <time datetime>, visitor as stored)` per row, in page
+    /// order; the visitor is the `title` of `.visitor` (shown on hover; the
+    /// row's text is the address and a short browser name).
     pub rows: Vec<(i64, chrono::DateTime<chrono::Utc>, String)>,
     /// The `datetime` of `#trim-threshold time`.
     pub threshold: chrono::DateTime<chrono::Utc>,
@@ -427,7 +429,11 @@ impl VisitsPage {
                 .select(&visitor_sel)
                 .next()
                 .context("row without visitor")?;
-            rows.push((id, datetime(time)?, visitor.text().collect()));
+            let visitor = visitor
+                .value()
+                .attr("title")
+                .context("visitor without title")?;
+            rows.push((id, datetime(time)?, visitor.to_owned()));
         }
         let threshold = datetime(
             document

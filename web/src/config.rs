@@ -64,6 +64,12 @@ pub struct Config {
     #[arg(long, env = "METRICS_QUEUE_REFRESH", default_value = "5", value_parser = parse_seconds)]
     pub metrics_queue_refresh: Duration,
 
+    /// Jaeger's web UI, e.g. `http://localhost:16686`: the page and the jobs
+    /// dashboard then link to `<JAEGER_UI_URL>/trace/<trace id>` (with OTLP
+    /// export on; without it there is no trace to link to).
+    #[arg(long, env = "JAEGER_UI_URL")]
+    pub jaeger_ui_url: Option<String>,
+
     /// HTTP server limits.
     #[command(flatten)]
     pub http: HttpConfig,

@@ -70,8 +70,9 @@ async fn method_not_allowed() -> impl IntoResponse {
     )
 }
 
-/// Headers every response carries: pages load only our own stylesheet, run
-/// no script, cannot be framed, and send no referrer to other sites
+/// Headers every response carries: pages load only our own stylesheet and
+/// script (no inline code, no other origin; the script fetches only from
+/// us), cannot be framed, and send no referrer to other sites
 /// (`same-origin`, not `no-referrer`: with that, browsers send `Origin: null`
 /// on our own form posts and the dashboard could not check them).
 async fn security_headers(
@@ -84,8 +85,8 @@ async fn security_headers(
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
-             frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; \
+             img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
     headers.insert(

@@ -28,6 +28,8 @@ pub struct AppState {
     pub worker_health: Option<jobs::Health>,
     /// The cached queue depth of `/metrics`, on its own connection.
     pub queue_depth: QueueDepth,
+    /// Jaeger's UI (no trailing slash): pages link to their traces there.
+    pub jaeger_ui_url: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -41,6 +43,7 @@ impl AppState {
             metrics: observability::metrics::handle(),
             worker_health: None,
             queue_depth: QueueDepth::new(&pool, Duration::from_secs(5)),
+            jaeger_ui_url: None,
             pool,
         }
     }
@@ -53,11 +56,20 @@ impl AppState {
         state.trust_proxy = config.trust_proxy;
         state.visitor_ip = config.visitor_ip;
         state.queue_depth = QueueDepth::new(&state.pool, config.metrics_queue_refresh);
+        if let Some(url) = config.jaeger_ui_url.as_deref().filter(|u| !u.is_empty()) {
+            state = state.with_jaeger_ui(url);
+        }
         match config.admin_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => state = state.with_admin_token(token),
             None => tracing::info!("jobs dashboard disabled: set ADMIN_TOKEN to enable /admin"),
         }
         Ok(state)
+    }
+
+    /// Links pages to their traces in the Jaeger UI at `url`.
+    pub fn with_jaeger_ui(mut self, url: &str) -> Self {
+        self.jaeger_ui_url = Some(Arc::from(url.trim_end_matches('/')));
+        self
     }
 
     /// Enables `/admin` with `token`.

@@ -30,6 +30,8 @@ pub struct RecordedVisit {
     pub threshold: DateTime<Utc>,
     /// The id of the enqueued `TrimVisits` job.
     pub job_id: String,
+    /// The id of the visit this page view recorded.
+    pub visit_id: i64,
 }
 
 /// The newest [`SHOWN_VISITS`] visits, newest first (ties broken by id).
@@ -79,5 +81,34 @@ pub async fn record_visit(conn: &mut PgConnection, visitor: &str) -> Result<Reco
         visits,
         threshold,
         job_id: job_id.to_string(),
+        visit_id: new_visit.id,
+    })
+}
+
+/// What the page's background-work panel shows: the newest trim and the
+/// trim queue's unfinished jobs, read through the engine's admin API.
+#[derive(Debug, Clone)]
+pub struct BackgroundWork {
+    /// The newest `TrimVisits` job, if any.
+    pub last_trim: Option<durable_jobs::admin::JobDetail>,
+    /// Its queue's waiting, running and retrying jobs.
+    pub queue: durable_jobs::admin::OpenCounts,
+}
+
+impl BackgroundWork {
+    /// What the last trim returned, once it succeeded.
+    pub fn last_outcome(&self) -> Option<jobs::TrimOutcome> {
+        let output = self.last_trim.as_ref()?.output()?;
+        serde_json::from_value(output).ok()
+    }
+}
+
+/// Loads the panel's data.
+pub async fn background_work(pool: &sqlx::PgPool) -> Result<BackgroundWork, Error> {
+    use durable_jobs::Job as _;
+    let queue = TrimVisits::NAME;
+    Ok(BackgroundWork {
+        last_trim: durable_jobs::admin::latest_job_of(pool, queue).await?,
+        queue: durable_jobs::admin::open_counts_of(pool, queue).await?,
     })
 }

@@ -226,3 +226,153 @@ pub async fn open_job_counts(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
         .fetch_all(pool)
         .await?)
 }
+
+/// Which jobs a listing shows: all by default, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state (one of [`STATES`]).
+    pub state: Option<String>,
+    /// Only jobs older than this job id (the next page after it).
+    pub before: Option<String>,
+}
+
+/// Up to `limit` jobs matching `filter`, newest first. The next page is
+/// `filter.before = <the last id shown>`.
+pub async fn jobs_page(
+    pool: &PgPool,
+    filter: &JobFilter,
+    limit: i64,
+) -> Result<Vec<JobSummary>, Error> {
+    Ok(sqlx::query_as(queries::JOBS_PAGE)
+        .bind(filter.queue.as_deref())
+        .bind(filter.state.as_deref())
+        .bind(filter.before.as_deref())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Everything the queue holds about one job.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct JobDetail {
+    /// Job id (ULID; its first 48 bits are the creation time).
+    pub id: String,
+    /// Queue name.
+    pub queue: String,
+    /// One of [`STATES`].
+    pub state: String,
+    /// apalis's own status (`Pending`, `Queued`, `Running`, `Done`, `Failed`, `Killed`).
+    pub status: String,
+    /// Attempts used.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// When it is (or was) due.
+    pub run_at: DateTime<Utc>,
+    /// When its current or last attempt was claimed or started.
+    pub lock_at: Option<DateTime<Utc>>,
+    /// The worker that holds (or last held) it.
+    pub lock_by: Option<String>,
+    /// When its last attempt ended.
+    pub done_at: Option<DateTime<Utc>>,
+    /// The serialized job (JSON, as enqueued).
+    pub payload: Vec<u8>,
+    /// Its metadata as a JSON object (the enqueuer's `traceparent`, ...).
+    pub metadata: Option<String>,
+    /// The last attempt's result: `{"Ok": <output>}` or `{"Err": "<error>"}`.
+    pub last_result: Option<String>,
+    /// Its uniqueness key while it waits.
+    pub unique_key: Option<String>,
+}
+
+impl JobDetail {
+    /// When it was enqueued (from its ULID).
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        let ulid = ulid::Ulid::from_string(&self.id).ok()?;
+        DateTime::from_timestamp_millis(i64::try_from(ulid.timestamp_ms()).ok()?)
+    }
+
+    /// The payload pretty-printed when it is JSON, else as (lossy) text.
+    pub fn payload_pretty(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.payload)
+            .ok()
+            .and_then(|value| serde_json::to_string_pretty(&value).ok())
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.payload).into_owned())
+    }
+
+    /// The metadata's entries, sorted by key.
+    pub fn metadata_entries(&self) -> Vec<(String, String)> {
+        let parsed: Option<std::collections::BTreeMap<String, String>> = self
+            .metadata
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok());
+        parsed.unwrap_or_default().into_iter().collect()
+    }
+
+    /// The trace the job belongs to (from the enqueuer's `traceparent`).
+    pub fn trace_id(&self) -> Option<String> {
+        self.metadata_entries()
+            .into_iter()
+            .find(|(key, _)| key == "traceparent")
+            .and_then(|(_, value)| {
+                observability::trace_id_of_traceparent(&value).map(str::to_owned)
+            })
+    }
+
+    fn result(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(self.last_result.as_deref()?).ok()
+    }
+
+    /// The last attempt's error, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        let result = self.result()?;
+        let error = result.get("Err")?;
+        Some(
+            error
+                .as_str()
+                .map_or_else(|| error.to_string(), str::to_owned),
+        )
+    }
+
+    /// The job's output (what its run returned), once it succeeded.
+    pub fn output(&self) -> Option<serde_json::Value> {
+        self.result()?.get("Ok").cloned()
+    }
+}
+
+/// One job, if there is such a job.
+pub async fn job(pool: &PgPool, id: &str) -> Result<Option<JobDetail>, Error> {
+    Ok(sqlx::query_as(queries::JOB_DETAIL)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// The newest job of `queue`, if it has any.
+pub async fn latest_job_of(pool: &PgPool, queue: &str) -> Result<Option<JobDetail>, Error> {
+    Ok(sqlx::query_as(queries::LATEST_JOB_OF_QUEUE)
+        .bind(queue)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// The unfinished jobs of one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct OpenCounts {
+    /// Waiting to be claimed (due or not yet due).
+    pub waiting: i64,
+    /// Claimed or running.
+    pub running: i64,
+    /// Failed, waiting for a retry.
+    pub retrying: i64,
+}
+
+/// How many jobs of `queue` wait, run, and wait for a retry.
+pub async fn open_counts_of(pool: &PgPool, queue: &str) -> Result<OpenCounts, Error> {
+    Ok(sqlx::query_as(queries::OPEN_COUNTS_OF_QUEUE)
+        .bind(queue)
+        .fetch_one(pool)
+        .await?)
+}

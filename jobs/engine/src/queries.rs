@@ -273,3 +273,38 @@ set status = case when attempts + 1 >= max_attempts then 'Killed' else 'Failed' 
     last_result = '{"Err": "attempt lost: no result was recorded within the job timeout"}'::jsonb
 where (status = 'Running' and lock_at < now() - make_interval(secs => $1 + $2))
    or (status = 'Queued' and lock_at < now() - make_interval(secs => 2 * $1 + $2))"#;
+
+/// One page of jobs, newest first: `$1` queue, `$2` state (each `null` for
+/// any), `$3` only ids below this one (`null` for the newest), `$4` how many.
+pub(crate) const JOBS_PAGE: &str = "
+select id, job_type as queue, state, attempts, max_attempts, run_at,
+       last_result ->> 'Err' as last_error
+from apalis.job_states
+where ($1::text is null or job_type = $1)
+  and ($2::text is null or state = $2)
+  and ($3::text is null or id < $3)
+order by id desc limit $4";
+
+/// Everything stored about job `$1`.
+pub(crate) const JOB_DETAIL: &str = "
+select id, job_type as queue, state, status, attempts, max_attempts, run_at, lock_at,
+       lock_by, done_at, job as payload, hstore_to_json(metadata)::text as metadata,
+       last_result::text as last_result, unique_key
+from apalis.job_states where id = $1";
+
+/// Everything stored about the newest job of queue `$1`.
+pub(crate) const LATEST_JOB_OF_QUEUE: &str = "
+select id, job_type as queue, state, status, attempts, max_attempts, run_at, lock_at,
+       lock_by, done_at, job as payload, hstore_to_json(metadata)::text as metadata,
+       last_result::text as last_result, unique_key
+from apalis.job_states where job_type = $1 order by id desc limit 1";
+
+/// The unfinished jobs of queue `$1`: waiting, claimed or running, and
+/// failed but to be retried.
+pub(crate) const OPEN_COUNTS_OF_QUEUE: &str = "
+select count(*) filter (where status = 'Pending') as waiting,
+       count(*) filter (where status in ('Queued', 'Running')) as running,
+       count(*) filter (where status = 'Failed') as retrying
+from apalis.jobs
+where job_type = $1
+  and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))";

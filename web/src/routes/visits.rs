@@ -4,21 +4,24 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::{
     Router,
-    extract::{ConnectInfo, State},
+    extract::{ConnectInfo, Query, State},
     http::{HeaderMap, header},
     response::IntoResponse,
     routing::get,
 };
 use maud::Markup;
+use serde::Deserialize;
 
 use crate::{AppState, Error, views, visits};
 
 /// Longest user agent stored; longer ones are cut (on a character boundary).
 pub const MAX_USER_AGENT_CHARS: usize = 512;
 
-/// `/`.
+/// `/`, and the page's background-work panel on its own.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/", get(index).head(head))
+    Router::new()
+        .route("/", get(index).head(head))
+        .route(views::visits::PANEL_PATH, get(background_work))
 }
 
 /// `HEAD /` (monitors, link checkers): the page's headers and nothing
@@ -40,12 +43,36 @@ async fn index(
     tx.commit().await?;
     metrics::counter!("visitme_visits_recorded_total").increment(1);
     let threshold = recorded.threshold.to_rfc3339();
-    tracing::info!(
-        trim.threshold = %threshold,
-        job.id = %recorded.job_id,
-        "Delete entities older than {threshold}"
-    );
-    Ok(views::visits::page(&recorded))
+    // The threshold is in the message (the sample's line), so not repeated as a field.
+    tracing::info!(job.id = %recorded.job_id, "Delete entities older than {threshold}");
+    let work = visits::background_work(&state.pool).await?;
+    let trace_url = state.jaeger_ui_url.as_deref().and_then(|jaeger| {
+        let trace_id = observability::current_trace_id()?;
+        Some(format!("{jaeger}/trace/{trace_id}"))
+    });
+    Ok(views::visits::page(
+        &recorded,
+        &work,
+        chrono::Utc::now(),
+        trace_url.as_deref(),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PanelQuery {
+    /// The page view's own trim job, marked when it is the one shown.
+    job: Option<String>,
+}
+
+/// `GET /background-work`: the panel alone (an HTML fragment), for the
+/// page's script to swap in; never cached.
+async fn background_work(
+    State(state): State<AppState>,
+    Query(query): Query<PanelQuery>,
+) -> Result<impl IntoResponse, Error> {
+    let work = visits::background_work(&state.pool).await?;
+    let panel = views::visits::background_panel(&work, query.job.as_deref(), chrono::Utc::now());
+    Ok(([(header::CACHE_CONTROL, "no-store")], panel))
 }
 
 /// The client's address: the TCP peer, or with `trust_proxy` the last

@@ -11,14 +11,17 @@ pub fn page(title: &str, body: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) }
+                meta name="color-scheme" content="light dark";
                 link rel="stylesheet" href="/assets/style.css";
+                script src="/assets/page.js" defer {}
             }
             body {
+                a.skip href="#main" { "Skip to content" }
                 header.site {
                     a.brand href="/" { "VisitMe" }
                     span.tagline { "durable background jobs in Rust" }
                 }
-                main { (body) }
+                main #main { (body) }
                 footer.site {
                     "A Rust take on App Engine's push-queue sample: each page view enqueues a job; workers pull and run it."
                 }

@@ -1,32 +1,123 @@
-//! The visits page (`GET /`).
+//! The visits page (`GET /`) and its background-work panel.
 
+use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 
-use super::{components::timestamp, layout};
-use crate::visits::RecordedVisit;
+use super::{
+    components::{short_browser, timestamp, visitor_parts},
+    layout,
+};
+use crate::visits::{BackgroundWork, RecordedVisit};
 
-/// Renders the newest visits and the trim note.
-pub fn page(recorded: &RecordedVisit) -> Markup {
+/// Where the page's script fetches a fresh panel (see [`background_panel`]).
+pub const PANEL_PATH: &str = "/background-work";
+
+/// Renders the newest visits, the trim note, the background-work panel and,
+/// with `trace_url`, the link to this page view's trace.
+pub fn page(
+    recorded: &RecordedVisit,
+    work: &BackgroundWork,
+    now: DateTime<Utc>,
+    trace_url: Option<&str>,
+) -> Markup {
     layout::page(
         "VisitMe example",
         html! {
             h1 { "Last 10 visits" }
             ol.visits {
                 @for visit in &recorded.visits {
-                    li data-visit-id=(visit.id) {
-                        (timestamp(visit.created_at))
-                        span.from { " from " }
-                        span.visitor { (visit.visitor) }
+                    @let yours = visit.id == recorded.visit_id;
+                    @let (address, agent) = visitor_parts(&visit.visitor);
+                    li.yours[yours] data-visit-id=(visit.id) {
+                        (timestamp(visit.created_at, now))
+                        span.who {
+                            span.from { "from " }
+                            span.visitor title=(visit.visitor) {
+                                span.address { (address) }
+                                span.browser { (short_browser(agent)) }
+                            }
+                        }
+                        @if yours { span.badge title="the visit this page view recorded" { "yours" } }
                     }
                 }
             }
             p.note #trim-threshold {
-                "Deleting visits older than: " (timestamp(recorded.threshold))
+                "Deleting visits older than: " (timestamp(recorded.threshold, now))
             }
+            (background_panel(work, Some(&recorded.job_id), now))
             p.hint {
-                "Visits older than the oldest one shown are being deleted by a background job ("
-                code { "TrimVisits" } ", job " code { (recorded.job_id) } "). Reload to watch them go."
+                "Each page view records a visit and enqueues a " code { "TrimVisits" }
+                " job in the same transaction; a worker runs it moments later. This panel follows it."
+            }
+            @if let Some(url) = trace_url {
+                p.trace { a #trace-link href=(url) rel="noopener" { "view this request's trace" } }
             }
         },
     )
+}
+
+/// The panel: the newest trim (when, what it deleted, its state and
+/// attempts) and the trim queue. `this_job` is the page view's own trim,
+/// marked when it is the one shown. The page's script replaces it in place
+/// every few seconds with a fresh copy from [`PANEL_PATH`].
+pub fn background_panel(
+    work: &BackgroundWork,
+    this_job: Option<&str>,
+    now: DateTime<Utc>,
+) -> Markup {
+    let refresh = match this_job {
+        Some(job) => format!("{PANEL_PATH}?job={job}"),
+        None => PANEL_PATH.to_owned(),
+    };
+    html! {
+        section #background-work .panel aria-labelledby="background-work-title" data-refresh-from=(refresh) {
+            h2 #background-work-title { "Background work" }
+            @match &work.last_trim {
+                None => p { "No trim has been enqueued yet." }
+                Some(job) => {
+                    dl.facts #last-trim data-job-id=(job.id) data-state=(job.state) {
+                        dt { "Last trim" }
+                        dd {
+                            code.job-id { (job.id) }
+                            @if this_job == Some(job.id.as_str()) { " " span.badge { "this view's" } }
+                        }
+                        dt { "State" }
+                        dd {
+                            span class={ "state " (job.state) } { (job.state) }
+                            " attempt " (job.attempts) " of " (job.max_attempts)
+                        }
+                        dt { "When" }
+                        dd {
+                            @if let Some(done) = job.done_at.filter(|_| job.state != "pending") {
+                                "ran " (timestamp(done, now))
+                            } @else {
+                                "due " (timestamp(job.run_at, now))
+                            }
+                        }
+                        dt { "Deleted" }
+                        dd #last-trim-deleted {
+                            @if let Some(outcome) = work.last_outcome() {
+                                @let ids: Vec<String> = outcome.ids.iter().map(i64::to_string).collect();
+                                span data-deleted=(outcome.deleted) data-ids=(ids.join(",")) {
+                                    (outcome.deleted) @if outcome.deleted == 1 { " visit" } @else { " visits" }
+                                    @if !ids.is_empty() { ": " (ids.join(", ")) }
+                                    @if outcome.deleted > ids.len() { " (and " (outcome.deleted - ids.len()) " more)" }
+                                }
+                            } @else if let Some(error) = job.last_error() {
+                                span.error { "nothing yet: " (error) }
+                            } @else {
+                                "not run yet"
+                            }
+                        }
+                    }
+                }
+            }
+            p.queue #trim-queue {
+                "Queue: "
+                span data-count="waiting" { (work.queue.waiting) } " waiting · "
+                span data-count="running" { (work.queue.running) } " running · "
+                span data-count="retrying" { (work.queue.retrying) } " retrying"
+            }
+        }
+    }
 }
