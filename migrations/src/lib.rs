@@ -25,14 +25,17 @@ pub enum Error {
     #[error("invalid database URL: {0}")]
     InvalidUrl(#[source] sqlx::Error),
     /// Postgres did not answer within the allowed wait.
-    #[error("database unreachable after {waited:?}: {source}")]
+    #[error("gave up after {waited:?}: {advice}")]
     Unreachable {
         /// How long we kept trying.
         waited: Duration,
-        /// The last connection error.
-        #[source]
-        source: sqlx::Error,
+        /// What was wrong and what to do, in one line ([`advice`]).
+        advice: String,
     },
+    /// Postgres refused us in a way a newcomer meets (no such role, wrong
+    /// password, no right to create the database): what to do, in one line.
+    #[error("{0}")]
+    Refused(String),
     /// The database named in the URL is missing and could not be created.
     #[error("could not create database {name:?}: {source}")]
     CreateDatabase {
@@ -88,17 +91,26 @@ pub async fn connect(database_url: &str, settings: &PoolSettings) -> Result<PgPo
             Ok(pool) => return Ok(pool),
             Err(Error::Database(source)) if is_unreachable(&source) => {
                 let waited = started.elapsed();
+                let advice = advice(&source, &options)
+                    .unwrap_or_else(|| format!("database not reachable: {source}"));
                 if waited >= settings.startup_wait {
-                    return Err(Error::Unreachable { waited, source });
+                    return Err(Error::Unreachable { waited, advice });
                 }
-                tracing::warn!(
-                    db.host = options.get_host(),
-                    db.port = options.get_port(),
-                    error = %source,
-                    "database not reachable yet, retrying in {delay:?}"
-                );
+                tracing::warn!("{advice}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(Error::Database(source)) => {
+                return Err(match advice(&source, &options) {
+                    Some(advice) => Error::Refused(advice),
+                    None => Error::Database(source),
+                });
+            }
+            Err(Error::CreateDatabase { name, source }) => {
+                return Err(match advice(&source, &options) {
+                    Some(advice) => Error::Refused(advice),
+                    None => Error::CreateDatabase { name, source },
+                });
             }
             Err(other) => return Err(other),
         }
@@ -135,6 +147,57 @@ async fn try_connect(options: &PgConnectOptions, settings: &PoolSettings) -> Res
         .connect_with(options.clone())
         .await?;
     Ok(pool)
+}
+
+/// What a newcomer should do about a connection error they are likely to
+/// meet, in one line without library internals; `None` for other errors.
+pub fn advice(error: &sqlx::Error, options: &PgConnectOptions) -> Option<String> {
+    let (host, port) = (options.get_host(), options.get_port());
+    let user = options.get_username();
+    let database = options.get_database().unwrap_or(user);
+    let url = format!("DATABASE_URL=postgres://USER:PASSWORD@{host}:{port}/{database}");
+    match error {
+        sqlx::Error::Io(io) => Some(format!(
+            "cannot reach PostgreSQL at {host}:{port} ({}): is PostgreSQL running on {host}:{port}? \
+             Start it (`sudo service postgresql start`, or `docker run -d -p 5432:5432 \
+             -e POSTGRES_HOST_AUTH_METHOD=trust postgres`), or set {url}",
+            io_reason(io)
+        )),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // 28000 invalid_authorization_specification: no such role (or pg_hba refused it).
+            Some("28000") if db.message().contains("does not exist") => Some(format!(
+                "PostgreSQL at {host}:{port} has no user {user:?}: create it \
+                 (`sudo -u postgres createuser --createdb {user}`), or set {url}"
+            )),
+            Some("28000") => Some(format!(
+                "PostgreSQL at {host}:{port} does not let user {user:?} connect \
+                 (pg_hba.conf): allow it, or set {url} with a user it lets in"
+            )),
+            // 28P01 invalid_password.
+            Some("28P01") => Some(format!(
+                "PostgreSQL at {host}:{port} refused the password of user {user:?}: \
+                 put the right one in {url} (or set it: `ALTER ROLE {user} PASSWORD '...'`)"
+            )),
+            // 42501 insufficient_privilege (CREATE DATABASE without CREATEDB).
+            Some("42501") => Some(format!(
+                "user {user:?} may not create database {database:?}: create it once \
+                 (`sudo -u postgres createdb -O {user} {database}`), or allow it \
+                 (`ALTER ROLE {user} CREATEDB`)"
+            )),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// "connection refused", "timed out", ...: an I/O error's kind in words.
+fn io_reason(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        std::io::ErrorKind::TimedOut => "timed out".to_owned(),
+        std::io::ErrorKind::NotFound => "no such host or socket".to_owned(),
+        _ => error.to_string(),
+    }
 }
 
 /// Errors that mean "Postgres is not there (yet)", worth retrying.

@@ -10,9 +10,14 @@
 //! ```
 //!
 //! It shows the jobs per queue and state, what finished in the last hour and
-//! the newest jobs, with **Retry** on dead jobs and **Cancel** on waiting
+//! the newest jobs (filtered by queue and state, 50 a page, older pages
+//! after them), with **Retry** on dead jobs and **Cancel** on waiting
 //! ones (`POST <prefix>/jobs/<id>/retry|cancel`, then back to the overview
-//! with a notice). It has no authentication of its own. Against cross-site
+//! with a notice). `GET <prefix>/jobs/<id>` is one job's page: its payload,
+//! metadata, attempts, last error, timings, worker, and a link to its trace
+//! ([`Dashboard::with_trace_links`]). Both pages carry
+//! `data-refresh-from` on their content, for a script of the app's layout
+//! to refresh them in place (VisitMe's `/assets/page.js`). It has no authentication of its own. Against cross-site
 //! posts: where the app's auth layer inserts a [`Csrf`] extension (cookie
 //! sessions), the forms carry that token and a post must bring it back;
 //! without one (e.g. a bearer token, which browsers never send by
@@ -22,7 +27,7 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Form, Router,
-    extract::{NestedPath, Path, Query, State},
+    extract::{NestedPath, OriginalUri, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -37,7 +42,7 @@ use ulid::Ulid;
 
 use crate::{
     Error,
-    admin::{self, HourStats, JobSummary, STATES, StateCount},
+    admin::{self, HourStats, JobDetail, JobFilter, JobSummary, STATES, StateCount},
 };
 
 /// Wraps a page's `body` in the app's page shell, with `title`.
@@ -48,6 +53,7 @@ pub type Layout = fn(title: &str, body: Markup) -> Markup;
 pub struct Dashboard {
     pool: PgPool,
     layout: Layout,
+    trace_ui: Option<String>,
 }
 
 impl std::fmt::Debug for Dashboard {
@@ -62,12 +68,20 @@ impl Dashboard {
         Self {
             pool,
             layout: plain_page,
+            trace_ui: None,
         }
     }
 
     /// Renders pages in the app's own shell (its stylesheet, header, footer).
     pub fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// Links each job's page to its trace at `<url>/trace/<trace id>`
+    /// (Jaeger's UI, e.g. `http://localhost:16686`).
+    pub fn with_trace_links(mut self, url: &str) -> Self {
+        self.trace_ui = Some(url.trim_end_matches('/').to_owned());
         self
     }
 }
@@ -81,6 +95,7 @@ pub struct Csrf(pub String);
 pub fn router<S: Clone + Send + Sync + 'static>(dashboard: Dashboard) -> Router<S> {
     Router::new()
         .route("/", get(overview))
+        .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/{action}", post(act))
         .with_state(Arc::new(dashboard))
 }
@@ -165,27 +180,41 @@ pub fn job_action_path(prefix: &str, id: &str, action: &str) -> String {
 async fn overview(
     State(dashboard): State<Arc<Dashboard>>,
     prefix: NestedPath,
+    OriginalUri(uri): OriginalUri,
     csrf: Option<Extension<Csrf>>,
     Query(query): Query<NoticeQuery>,
+    Query(list): Query<ListQuery>,
 ) -> Response {
     let pool = &dashboard.pool;
+    let filter = list.filter();
     let loaded = async {
         Ok::<_, Error>((
             admin::queue_status(pool).await?,
             admin::last_hour(pool).await?,
-            admin::latest_jobs(pool, 50).await?,
+            admin::jobs_page(
+                pool,
+                &filter,
+                i64::try_from(PAGE_SIZE + 1).unwrap_or(i64::MAX),
+            )
+            .await?,
         ))
     }
     .await;
-    let (counts, last_hour, latest) = match loaded {
+    let (counts, last_hour, mut latest) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => return unavailable(&dashboard, &err),
     };
+    // One row more than shown says whether there is an older page.
+    let more = latest.len() > PAGE_SIZE;
+    latest.truncate(PAGE_SIZE);
     let page = Page {
         prefix: prefix.as_str(),
+        refresh: uri.to_string(),
         counts,
         last_hour,
         latest,
+        filter,
+        more,
         csrf: csrf.map(|Extension(Csrf(token))| token),
         notice: query.text(),
     };
@@ -291,9 +320,14 @@ fn plain_page(title: &str, body: Markup) -> Markup {
 /// What the overview shows, loaded by its handler.
 struct Page<'a> {
     prefix: &'a str,
+    /// The page's own address, for refreshing it in place.
+    refresh: String,
     counts: Vec<StateCount>,
     last_hour: Vec<HourStats>,
     latest: Vec<JobSummary>,
+    filter: JobFilter,
+    /// Whether older jobs match the filter than those shown.
+    more: bool,
     csrf: Option<String>,
     notice: Option<String>,
 }
@@ -310,11 +344,17 @@ impl Page<'_> {
         };
         html! {
             @if let Some(notice) = &self.notice { p.note #notice { (notice) } }
+            div #dashboard data-refresh-from=(self.refresh) { (self.render_content(&queues, count)) }
+        }
+    }
+
+    fn render_content(&self, queues: &[&str], count: impl Fn(&str, &str) -> i64) -> Markup {
+        html! {
             h2 { "Queues" }
             table.grid #queue-counts {
                 thead { tr { th { "queue" } @for state in STATES { th { (state) } } } }
                 tbody {
-                    @for queue in &queues {
+                    @for queue in queues {
                         tr data-queue=(queue) {
                             td { code { (queue) } }
                             @for state in STATES { td.num data-state=(state) { (count(queue, state)) } }
@@ -334,43 +374,221 @@ impl Page<'_> {
                 }
             }
             h2 { "Latest jobs" }
-            table.grid #latest-jobs {
+            (self.filters(queues))
+            div.scroll { table.grid #latest-jobs {
                 thead { tr { th { "job" } th { "queue" } th { "state" } th { "attempts" } th { "run at" } th { "last error" } th {} } }
                 tbody {
                     @for job in &self.latest {
                         tr data-job-id=(job.id) data-state=(job.state) {
-                            td { code { (job.id) } }
+                            td { a href=(job_page_path(self.prefix, &job.id)) { code { (job.id) } } }
                             td { (job.queue) }
                             td { span class={ "state " (job.state) } { (job.state) } }
                             td.num { (job.attempts) " / " (job.max_attempts) }
                             td { @if let Some(at) = job.run_at { (timestamp(at)) } }
                             td.error { (job.last_error.as_deref().unwrap_or("")) }
-                            td.actions {
-                                @if job.state == "dead" { (self.action(&job.id, "retry", "Retry")) }
-                                @if job.state == "pending" || job.state == "scheduled" { (self.action(&job.id, "cancel", "Cancel")) }
-                            }
+                            td.actions { (actions(self.prefix, &job.id, &job.state, self.csrf.as_deref())) }
                         }
                     }
+                    @if self.latest.is_empty() { tr { td colspan="7" { "No job matches." } } }
                 }
-            }
-        }
-    }
-
-    fn action(&self, id: &str, action: &str, label: &str) -> Markup {
-        html! {
-            form.inline method="post" action=(job_action_path(self.prefix, id, action)) {
-                @if let Some(csrf) = &self.csrf { input type="hidden" name="csrf" value=(csrf); }
-                button type="submit" name="action" value=(action) { (label) }
+            } }
+            nav.pages aria-label="pages" {
+                @if self.filter.before.is_some() { a #newest-page href=(self.list_path(None)) { "Newest" } }
+                @if self.more && let Some(last) = self.latest.last() {
+                    a #older-page href=(self.list_path(Some(&last.id))) { "Older jobs →" }
+                }
             }
         }
     }
 }
 
-/// A `<time>` element: RFC 3339 in `datetime`, a readable form as its text.
+/// A `<time>` element: RFC 3339 in `datetime`, the exact instant as its
+/// text and title (class `ago`: a script may show it relative, "12 s ago").
 fn timestamp(at: DateTime<Utc>) -> Markup {
+    let exact = at.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string();
     html! {
-        time datetime=(at.to_rfc3339_opts(SecondsFormat::Micros, true)) {
-            (at.format("%Y-%m-%d %H:%M:%S%.6f UTC"))
+        time.ago datetime=(at.to_rfc3339_opts(SecondsFormat::Micros, true)) title=(exact) {
+            (exact)
+        }
+    }
+}
+
+/// Jobs listed per page of the overview.
+const PAGE_SIZE: usize = 50;
+
+/// The overview's list filter and page, from its query. Unknown states and
+/// empty values are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct ListQuery {
+    queue: Option<String>,
+    state: Option<String>,
+    before: Option<String>,
+}
+
+impl ListQuery {
+    fn filter(self) -> JobFilter {
+        let given = |value: Option<String>| value.filter(|v| !v.is_empty());
+        JobFilter {
+            queue: given(self.queue),
+            state: given(self.state).filter(|state| STATES.contains(&state.as_str())),
+            before: given(self.before),
+        }
+    }
+}
+
+/// The path of job `id`'s page under `prefix`, the id percent-encoded.
+pub fn job_page_path(prefix: &str, id: &str) -> String {
+    format!("{prefix}/jobs/{}", utf8_percent_encode(id, PATH_SEGMENT))
+}
+
+/// The actions a job in `state` offers: Retry when dead, Cancel while it waits.
+fn actions(prefix: &str, id: &str, state: &str, csrf: Option<&str>) -> Markup {
+    let form = |action: &str, label: &str| {
+        html! {
+            form.inline method="post" action=(job_action_path(prefix, id, action)) {
+                @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
+                button type="submit" name="action" value=(action) { (label) }
+            }
+        }
+    };
+    html! {
+        @if state == "dead" { (form("retry", "Retry")) }
+        @if state == "pending" || state == "scheduled" { (form("cancel", "Cancel")) }
+    }
+}
+
+impl Page<'_> {
+    /// The filter form: queue and state, newest first.
+    fn filters(&self, queues: &[&str]) -> Markup {
+        let queue = self.filter.queue.as_deref().unwrap_or("");
+        let state = self.filter.state.as_deref().unwrap_or("");
+        html! {
+            form.filters #job-filters method="get" action=(overview_path(self.prefix)) {
+                label { "queue"
+                    select name="queue" {
+                        option value="" selected[queue.is_empty()] { "any" }
+                        @for q in queues { option value=(q) selected[*q == queue] { (q) } }
+                        @if !queue.is_empty() && !queues.contains(&queue) { option value=(queue) selected { (queue) } }
+                    }
+                }
+                label { "state"
+                    select name="state" {
+                        option value="" selected[state.is_empty()] { "any" }
+                        @for s in STATES { option value=(s) selected[s == state] { (s) } }
+                    }
+                }
+                button type="submit" { "Filter" }
+            }
+        }
+    }
+
+    /// The overview with this page's filter, from job `before` on.
+    fn list_path(&self, before: Option<&str>) -> String {
+        let mut query = Vec::new();
+        let mut add = |key: &str, value: Option<&str>| {
+            if let Some(value) = value {
+                query.push(format!(
+                    "{key}={}",
+                    utf8_percent_encode(value, PATH_SEGMENT)
+                ));
+            }
+        };
+        add("queue", self.filter.queue.as_deref());
+        add("state", self.filter.state.as_deref());
+        add("before", before);
+        let path = overview_path(self.prefix);
+        match query.is_empty() {
+            true => path.to_owned(),
+            false => format!("{path}?{}", query.join("&")),
+        }
+    }
+}
+
+async fn job_page(
+    State(dashboard): State<Arc<Dashboard>>,
+    prefix: NestedPath,
+    OriginalUri(uri): OriginalUri,
+    csrf: Option<Extension<Csrf>>,
+    Path(id): Path<String>,
+) -> Response {
+    let job = match admin::job(&dashboard.pool, &id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                (dashboard.layout)(
+                    "No such job",
+                    html! { h1 { "No such job" } p { "There is no job " code { (id) } " (finished jobs are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
+                ),
+            )
+                .into_response();
+        }
+        Err(err) => return unavailable(&dashboard, &err),
+    };
+    let csrf = csrf.map(|Extension(Csrf(token))| token);
+    let body = html! {
+        div #job-page data-refresh-from=(uri.to_string()) {
+            (render_job(prefix.as_str(), &job, csrf.as_deref(), dashboard.trace_ui.as_deref()))
+        }
+    };
+    (dashboard.layout)(&format!("Job {}", job.id), body).into_response()
+}
+
+/// One job's page body: state and actions, timings, worker, attempts and
+/// last error, payload (pretty JSON), metadata, and with `trace_ui` a link to
+/// its trace. Links and forms are under `prefix` (where the dashboard is
+/// nested); `csrf` as for the overview's forms.
+pub fn render_job(
+    prefix: &str,
+    job: &JobDetail,
+    csrf: Option<&str>,
+    trace_ui: Option<&str>,
+) -> Markup {
+    let started = job.lock_at.filter(|_| job.status != "Pending");
+    let took = started.zip(job.done_at).and_then(|(start, end)| {
+        let ms = (end - start).num_milliseconds();
+        (ms >= 0).then(|| format!("{:.3} s", ms as f64 / 1000.0))
+    });
+    html! {
+        p { a href=(overview_path(prefix)) { "← All jobs" } }
+        dl.facts #job-facts data-job-id=(job.id) data-state=(job.state) {
+            dt { "Queue" } dd { code { (job.queue) } }
+            dt { "State" } dd {
+                span class={ "state " (job.state) } { (job.state) }
+                " (" code { (job.status) } ") "
+                (actions(prefix, &job.id, &job.state, csrf))
+            }
+            dt { "Attempts" } dd { (job.attempts) " of " (job.max_attempts) }
+            dt { "Enqueued" } dd { @if let Some(at) = job.created_at() { (timestamp(at)) } }
+            dt { "Due" } dd { (timestamp(job.run_at)) }
+            dt { "Last started" } dd { @if let Some(at) = started { (timestamp(at)) } @else { "not yet" } }
+            dt { "Last ended" } dd { @if let Some(at) = job.done_at { (timestamp(at)) } @else { "not yet" } }
+            @if let Some(took) = &took { dt { "Took" } dd { (took) } }
+            dt { "Worker" } dd { @if let Some(worker) = &job.lock_by { code { (worker) } } @else { "none" } }
+            @if let Some(key) = &job.unique_key { dt { "Unique key" } dd { code { (key) } } }
+            @if let (Some(url), Some(trace)) = (trace_ui, job.trace_id()) {
+                dt { "Trace" } dd { a #job-trace-link href=(format!("{url}/trace/{trace}")) rel="noopener" { "view this job's trace" } }
+            }
+        }
+        h2 { "Errors" }
+        @if let Some(error) = job.last_error() {
+            p.error #job-error { "Last attempt (" (job.attempts) "): " (error) }
+            p.hint { "Only the last attempt's error is stored." }
+        } @else {
+            p { "No attempt failed." }
+        }
+        @if let Some(output) = job.output().filter(|o| !o.is_null()) {
+            h2 { "Result" }
+            pre.payload #job-result { (serde_json::to_string_pretty(&output).unwrap_or_default()) }
+        }
+        h2 { "Payload" }
+        pre.payload #job-payload { (job.payload_pretty()) }
+        h2 { "Metadata" }
+        @let metadata = job.metadata_entries();
+        @if metadata.is_empty() { p { "None." } } @else {
+            div.scroll { table.grid #job-metadata {
+                tbody { @for (key, value) in &metadata { tr { th { code { (key) } } td { code { (value) } } } } }
+            } }
         }
     }
 }

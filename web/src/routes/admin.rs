@@ -339,7 +339,10 @@ fn over_https(headers: &HeaderMap, trust_proxy: bool) -> bool {
 /// `/admin…`: the login and sign-out of VisitMe's operators, and the
 /// engine's dashboard (`durable_jobs::dashboard`) behind [`guard`].
 pub fn router(state: &AppState) -> Router<AppState> {
-    let dashboard = Dashboard::new(state.pool.clone()).with_layout(views::admin::page);
+    let mut dashboard = Dashboard::new(state.pool.clone()).with_layout(views::admin::page);
+    if let Some(url) = state.jaeger_ui_url.as_deref() {
+        dashboard = dashboard.with_trace_links(url);
+    }
     Router::new()
         .route("/admin/login", post(login))
         .route("/admin/logout", post(logout))
