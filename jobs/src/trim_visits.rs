@@ -86,12 +86,12 @@ impl TrimVisits {
     pub async fn perform(&self, pool: &PgPool, job_id: &str) -> Result<TrimOutcome, sqlx::Error> {
         let ids = self.delete_older(pool).await?;
         for id in &ids {
-            tracing::info!(visit.id = id, job.id = job_id, "deleted visit {id}");
+            tracing::info!(visit.id = id, job.id = %job_id, "deleted visit {id}");
         }
         let threshold = self.older_than.to_rfc3339();
         if ids.is_empty() {
             tracing::info!(
-                job.id = job_id,
+                job.id = %job_id,
                 visits.deleted = 0,
                 "No entities older than: {threshold}"
             );
@@ -102,7 +102,7 @@ impl TrimVisits {
                 n => format!(" (and {n} more)"),
             };
             tracing::info!(
-                job.id = job_id,
+                job.id = %job_id,
                 visits.deleted = ids.len(),
                 "Deleting {} entities: {}{more}",
                 ids.len(),

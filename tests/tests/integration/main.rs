@@ -9,6 +9,7 @@ mod jobs;
 mod migrations;
 mod operations;
 mod processes;
+mod readability;
 mod recovery;
 mod security;
 mod storage;
