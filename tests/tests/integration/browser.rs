@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use fantoccini::Locator;
 use jobs::probe::{Behaviour, Probe};
-use tests::{TestApp, TestDb, browser::Browser, fast_worker_config};
+use tests::{
+    TestApp, TestDb,
+    browser::{Browser, Window},
+    fast_worker_config,
+};
 
 /// `Some(reason)` when the test must be skipped: no browser here, outside CI.
 fn skip() -> anyhow::Result<Option<String>> {
@@ -50,10 +54,22 @@ async fn a_person_sees_visits_trimmed_and_retries_a_dead_job_on_the_dashboard() 
         .find_all(Locator::Css("ol.visits li[data-visit-id]"))
         .await?;
     assert_eq!(rows.len(), 10, "ten visits shown");
+    // The visitor: address and a short browser name, the whole stored
+    // visitor (with the full user agent) on hover.
     let first = rows[0].text().await?;
     assert!(
-        first.contains("from") && first.contains("127.0.0.1: ") && first.contains("HeadlessChrome"),
+        first.contains("from") && first.contains("127.0.0.1") && first.contains("Headless Chrome"),
         "{first}"
+    );
+    let full = rows[0]
+        .find(Locator::Css(".visitor"))
+        .await?
+        .attr("title")
+        .await?
+        .unwrap_or_default();
+    assert!(
+        full.starts_with("127.0.0.1: Mozilla/") && full.contains("HeadlessChrome/"),
+        "{full}"
     );
     let note = client
         .find(Locator::Id("trim-threshold"))
@@ -169,5 +185,310 @@ async fn a_person_sees_visits_trimmed_and_retries_a_dead_job_on_the_dashboard() 
     assert_eq!(state.as_deref(), Some("done"));
     browser.screenshot("admin-after-retry").await?;
     browser.close().await?;
+    app.stop().await
+}
+
+/// Where the README's screenshots are saved.
+fn screenshot_path(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/screenshots")
+        .join(format!("{name}.png"))
+}
+
+/// Signs in to the dashboard with the login form.
+async fn sign_in(app: &TestApp, client: &fantoccini::Client) -> anyhow::Result<()> {
+    client.goto(&app.url("/admin")).await?;
+    client
+        .find(Locator::Id("token"))
+        .await?
+        .send_keys("browser-token")
+        .await?;
+    client
+        .find(Locator::Css("form.login button"))
+        .await?
+        .click()
+        .await?;
+    client
+        .wait()
+        .for_element(Locator::Id("latest-jobs"))
+        .await?;
+    Ok(())
+}
+
+/// Waits (without reloading) until `css` matches, or fails after 30 s.
+async fn wait_for(
+    client: &fantoccini::Client,
+    css: &str,
+) -> anyhow::Result<fantoccini::elements::Element> {
+    Ok(client
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(css))
+        .await?)
+}
+
+#[tokio::test]
+async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and_shows_a_job()
+-> anyhow::Result<()> {
+    if let Some(reason) = skip()? {
+        println!("skipped: {reason}");
+        return Ok(());
+    }
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("browser-token");
+    let mut app = TestApp::spawn_with(db, state).await?;
+    // Old visits, and no worker yet: the browser's view finds its trim waiting.
+    for n in 0..12 {
+        app.visit(&format!("earlier-{n}")).await?;
+    }
+    let browser = Browser::start_with(Window {
+        width: 1280,
+        height: 900,
+        dark: false,
+    })
+    .await?;
+    let client = &browser.client;
+    client.goto(&app.url("/")).await?;
+    let yours = client
+        .find(Locator::Css("ol.visits li.yours"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        yours.contains("yours") && yours.contains("Headless Chrome"),
+        "{yours}"
+    );
+    let panel = client.find(Locator::Id("last-trim")).await?;
+    let waiting = panel.attr("data-state").await?.unwrap_or_default();
+    assert!(
+        ["pending", "scheduled"].contains(&waiting.as_str()),
+        "{waiting}"
+    );
+    assert!(panel.text().await?.contains("this view's"));
+    client
+        .execute("window.visitmeNotReloaded = true; return null;", vec![])
+        .await?;
+
+    // The worker runs the trim; the panel shows it without a reload.
+    app.start_worker_with(fast_worker_config());
+    let deleted = wait_for(
+        client,
+        r#"#last-trim[data-state="done"] #last-trim-deleted span[data-ids]"#,
+    )
+    .await?;
+    let ids: Vec<i64> = deleted
+        .attr("data-ids")
+        .await?
+        .unwrap_or_default()
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let remaining = app.db.visit_ids().await?;
+    assert!(
+        !ids.is_empty() && ids.iter().all(|id| !remaining.contains(id)),
+        "{ids:?}"
+    );
+    assert!(
+        deleted
+            .text()
+            .await?
+            .contains(&format!("{} visit", ids.len()))
+    );
+    let still = client
+        .execute("return window.visitmeNotReloaded === true;", vec![])
+        .await?;
+    assert_eq!(still, serde_json::json!(true), "the page was reloaded");
+    let when = client.find(Locator::Css("#last-trim time.ago")).await?;
+    assert!(when.attr("title").await?.is_some_and(|t| !t.is_empty()));
+    assert!(when.text().await?.contains("ago") || when.text().await?.contains("now"));
+    browser
+        .screenshot_to(&screenshot_path("page-1280-light"))
+        .await?;
+
+    // Jobs for the dashboard: a dead one to retry, one waiting an hour to
+    // cancel, and enough done ones for a second page.
+    let dead = Probe {
+        key: "revived".to_owned(),
+        behaviour: Behaviour::Succeed,
+    };
+    let later = Probe {
+        key: "later".to_owned(),
+        behaviour: Behaviour::Succeed,
+    };
+    let mut tx = app.db.pool.begin().await?;
+    let dead_id = jobs::enqueue(&mut tx, &dead).await?.to_string();
+    let later_id = jobs::enqueue(&mut tx, &later).await?.to_string();
+    sqlx::query(r#"update apalis.jobs set status = 'Killed', attempts = 3, done_at = now(), last_result = '{"Err": "the mail server was down"}' where id = $1"#)
+        .bind(&dead_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("update apalis.jobs set run_at = now() + interval '1 hour' where id = $1")
+        .bind(&later_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tests::enqueue_probes(
+        &app.db.pool,
+        (0..60).map(|n| Probe {
+            key: format!("bulk-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    app.db.wait_until_idle(Duration::from_secs(30)).await?;
+
+    sign_in(&app, client).await?;
+    browser
+        .screenshot_to(&screenshot_path("dashboard-1280-light"))
+        .await?;
+    // Pages beyond the newest 50.
+    let first_page = client
+        .find_all(Locator::Css("#latest-jobs tr[data-job-id]"))
+        .await?;
+    assert_eq!(first_page.len(), 50);
+    let last_on_first = first_page[49]
+        .attr("data-job-id")
+        .await?
+        .unwrap_or_default();
+    client
+        .find(Locator::Id("older-page"))
+        .await?
+        .click()
+        .await?;
+    let second_first = wait_for(client, "#latest-jobs tr[data-job-id]")
+        .await?
+        .attr("data-job-id")
+        .await?
+        .unwrap_or_default();
+    assert!(
+        second_first < last_on_first,
+        "{second_first} after {last_on_first}"
+    );
+    // Filters: the probe queue's dead jobs are the one dead probe.
+    client.goto(&app.url("/admin")).await?;
+    client
+        .find(Locator::Css(r#"select[name="queue"]"#))
+        .await?
+        .select_by_value("probe")
+        .await?;
+    client
+        .find(Locator::Css(r#"select[name="state"]"#))
+        .await?
+        .select_by_value("dead")
+        .await?;
+    client
+        .find(Locator::Css("#job-filters button"))
+        .await?
+        .click()
+        .await?;
+    wait_for(
+        client,
+        r#"select[name="state"] option[value="dead"][selected]"#,
+    )
+    .await?;
+    let rows = client
+        .find_all(Locator::Css("#latest-jobs tr[data-job-id]"))
+        .await?;
+    let mut shown = Vec::new();
+    for row in &rows {
+        shown.push(row.attr("data-job-id").await?.unwrap_or_default());
+    }
+    assert_eq!(shown, [dead_id.clone()], "filtered by queue and state");
+
+    // The job's page: payload, error, and Retry.
+    client
+        .find(Locator::Css(&format!(r#"tr[data-job-id="{dead_id}"] a"#)))
+        .await?
+        .click()
+        .await?;
+    wait_for(client, &format!(r#"#job-facts[data-job-id="{dead_id}"]"#)).await?;
+    let payload = client
+        .find(Locator::Id("job-payload"))
+        .await?
+        .text()
+        .await?;
+    assert!(payload.contains(r#""key": "revived""#), "{payload}");
+    let error = client.find(Locator::Id("job-error")).await?.text().await?;
+    assert!(error.contains("the mail server was down"), "{error}");
+    client
+        .find(Locator::Css("button[value=retry]"))
+        .await?
+        .click()
+        .await?;
+    let notice = wait_for(client, "#notice").await?.text().await?;
+    assert!(
+        notice.contains("retry") && notice.contains(&dead_id),
+        "{notice}"
+    );
+    // It runs again and succeeds; the overview shows it without a reload.
+    wait_for(
+        client,
+        &format!(r#"tr[data-job-id="{dead_id}"][data-state="done"]"#),
+    )
+    .await?;
+    assert_eq!(app.db.job_outcome(&dead_id).await?.0, "Done");
+
+    // Cancel from the waiting job's page.
+    client
+        .goto(&app.url(&format!("/admin/jobs/{later_id}")))
+        .await?;
+    client
+        .find(Locator::Css("button[value=cancel]"))
+        .await?
+        .click()
+        .await?;
+    let notice = wait_for(client, "#notice").await?.text().await?;
+    assert!(
+        notice.contains("cancel") && notice.contains(&later_id),
+        "{notice}"
+    );
+    assert_eq!(app.db.job_outcome(&later_id).await?.0, "Killed");
+    browser.close().await?;
+
+    // Phone width and dark: nothing overflows; screenshots for the README.
+    for (width, height, dark) in [(390, 844, false), (1280, 900, true), (390, 844, true)] {
+        let browser = Browser::start_with(Window {
+            width,
+            height,
+            dark,
+        })
+        .await?;
+        let client = &browser.client;
+        let scheme = if dark { "dark" } else { "light" };
+        client.goto(&app.url("/")).await?;
+        wait_for(client, "#last-trim").await?;
+        let (page, viewport) = browser.horizontal_overflow().await?;
+        assert_eq!(viewport, u64::from(width));
+        assert!(
+            page <= viewport,
+            "the page is {page} px wide at {viewport} px"
+        );
+        let background = client
+            .execute(
+                "return getComputedStyle(document.body).backgroundColor;",
+                vec![],
+            )
+            .await?;
+        let expected = if dark {
+            "rgb(16, 20, 25)"
+        } else {
+            "rgb(246, 247, 249)"
+        };
+        assert_eq!(background, serde_json::json!(expected), "{scheme}");
+        browser
+            .screenshot_to(&screenshot_path(&format!("page-{width}-{scheme}")))
+            .await?;
+        sign_in(&app, client).await?;
+        let (page, viewport) = browser.horizontal_overflow().await?;
+        assert!(
+            page <= viewport,
+            "the dashboard is {page} px wide at {viewport} px"
+        );
+        browser
+            .screenshot_to(&screenshot_path(&format!("dashboard-{width}-{scheme}")))
+            .await?;
+        browser.close().await?;
+    }
     app.stop().await
 }
