@@ -351,7 +351,7 @@ impl Page<'_> {
     fn render_content(&self, queues: &[&str], count: impl Fn(&str, &str) -> i64) -> Markup {
         html! {
             h2 { "Queues" }
-            table.grid #queue-counts {
+            div.scroll tabindex="0" { table.grid #queue-counts {
                 thead { tr { th { "queue" } @for state in STATES { th { (state) } } } }
                 tbody {
                     @for queue in queues {
@@ -362,9 +362,9 @@ impl Page<'_> {
                     }
                     @if queues.is_empty() { tr { td colspan="7" { "The queue is empty." } } }
                 }
-            }
+            } }
             h2 { "Last hour" }
-            table.grid #last-hour {
+            div.scroll tabindex="0" { table.grid #last-hour {
                 thead { tr { th { "queue" } th { "done" } th { "dead" } th { "failed, retrying" } } }
                 tbody {
                     @for stats in &self.last_hour {
@@ -372,10 +372,10 @@ impl Page<'_> {
                     }
                     @if self.last_hour.is_empty() { tr { td colspan="4" { "Nothing finished in the last hour." } } }
                 }
-            }
+            } }
             h2 { "Latest jobs" }
             (self.filters(queues))
-            div.scroll { table.grid #latest-jobs {
+            div.scroll tabindex="0" { table.grid #latest-jobs {
                 thead { tr { th { "job" } th { "queue" } th { "state" } th { "attempts" } th { "run at" } th { "last error" } th {} } }
                 tbody {
                     @for job in &self.latest {
@@ -586,7 +586,7 @@ pub fn render_job(
         h2 { "Metadata" }
         @let metadata = job.metadata_entries();
         @if metadata.is_empty() { p { "None." } } @else {
-            div.scroll { table.grid #job-metadata {
+            div.scroll tabindex="0" { table.grid #job-metadata {
                 tbody { @for (key, value) in &metadata { tr { th { code { (key) } } td { code { (value) } } } } }
             } }
         }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use fantoccini::Locator;
 use jobs::probe::{Behaviour, Probe};
 use tests::{
@@ -224,7 +225,8 @@ async fn wait_for(
         .wait()
         .at_most(Duration::from_secs(30))
         .for_element(Locator::Css(css))
-        .await?)
+        .await
+        .with_context(|| format!("waiting for {css}"))?)
 }
 
 #[tokio::test]
@@ -307,7 +309,7 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
         .await?;
 
     // Jobs for the dashboard: a dead one to retry, one waiting an hour to
-    // cancel, and enough done ones for a second page.
+    // cancel (and later enough done ones for a second page).
     let dead = Probe {
         key: "revived".to_owned(),
         behaviour: Behaviour::Succeed,
@@ -328,43 +330,10 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    tests::enqueue_probes(
-        &app.db.pool,
-        (0..60).map(|n| Probe {
-            key: format!("bulk-{n}"),
-            behaviour: Behaviour::Succeed,
-        }),
-    )
-    .await?;
-    app.db.wait_until_idle(Duration::from_secs(30)).await?;
-
     sign_in(&app, client).await?;
     browser
         .screenshot_to(&screenshot_path("dashboard-1280-light"))
         .await?;
-    // Pages beyond the newest 50.
-    let first_page = client
-        .find_all(Locator::Css("#latest-jobs tr[data-job-id]"))
-        .await?;
-    assert_eq!(first_page.len(), 50);
-    let last_on_first = first_page[49]
-        .attr("data-job-id")
-        .await?
-        .unwrap_or_default();
-    client
-        .find(Locator::Id("older-page"))
-        .await?
-        .click()
-        .await?;
-    let second_first = wait_for(client, "#latest-jobs tr[data-job-id]")
-        .await?
-        .attr("data-job-id")
-        .await?
-        .unwrap_or_default();
-    assert!(
-        second_first < last_on_first,
-        "{second_first} after {last_on_first}"
-    );
     // Filters: the probe queue's dead jobs are the one dead probe.
     client.goto(&app.url("/admin")).await?;
     client
@@ -444,6 +413,44 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
         "{notice}"
     );
     assert_eq!(app.db.job_outcome(&later_id).await?.0, "Killed");
+    let bulk = tests::enqueue_probes(
+        &app.db.pool,
+        (0..60).map(|n| Probe {
+            key: format!("bulk-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    for id in &bulk {
+        app.db
+            .wait_for_status(id, "Done", Duration::from_secs(30))
+            .await?;
+    }
+
+    client.goto(&app.url("/admin")).await?;
+    // Pages beyond the newest 50.
+    let first_page = client
+        .find_all(Locator::Css("#latest-jobs tr[data-job-id]"))
+        .await?;
+    assert_eq!(first_page.len(), 50);
+    let last_on_first = first_page[49]
+        .attr("data-job-id")
+        .await?
+        .unwrap_or_default();
+    client
+        .find(Locator::Id("older-page"))
+        .await?
+        .click()
+        .await?;
+    let second_first = wait_for(client, "#latest-jobs tr[data-job-id]")
+        .await?
+        .attr("data-job-id")
+        .await?
+        .unwrap_or_default();
+    assert!(
+        second_first < last_on_first,
+        "{second_first} after {last_on_first}"
+    );
     browser.close().await?;
 
     // Phone width and dark: nothing overflows; screenshots for the README.
@@ -488,6 +495,15 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
         browser
             .screenshot_to(&screenshot_path(&format!("dashboard-{width}-{scheme}")))
             .await?;
+        client
+            .goto(&app.url(&format!("/admin/jobs/{dead_id}")))
+            .await?;
+        wait_for(client, "#job-facts").await?;
+        let (page, viewport) = browser.horizontal_overflow().await?;
+        assert!(
+            page <= viewport,
+            "a job's page is {page} px wide at {viewport} px"
+        );
         browser.close().await?;
     }
     app.stop().await
