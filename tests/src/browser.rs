@@ -92,10 +92,10 @@ impl Browser {
             ),
             format!("--user-data-dir={}", profile.display()),
         ]);
-        if window.dark {
-            if let Some(args) = args.as_array_mut() {
-                args.push("--force-dark-mode".into());
-            }
+        if window.dark
+            && let Some(args) = args.as_array_mut()
+        {
+            args.push("--force-dark-mode".into());
         }
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(

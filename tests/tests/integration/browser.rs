@@ -221,12 +221,12 @@ async fn wait_for(
     client: &fantoccini::Client,
     css: &str,
 ) -> anyhow::Result<fantoccini::elements::Element> {
-    Ok(client
+    client
         .wait()
         .at_most(Duration::from_secs(30))
         .for_element(Locator::Css(css))
         .await
-        .with_context(|| format!("waiting for {css}"))?)
+        .with_context(|| format!("waiting for {css}"))
 }
 
 #[tokio::test]
@@ -363,7 +363,11 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
     for row in &rows {
         shown.push(row.attr("data-job-id").await?.unwrap_or_default());
     }
-    assert_eq!(shown, [dead_id.clone()], "filtered by queue and state");
+    assert_eq!(
+        shown,
+        std::slice::from_ref(&dead_id),
+        "filtered by queue and state"
+    );
 
     // The job's page: payload, error, and Retry.
     client
