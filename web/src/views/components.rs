@@ -109,6 +109,7 @@ mod tests {
         assert_eq!(ago(now, now), "just now");
         assert_eq!(ago(before(12), now), "12 s ago");
         assert_eq!(ago(before(185), now), "3 min ago");
+        assert_eq!(ago(before(75), now), "1 min ago");
         assert_eq!(ago(before(7_300), now), "2 h ago");
         assert_eq!(ago(before(-2), now), "in 2 s");
     }
