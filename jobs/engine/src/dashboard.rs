@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Form, Router,
-    extract::{NestedPath, OriginalUri, Path, Query, State},
+    extract::{NestedPath, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -180,7 +180,6 @@ pub fn job_action_path(prefix: &str, id: &str, action: &str) -> String {
 async fn overview(
     State(dashboard): State<Arc<Dashboard>>,
     prefix: NestedPath,
-    OriginalUri(uri): OriginalUri,
     csrf: Option<Extension<Csrf>>,
     Query(query): Query<NoticeQuery>,
     Query(list): Query<ListQuery>,
@@ -209,7 +208,6 @@ async fn overview(
     latest.truncate(PAGE_SIZE);
     let page = Page {
         prefix: prefix.as_str(),
-        refresh: uri.to_string(),
         counts,
         last_hour,
         latest,
@@ -320,8 +318,6 @@ fn plain_page(title: &str, body: Markup) -> Markup {
 /// What the overview shows, loaded by its handler.
 struct Page<'a> {
     prefix: &'a str,
-    /// The page's own address, for refreshing it in place.
-    refresh: String,
     counts: Vec<StateCount>,
     last_hour: Vec<HourStats>,
     latest: Vec<JobSummary>,
@@ -344,7 +340,7 @@ impl Page<'_> {
         };
         html! {
             @if let Some(notice) = &self.notice { p.note #notice { (notice) } }
-            div #dashboard data-refresh-from=(self.refresh) { (self.render_content(&queues, count)) }
+            div #dashboard data-refresh-from=(self.list_path(self.filter.before.as_deref())) { (self.render_content(&queues, count)) }
         }
     }
 
@@ -507,7 +503,6 @@ impl Page<'_> {
 async fn job_page(
     State(dashboard): State<Arc<Dashboard>>,
     prefix: NestedPath,
-    OriginalUri(uri): OriginalUri,
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
@@ -518,7 +513,8 @@ async fn job_page(
                 StatusCode::NOT_FOUND,
                 (dashboard.layout)(
                     "No such job",
-                    html! { h1 { "No such job" } p { "There is no job " code { (id) } " (finished jobs are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
+                    // The id is not echoed: a link must not make the page say anything.
+                    html! { h1 { "No such job" } p { "There is no job with this id (finished jobs are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
                 ),
             )
                 .into_response();
@@ -527,7 +523,7 @@ async fn job_page(
     };
     let csrf = csrf.map(|Extension(Csrf(token))| token);
     let body = html! {
-        div #job-page data-refresh-from=(uri.to_string()) {
+        div #job-page data-refresh-from=(job_page_path(prefix.as_str(), &job.id)) {
             (render_job(prefix.as_str(), &job, csrf.as_deref(), dashboard.trace_ui.as_deref()))
         }
     };

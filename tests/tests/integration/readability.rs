@@ -311,3 +311,34 @@ async fn connection_errors_a_newcomer_meets_say_what_to_do_in_one_line() -> anyh
     assert!(web.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn links_cannot_make_the_panel_or_a_job_page_say_anything() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("a-token-for-the-echo-test");
+    let app = tests::TestApp::spawn_with(db, state).await?;
+    let panel = app
+        .client
+        .get(app.url("/background-work?job=call+%2B1-555-0100"))
+        .send()
+        .await?;
+    assert_eq!(panel.status(), 200);
+    let panel = panel.text().await?;
+    assert!(
+        panel.contains(r#"id="background-work""#) && !panel.contains("555-0100"),
+        "{panel}"
+    );
+    let job = app
+        .client
+        .get(app.url("/admin/jobs/call-555-0100"))
+        .bearer_auth("a-token-for-the-echo-test")
+        .send()
+        .await?;
+    assert_eq!(job.status(), 404);
+    let job = job.text().await?;
+    assert!(
+        job.contains("No such job") && !job.contains("555-0100"),
+        "{job}"
+    );
+    app.stop().await
+}

@@ -71,7 +71,9 @@ async fn background_work(
     Query(query): Query<PanelQuery>,
 ) -> Result<impl IntoResponse, Error> {
     let work = visits::background_work(&state.pool).await?;
-    let panel = views::visits::background_panel(&work, query.job.as_deref(), chrono::Utc::now());
+    // Only a job id is taken from the link (the panel echoes it into its own address).
+    let job = query.job.filter(|id| ulid::Ulid::from_string(id).is_ok());
+    let panel = views::visits::background_panel(&work, job.as_deref(), chrono::Utc::now());
     Ok(([(header::CACHE_CONTROL, "no-store")], panel))
 }
 
