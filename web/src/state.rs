@@ -30,6 +30,8 @@ pub struct AppState {
     pub queue_depth: QueueDepth,
     /// Jaeger's UI (no trailing slash): pages link to their traces there.
     pub jaeger_ui_url: Option<Arc<str>>,
+    /// The page panel's cached trim-queue counts.
+    pub trim_queue: crate::visits::TrimQueueCounts,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
             worker_health: None,
             queue_depth: QueueDepth::new(&pool, Duration::from_secs(5)),
             jaeger_ui_url: None,
+            trim_queue: crate::visits::TrimQueueCounts::default(),
             pool,
         }
     }

@@ -45,7 +45,7 @@ async fn index(
     let threshold = recorded.threshold.to_rfc3339();
     // The threshold is in the message (the sample's line), so not repeated as a field.
     tracing::info!(job.id = %recorded.job_id, "Delete entities older than {threshold}");
-    let work = visits::background_work(&state.pool).await?;
+    let work = visits::background_work(&state.pool, &state.trim_queue).await?;
     let trace_url = state.jaeger_ui_url.as_deref().and_then(|jaeger| {
         let trace_id = observability::current_trace_id()?;
         Some(format!("{jaeger}/trace/{trace_id}"))
@@ -70,7 +70,7 @@ async fn background_work(
     State(state): State<AppState>,
     Query(query): Query<PanelQuery>,
 ) -> Result<impl IntoResponse, Error> {
-    let work = visits::background_work(&state.pool).await?;
+    let work = visits::background_work(&state.pool, &state.trim_queue).await?;
     // Only a job id is taken from the link (the panel echoes it into its own address).
     let job = query.job.filter(|id| ulid::Ulid::from_string(id).is_ok());
     let panel = views::visits::background_panel(&work, job.as_deref(), chrono::Utc::now());
