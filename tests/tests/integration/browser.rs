@@ -127,21 +127,7 @@ async fn a_person_sees_visits_trimmed_and_retries_a_dead_job_on_the_dashboard() 
     tx.commit().await?;
     let ids = [id];
 
-    client.goto(&app.url("/admin")).await?;
-    client
-        .find(Locator::Id("token"))
-        .await?
-        .send_keys("browser-token")
-        .await?;
-    client
-        .find(Locator::Css("form.login button"))
-        .await?
-        .click()
-        .await?;
-    client
-        .wait()
-        .for_element(Locator::Id("latest-jobs"))
-        .await?;
+    sign_in(&app, client).await?;
     let dead_row = Locator::Css(r#"tr[data-state="dead"]"#);
     let row = client.find(dead_row).await?;
     assert!(row.text().await?.contains("the mail server was down"));
