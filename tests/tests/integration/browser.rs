@@ -202,6 +202,21 @@ async fn sign_in(app: &TestApp, client: &fantoccini::Client) -> anyhow::Result<(
     Ok(())
 }
 
+/// Clicks the job page's `action` button and checks the notice it leads to.
+async fn act(client: &fantoccini::Client, action: &str, id: &str) -> anyhow::Result<()> {
+    client
+        .find(Locator::Css(&format!("button[value={action}]")))
+        .await?
+        .click()
+        .await?;
+    let notice = wait_for(client, "#notice").await?.text().await?;
+    anyhow::ensure!(
+        notice.contains(action) && notice.contains(id),
+        "{action} of {id}: {notice}"
+    );
+    Ok(())
+}
+
 /// Waits (without reloading) until `css` matches, or fails after 30 s.
 async fn wait_for(
     client: &fantoccini::Client,
@@ -370,16 +385,7 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
     assert!(payload.contains(r#""key": "revived""#), "{payload}");
     let error = client.find(Locator::Id("job-error")).await?.text().await?;
     assert!(error.contains("the mail server was down"), "{error}");
-    client
-        .find(Locator::Css("button[value=retry]"))
-        .await?
-        .click()
-        .await?;
-    let notice = wait_for(client, "#notice").await?.text().await?;
-    assert!(
-        notice.contains("retry") && notice.contains(&dead_id),
-        "{notice}"
-    );
+    act(client, "retry", &dead_id).await?;
     // It runs again and succeeds; the overview shows it without a reload.
     wait_for(
         client,
@@ -392,16 +398,7 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
     client
         .goto(&app.url(&format!("/admin/jobs/{later_id}")))
         .await?;
-    client
-        .find(Locator::Css("button[value=cancel]"))
-        .await?
-        .click()
-        .await?;
-    let notice = wait_for(client, "#notice").await?.text().await?;
-    assert!(
-        notice.contains("cancel") && notice.contains(&later_id),
-        "{notice}"
-    );
+    act(client, "cancel", &later_id).await?;
     assert_eq!(app.db.job_outcome(&later_id).await?.0, "Killed");
     let bulk = tests::enqueue_probes(
         &app.db.pool,
