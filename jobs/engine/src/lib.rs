@@ -14,6 +14,7 @@ mod registry;
 pub mod shutdown;
 mod storage;
 mod worker;
+mod workflow;
 
 pub use enqueue::{enqueue, enqueue_many};
 pub use error::Error;
@@ -21,6 +22,7 @@ pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
 pub use migrate::{is_migrated, migrate};
 pub use registry::Registry;
 pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
+pub use workflow::{OnDependencyFailure, Step, StepOf, Workflow};
 
 /// Internals that the integration tests check against the real schema; not
 /// part of the API, and may change without notice.
