@@ -40,6 +40,9 @@ struct Cli {
     worker: WorkerConfig,
 
     #[command(flatten)]
+    jobs: jobs::JobSettings,
+
+    #[command(flatten)]
     telemetry: observability::Config,
 
     /// Without a command: run jobs until stopped.
@@ -117,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .context("cannot migrate the database")?;
 
-    jobs::run(pool.clone(), cli.worker, shutdown).await?;
+    jobs::run(pool.clone(), cli.worker, cli.jobs, shutdown).await?;
     jobs::shutdown::close_pool(&pool).await;
     Ok(())
 }
