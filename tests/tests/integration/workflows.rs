@@ -1,14 +1,16 @@
-//! Workflows on the engine alone (`durable_jobs::Workflow`), with job types
-//! of these tests: fan-out, fan-in exactly once, results, failure policies,
-//! cancel, dynamic steps and retention.
+//! Workflows (`durable_jobs::Workflow`): on the engine alone, with job types
+//! of these tests (fan-out, fan-in exactly once, results, failure policies,
+//! cancel, dynamic steps, retention), and with real `worker` processes
+//! running probe steps (a fan-in after a SIGKILL).
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use durable_jobs::{Job, JobContext, JobError, Registry, Step, Workflow, admin};
+use jobs::probe::{Behaviour, Probe};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tests::{TestDb, fast_worker_config};
+use tests::{Process, TestDb, fast_worker_config, fast_worker_env};
 use tokio_util::sync::CancellationToken;
 
 /// Records its run, then returns `n * 10`, or dies when `fail`.
@@ -499,5 +501,118 @@ async fn retention_prunes_a_finished_workflow_whole_and_an_open_one_not_at_all()
         2,
         "the open workflow keeps every step"
     );
+    Ok(())
+}
+
+/// Probe runs recorded under `key`, as `(attempt, finished)`.
+async fn probe_runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, bool)>> {
+    Ok(sqlx::query_as(
+        "select attempt, finished_at is not null from job_probe_runs where probe = $1 order by id",
+    )
+    .bind(key)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn a_worker_killed_while_completing_the_last_dependency_leaves_the_fan_in_to_run_once()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut env = fast_worker_env();
+    env.push(("DATABASE_URL", db.url.as_str()));
+    let mut first = Process::started_worker(&env).await?;
+    let probe = |key: &str, behaviour| Probe {
+        key: key.to_owned(),
+        behaviour,
+    };
+    let id = {
+        let mut tx = db.pool.begin().await?;
+        let id = Workflow::new("kill-during-fan-in")
+            .add("early", probe("early", Behaviour::Succeed))
+            .add("last", probe("last", Behaviour::Sleep { millis: 1500 }))
+            .add_after(
+                "fan-in",
+                probe("fan-in", Behaviour::Succeed),
+                ["early", "last"],
+            )
+            .enqueue(&mut tx)
+            .await?;
+        tx.commit().await?;
+        id.to_string()
+    };
+    // Hold the fan-in's row, so that recording `last`'s end (which releases
+    // the fan-in, in the same transaction) blocks half-way.
+    let mut holder = db.pool.begin().await?;
+    sqlx::query(
+        "select 1 from apalis.workflow_steps where workflow_id = $1 and name = 'fan-in' for update",
+    )
+    .bind(&id)
+    .execute(&mut *holder)
+    .await?;
+    let our_backend: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock' and pid <> $1",
+        )
+        .bind(our_backend)
+        .fetch_one(&db.pool)
+        .await?;
+        if blocked > 0 && probe_runs(&db, "last").await? == [(1, true)] {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the last dependency's end never blocked on the fan-in"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The crash: the process dies, and with it its half-done transaction.
+    first.signal(nix::sys::signal::Signal::SIGKILL)?;
+    sqlx::query(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock' and pid <> $1",
+    )
+    .bind(our_backend)
+    .execute(&db.pool)
+    .await?;
+    first.wait(Duration::from_secs(10)).await?;
+    holder.commit().await?;
+    let fan_in_state: String = sqlx::query_scalar(
+        "select state from apalis.workflow_steps where workflow_id = $1 and name = 'fan-in'",
+    )
+    .bind(&id)
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        fan_in_state, "waiting",
+        "the end of `last` was lost with its worker"
+    );
+
+    let second = Process::started_worker(&env).await?;
+    let ended = wait_for_end(&db, &id).await?;
+    assert_eq!(ended.state(), "done", "{ended:#?}");
+    assert_eq!(
+        probe_runs(&db, "last").await?.len(),
+        2,
+        "the lost dependency ran again (at least once)"
+    );
+    assert_eq!(
+        probe_runs(&db, "fan-in").await?,
+        [(1, true)],
+        "the fan-in ran exactly once"
+    );
+    let after_last: bool = sqlx::query_scalar(
+        "select (select started_at from job_probe_runs where probe = 'fan-in')
+              > (select max(finished_at) from job_probe_runs where probe = 'last')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(after_last, "the fan-in started only once `last` was done");
+    let status = second.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "{status}");
     Ok(())
 }
