@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admin;
+mod cron;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
 mod durability;
@@ -15,6 +16,7 @@ pub mod shutdown;
 mod storage;
 mod worker;
 
+pub use cron::{CatchUp, Schedule, Tick};
 pub use enqueue::{enqueue, enqueue_many};
 pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
