@@ -19,7 +19,7 @@ use apalis::prelude::Monitor;
 use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
 use croner::{
     Cron,
-    parser::{CronParser, Seconds},
+    parser::{CronParser, Seconds, Year},
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -96,8 +96,14 @@ impl Schedule {
             expression: expression.to_owned(),
             reason,
         };
+        // croner counts fields too, but its messages name its other modes.
+        let fields = expression.split_whitespace().count();
+        if fields != 6 {
+            return Err(invalid(format!("it has {fields} fields, not 6")));
+        }
         let cron = CronParser::builder()
             .seconds(Seconds::Required)
+            .year(Year::Disallowed)
             .build()
             .parse(expression)
             .map_err(|err| invalid(err.to_string()))?;
@@ -509,18 +515,22 @@ mod tests {
     #[test]
     fn errors_name_the_expression_and_what_is_wrong() {
         for (expression, says) in [
-            ("0 3 * * *", "six fields"),
-            ("* * * * * * * *", "fields"),
+            ("0 3 * * *", "it has 5 fields, not 6"),
+            ("0 0 3 * * * 2027", "it has 7 fields, not 6"),
             ("61 * * * * *", "61"),
             ("0 0 0 30 2 *", "never matches"),
-            ("every minute", ""),
-            ("", "empty"),
+            ("every minute", "it has 2 fields"),
+            ("every minute of the whole day", "illegal character"),
+            ("", "it has 0 fields"),
         ] {
             let err = Schedule::cron(expression)
                 .expect_err(expression)
                 .to_string();
+            let (reason, help) = err.split_once(" (expected").expect("a help suffix");
             assert!(
-                err.starts_with(&format!("invalid schedule {expression:?}")) && err.contains(says),
+                reason.starts_with(&format!("invalid schedule {expression:?}: "))
+                    && reason.contains(says)
+                    && help.contains("seconds first"),
                 "{expression:?}: {err}"
             );
         }
