@@ -404,3 +404,60 @@ impl WholeSeconds for DateTime<Utc> {
             .expect("a time of this century")
     }
 }
+
+#[tokio::test]
+async fn the_prune_jobs_queue_deletes_finished_jobs_past_their_retention() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let probe = |key: &str| jobs::probe::Probe {
+        key: key.to_owned(),
+        behaviour: jobs::probe::Behaviour::Succeed,
+    };
+    let ids = tests::enqueue_probes(&db.pool, [probe("old"), probe("recent"), probe("dead")]).await?;
+    sqlx::query(
+        "update apalis.jobs set status = case when id = $3 then 'Killed' else 'Done' end,
+                attempts = 1, done_at = now() - case when id = $2 then interval '1 minute'
+                                                     else interval '2 days' end
+         where id = any($1)",
+    )
+    .bind(&ids)
+    .bind(&ids[1])
+    .bind(&ids[2])
+    .execute(&db.pool)
+    .await?;
+
+    let shutdown = CancellationToken::new();
+    let config = jobs::WorkerConfig {
+        prune_schedule: "* * * * * *".parse()?,
+        retention_done: Duration::from_secs(86_400),
+        retention_dead: Duration::from_secs(3 * 86_400),
+        ..fast_worker_config()
+    };
+    let worker = tokio::spawn(jobs::run(db.pool.clone(), config, shutdown.clone()));
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    let pruned = loop {
+        let pruned: Option<i64> = sqlx::query_scalar(
+            "select sum((last_result -> 'Ok' ->> 'done')::int8)::int8 from apalis.jobs
+             where job_type = 'prune_jobs' and status = 'Done'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if pruned.is_some_and(|n| n > 0) || tokio::time::Instant::now() >= give_up {
+            break pruned;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    shutdown.cancel();
+    worker.await??;
+    assert_eq!(pruned, Some(1), "the old done job, once");
+    let left: Vec<String> =
+        sqlx::query_scalar("select id from apalis.jobs where job_type = 'probe' order by id")
+            .fetch_all(&db.pool)
+            .await?;
+    let mut kept = vec![ids[1].clone(), ids[2].clone()];
+    kept.sort();
+    assert_eq!(
+        left, kept,
+        "the recent done job and the dead one within its retention stay"
+    );
+    Ok(())
+}
