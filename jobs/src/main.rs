@@ -221,8 +221,8 @@ fn print_schedules(schedules: &[admin::ScheduleStatus]) {
     };
     println!();
     println!(
-        "{:<16} {:<16} {:<9} {:<21} {:<9} {}",
-        "SCHEDULE", "CRON", "CATCH-UP", "LAST RUN", "STATE", "NEXT RUN"
+        "{:<16} {:<16} {:<9} {:<21} {:<9} NEXT RUN",
+        "SCHEDULE", "CRON", "CATCH-UP", "LAST RUN", "STATE"
     );
     let overdue_before = chrono::Utc::now() - chrono::TimeDelta::minutes(1);
     for schedule in schedules {

@@ -320,7 +320,9 @@ fn plan(
         return Ok(plan);
     }
     let grace = TimeDelta::from_std(schedule.grace).unwrap_or(TimeDelta::MAX);
-    let on_time_from = now.checked_sub_signed(grace).unwrap_or(DateTime::UNIX_EPOCH);
+    let on_time_from = now
+        .checked_sub_signed(grace)
+        .unwrap_or(DateTime::UNIX_EPOCH);
     let mut tick = first;
     if first < on_time_from {
         let last_missed = schedule.last_before(on_time_from)?;
@@ -407,8 +409,7 @@ async fn enqueue_tick(
             .await?;
         if let Some(id) = &id {
             tracing::Span::current().record("messaging.message.id", id.as_str());
-            metrics::counter!("visitme_jobs_enqueued_total", "queue" => periodic.name)
-                .increment(1);
+            metrics::counter!("visitme_jobs_enqueued_total", "queue" => periodic.name).increment(1);
         }
         Ok(id)
     }
@@ -608,8 +609,7 @@ mod tests {
     }
 
     #[test]
-    fn run_once_enqueues_one_catch_up_job_then_the_ticks_within_the_grace() -> Result<(), Error>
-    {
+    fn run_once_enqueues_one_catch_up_job_then_the_ticks_within_the_grace() -> Result<(), Error> {
         let every_second = Schedule::cron("* * * * * *")?
             .grace(Duration::from_millis(1500))
             .catch_up(CatchUp::RunOnce);

@@ -257,8 +257,9 @@ async fn a_bad_prune_schedule_stops_the_worker_with_a_clear_error() -> anyhow::R
         let output = worker.output().join("\n");
         assert!(!status.success(), "{expression:?}: {output}");
         assert!(
-            output.contains(&format!("invalid value '{expression}' for '--prune-schedule"))
-                && output.contains(&format!("invalid schedule {expression:?}"))
+            output.contains(&format!(
+                "invalid value '{expression}' for '--prune-schedule"
+            )) && output.contains(&format!("invalid schedule {expression:?}"))
                 && output.contains(says)
                 && output.contains("seconds first"),
             "{expression:?}: {output}"
@@ -366,7 +367,11 @@ async fn the_dashboard_lists_each_schedule_with_its_last_and_next_run() -> anyho
             .select(&selector(&css)?)
             .next()
             .with_context(|| format!("{css} in {page}"))?;
-        Ok(element.value().attr("datetime").unwrap_or_default().to_owned())
+        Ok(element
+            .value()
+            .attr("datetime")
+            .unwrap_or_default()
+            .to_owned())
     };
     let rfc3339 = |at: DateTime<Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     assert_eq!(time_of(Beat::NAME, "last-run")?, rfc3339(last));
@@ -412,7 +417,8 @@ async fn the_prune_jobs_queue_deletes_finished_jobs_past_their_retention() -> an
         key: key.to_owned(),
         behaviour: jobs::probe::Behaviour::Succeed,
     };
-    let ids = tests::enqueue_probes(&db.pool, [probe("old"), probe("recent"), probe("dead")]).await?;
+    let ids =
+        tests::enqueue_probes(&db.pool, [probe("old"), probe("recent"), probe("dead")]).await?;
     sqlx::query(
         "update apalis.jobs set status = case when id = $3 then 'Killed' else 'Done' end,
                 attempts = 1, done_at = now() - case when id = $2 then interval '1 minute'
