@@ -137,11 +137,6 @@ impl Schedule {
         &self.expression
     }
 
-    /// The catch-up policy.
-    pub fn catch_up_policy(&self) -> CatchUp {
-        self.catch_up
-    }
-
     /// The first tick strictly after `time`.
     pub fn next_after(&self, time: DateTime<Utc>) -> Result<DateTime<Utc>, Error> {
         // Ticks are whole seconds; croner is asked about whole seconds only,
@@ -259,6 +254,11 @@ pub(crate) async fn run(pool: PgPool, schedules: Vec<Periodic>, shutdown: Cancel
     futures::future::join_all(keepers).await;
 }
 
+/// The longest a scheduler sleeps between passes, however far the next tick:
+/// a suspended machine's monotonic clock stops, so a long sleep could end
+/// late; and tokio caps timers at about two years.
+const LONGEST_SLEEP: Duration = Duration::from_secs(60);
+
 /// How long a scheduler waits after a failed pass (the database is down,
 /// say) before the next; ticks meanwhile are late, or missed past the grace.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -267,12 +267,12 @@ async fn keep(pool: PgPool, periodic: Periodic, shutdown: CancellationToken) {
     let mut failing = false;
     loop {
         let wait = match pass(&pool, &periodic).await {
-            Ok(wait) => {
+            Ok(until_next_tick) => {
                 if failing {
                     tracing::info!(schedule = periodic.name, "schedule enqueues again");
                 }
                 failing = false;
-                wait
+                until_next_tick.min(LONGEST_SLEEP)
             }
             Err(err) => {
                 // Once per outage: the worker's supervisor reports the database.
