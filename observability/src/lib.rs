@@ -10,7 +10,7 @@ use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
 
-pub use context::{db_span, extract_into, inject_current, set_remote_parent};
+pub use context::{db_span, extract_into, inject_current, link_traceparents, set_remote_parent};
 pub use export::Export;
 
 /// What can go wrong while installing telemetry.

@@ -314,6 +314,7 @@ impl TestApp {
         self.worker = Some(tokio::spawn(jobs::run(
             self.db.pool.clone(),
             config,
+            jobs::JobSettings::default(),
             self.shutdown.clone(),
         )));
     }

@@ -442,8 +442,8 @@ pub async fn schedules(pool: &PgPool) -> Result<Vec<ScheduleStatus>, Error> {
     Ok(sqlx::query_as(queries::SCHEDULES).fetch_all(pool).await?)
 }
 
-/// The engine's periodic prune: deletes finished jobs past their retention
-/// ([`admin::prune`]), on `JOB_PRUNE_SCHEDULE`, once per tick across all
+/// The engine's periodic prune: deletes finished jobs and workflows past their
+/// retention ([`admin::prune`]), on `JOB_PRUNE_SCHEDULE`, once per tick across all
 /// workers. Running it twice prunes nothing more.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct PruneJobs {
@@ -479,6 +479,7 @@ impl Job for PruneJobs {
                 job.id = job.id(),
                 jobs.done = pruned.done,
                 jobs.dead = pruned.dead,
+                workflows = pruned.workflows,
                 workers = pruned.workers,
                 tick = %self.tick.at,
                 "pruned finished jobs"
@@ -489,17 +490,11 @@ impl Job for PruneJobs {
 }
 
 /// Adds the `prune_jobs` worker beside an app's job types (see
-/// [`Registry::new`]). The prune is the queue's own upkeep, so it runs on a
-/// one-connection twin of the bookkeeping pool (lazy, idle between prunes),
-/// taking nothing from the app's jobs or the claims.
+/// [`Registry::new`]), on the process's pool (a queue's share of it, as any
+/// job type has).
 pub(crate) fn add_prune_worker<C>(monitor: Monitor, parts: &WorkerParts<C>) -> Monitor {
-    let parts = parts.with_context(|bookkeeping, config| PruneContext {
-        pool: bookkeeping
-            .options()
-            .clone()
-            .min_connections(0)
-            .max_connections(1)
-            .connect_lazy_with(bookkeeping.connect_options().as_ref().clone()),
+    let parts = parts.with_context(|pool, config| PruneContext {
+        pool: pool.clone(),
         retention: config.retention(),
     });
     worker::add_worker::<PruneJobs>(monitor, &parts)

@@ -49,4 +49,19 @@ pub enum Error {
         /// How many times it was restarted before giving up.
         restarts: u32,
     },
+    /// A workflow (or steps added to one) is not a DAG of named steps.
+    #[error("invalid workflow: {0}")]
+    InvalidWorkflow(String),
+    /// A dependency's stored result does not decode as its job's output.
+    #[error("the result of workflow step {step:?} does not decode: {reason}")]
+    StepResult {
+        /// The dependency's name.
+        step: String,
+        /// What serde said.
+        reason: String,
+    },
+    /// A workflow operation was asked of a job that is no workflow step, or
+    /// of a step that is not a dependency.
+    #[error("{0}")]
+    NotInWorkflow(String),
 }

@@ -15,6 +15,7 @@ mod registry;
 pub mod shutdown;
 mod storage;
 mod worker;
+mod workflow;
 
 pub use cron::{CatchUp, Schedule, Tick};
 pub use enqueue::{enqueue, enqueue_many};
@@ -23,6 +24,7 @@ pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
 pub use migrate::{is_migrated, migrate};
 pub use registry::Registry;
 pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
+pub use workflow::{OnDependencyFailure, Step, StepOf, Workflow};
 
 /// Internals that the integration tests check against the real schema; not
 /// part of the API, and may change without notice.

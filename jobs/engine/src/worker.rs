@@ -9,8 +9,8 @@ use std::{
 };
 
 use apalis::prelude::{
-    AbortError, Attempt, BackendExt as _, BoxDynError, Data, Monitor, ParallelizeExt as _,
-    Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
+    AbortError, Attempt, BackendExt as _, BoxDynError, Data, MetadataStore, Monitor,
+    ParallelizeExt as _, Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
 };
 use apalis_postgres::{Config, PgPool, Pubsub};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use crate::{
     job_span::JobSpanLayer,
     queries,
     storage::QueueStorage,
+    workflow::{StepOf, WORKFLOW_ID_KEY, WORKFLOW_STEP_KEY},
 };
 
 /// Worker settings (flags and environment variables of `worker` and `web`).
@@ -235,6 +236,7 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
 
 /// What every job type's worker is built from (see [`add_worker`]).
 pub(crate) struct WorkerParts<C> {
+    pool: PgPool,
     bookkeeping: PgPool,
     config: WorkerConfig,
     generation: usize,
@@ -243,18 +245,19 @@ pub(crate) struct WorkerParts<C> {
 }
 
 impl<C> WorkerParts<C> {
-    /// These parts with another context, made from the bookkeeping pool and
+    /// These parts with another context, made from the process's pool and
     /// the settings: for the engine's own job types (`cron::PruneJobs`).
     pub(crate) fn with_context<D>(
         &self,
         context: impl FnOnce(&PgPool, &WorkerConfig) -> D,
     ) -> WorkerParts<D> {
         WorkerParts {
+            pool: self.pool.clone(),
             bookkeeping: self.bookkeeping.clone(),
             config: self.config.clone(),
             generation: self.generation,
             activity: self.activity.clone(),
-            context: context(&self.bookkeeping, &self.config),
+            context: context(&self.pool, &self.config),
         }
     }
 }
@@ -273,13 +276,15 @@ impl<C> WorkerParts<C> {
 /// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
 pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Context>) -> Monitor {
     let WorkerParts {
+        pool,
         bookkeeping,
         config,
         generation,
         activity,
         context,
     } = parts;
-    let (bookkeeping, config, generation, activity, context) = (
+    let (pool, bookkeeping, config, generation, activity, context) = (
+        EnginePool(pool.clone()),
         bookkeeping.clone(),
         config.clone(),
         *generation,
@@ -310,27 +315,61 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
             .layer(JobSpanLayer::new(J::NAME))
             .timeout(config.job_timeout.unwrap_or(J::TIMEOUT))
             .data(context.clone())
+            .data(pool.clone())
             .build(handle::<J>)
     })
 }
 
+/// The pool a job's workflow reads and additions use (the process's main
+/// pool: additions must survive a crash as the job's own writes do).
+#[derive(Debug, Clone)]
+struct EnginePool(PgPool);
+
 /// The handler of every job type: decodes the stored JSON (a row nobody can
-/// decode fails only its own job, dead with the reason) and runs it.
+/// decode fails only its own job, dead with the reason) and runs it. A
+/// workflow step first records its attempt's trace, for its dependents' links.
 async fn handle<J: Job>(
     payload: Vec<u8>,
     context: Data<J::Context>,
+    pool: Data<EnginePool>,
+    metadata: MetadataStore,
     task_id: TaskId,
     attempt: Attempt,
     worker: WorkerContext,
 ) -> Result<J::Output, BoxDynError> {
     let job: J = decode(&payload, &task_id)?;
     let id = task_id.to_string();
+    let step = match (
+        metadata.get(WORKFLOW_ID_KEY),
+        metadata.get(WORKFLOW_STEP_KEY),
+    ) {
+        (Some(workflow), Some(step)) => Some(StepOf {
+            workflow: workflow.to_owned(),
+            step: step.to_owned(),
+        }),
+        _ => None,
+    };
+    if let Some(step) = &step {
+        let traceparent = observability::inject_current().remove("traceparent");
+        // Only the links of a later fan-in depend on it: never fail the step.
+        if let Err(err) = sqlx::query(queries::STEP_STARTED)
+            .bind(&step.workflow)
+            .bind(&step.step)
+            .bind(traceparent)
+            .execute(&(*pool).0)
+            .await
+        {
+            tracing::warn!(job.id = %id, error = %err, "could not record the workflow step's start");
+        }
+    }
     let run = JobContext {
         id: &id,
         worker: worker.name(),
         attempt: u32::try_from(attempt.current()).unwrap_or(u32::MAX),
         max_attempts: J::MAX_ATTEMPTS,
         context: &*context,
+        pool: &(*pool).0,
+        step: step.as_ref(),
     };
     job.run(run).await.map_err(|failure| {
         if failure.fatal {
@@ -566,6 +605,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
             ));
             health.set(WorkerState::Running);
             let parts = WorkerParts {
+                pool: pool.clone(),
                 bookkeeping: bookkeeping.clone(),
                 config: config.clone(),
                 generation: generation * 1000,

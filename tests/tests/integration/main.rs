@@ -16,3 +16,4 @@ mod storage;
 mod telemetry;
 mod trim_rule;
 mod web;
+mod workflows;

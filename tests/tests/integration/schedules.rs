@@ -438,7 +438,12 @@ async fn the_prune_jobs_queue_deletes_finished_jobs_past_their_retention() -> an
         retention_dead: Duration::from_secs(3 * 86_400),
         ..fast_worker_config()
     };
-    let worker = tokio::spawn(jobs::run(db.pool.clone(), config, shutdown.clone()));
+    let worker = tokio::spawn(jobs::run(
+        db.pool.clone(),
+        config,
+        jobs::JobSettings::default(),
+        shutdown.clone(),
+    ));
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     let pruned = loop {
         let pruned: Option<i64> = sqlx::query_scalar(
