@@ -472,3 +472,59 @@ async fn the_prune_jobs_queue_deletes_finished_jobs_past_their_retention() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tick_never_gets_a_second_job_even_if_its_schedules_row_is_reset() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let run_until = |tick: DateTime<Utc>| {
+        let pool = db.pool.clone();
+        async move {
+            let shutdown = CancellationToken::new();
+            let registry = Registry::<()>::new().schedule::<Beat>(Schedule::cron("* * * * * *")?);
+            let worker = tokio::spawn(durable_jobs::run(
+                pool.clone(),
+                registry,
+                (),
+                fast_worker_config(),
+                shutdown.clone(),
+            ));
+            wait_for_tick(&pool, Beat::NAME, tick, Duration::from_secs(30)).await?;
+            shutdown.cancel();
+            worker.await??;
+            anyhow::Ok(())
+        }
+    };
+    run_until(Utc::now().duration_trunc_second() + TimeDelta::seconds(2)).await?;
+    let before = ticks(&db.pool, Beat::NAME).await?;
+    // As if the row were lost: every tick since a minute ago is due again,
+    // within the grace.
+    sqlx::query("delete from apalis.schedules where name = $1")
+        .bind(Beat::NAME)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "insert into apalis.schedules (name, expression, catch_up, handled_until)
+         values ($1, '* * * * * *', 'skip', now() - interval '50 seconds')",
+    )
+    .bind(Beat::NAME)
+    .execute(&db.pool)
+    .await?;
+    run_until(Utc::now().duration_trunc_second() + TimeDelta::seconds(1)).await?;
+    let after: Vec<DateTime<Utc>> = ticks(&db.pool, Beat::NAME)
+        .await?
+        .into_iter()
+        .map(|(at, _)| at)
+        .collect();
+    let mut distinct = after.clone();
+    distinct.dedup();
+    assert_eq!(after, distinct, "no tick twice");
+    assert!(
+        before.iter().all(|(at, _)| after.contains(at)),
+        "{before:?} {after:?}"
+    );
+    assert!(
+        after.len() > before.len() + 40,
+        "the ticks of the reset minute that had no job got one: {after:?}"
+    );
+    Ok(())
+}
