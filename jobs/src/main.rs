@@ -53,7 +53,8 @@ struct Cli {
 /// Operator commands (they do not run jobs).
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show how many jobs each queue has in each state.
+    /// Show how many jobs each queue has in each state, and the periodic
+    /// jobs' schedules with their last and next run.
     Status,
     /// List dead jobs (out of attempts, killed, or cancelled) with their last error.
     Dead {
@@ -181,6 +182,7 @@ async fn answer(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyho
                 let (queue, state) = (printable(&row.queue), printable(&row.state));
                 println!("{queue:<16} {state:<10} {:>8}", row.count);
             }
+            print_schedules(&admin::schedules(pool).await?);
         }
         Command::Dead { limit } => {
             let dead = admin::dead_jobs(pool, limit).await?;
@@ -330,4 +332,45 @@ fn render_workflow(workflow: &admin::WorkflowView) -> String {
         }
     }
     out
+}
+
+/// The schedules part of `worker status` (nothing before a worker first
+/// kept one): each with its newest tick that got a job, that job's state,
+/// and the next tick ("overdue" a minute past it: no worker keeps it).
+fn print_schedules(schedules: &[admin::ScheduleStatus]) {
+    if schedules.is_empty() {
+        return;
+    }
+    let time = |at: Option<chrono::DateTime<chrono::Utc>>| {
+        at.map_or_else(
+            || "-".to_owned(),
+            |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    };
+    println!();
+    println!(
+        "{:<16} {:<16} {:<9} {:<21} {:<9} NEXT RUN",
+        "SCHEDULE", "CRON", "CATCH-UP", "LAST RUN", "STATE"
+    );
+    let overdue_before = chrono::Utc::now() - chrono::TimeDelta::minutes(1);
+    for schedule in schedules {
+        let state = match (&schedule.last_job_id, &schedule.last_job_state) {
+            (None, _) => "-".to_owned(),
+            (Some(_), None) => "pruned".to_owned(),
+            (Some(_), Some(state)) => printable(state),
+        };
+        let overdue = if schedule.next_tick.is_some_and(|next| next < overdue_before) {
+            " (overdue)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<16} {:<16} {:<9} {:<21} {state:<9} {}{overdue}",
+            printable(&schedule.queue),
+            printable(&schedule.expression),
+            printable(&schedule.catch_up),
+            time(schedule.last_tick),
+            time(schedule.next_tick),
+        );
+    }
 }

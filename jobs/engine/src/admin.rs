@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 
 use sqlx::PgPool;
 
+pub use crate::cron::{ScheduleStatus, schedules};
 use crate::{Error, queries};
 
 /// How many jobs of one queue are in one state.
@@ -137,8 +138,8 @@ pub struct Retention {
     pub dead: Duration,
 }
 
-/// What a prune deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a prune deleted (the result of a `prune_jobs` job).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pruned {
     /// Done jobs deleted.
     pub done: u64,

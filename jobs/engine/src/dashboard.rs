@@ -37,7 +37,7 @@ use ulid::Ulid;
 
 use crate::{
     Error,
-    admin::{self, HourStats, JobSummary, STATES, StateCount},
+    admin::{self, HourStats, JobSummary, STATES, ScheduleStatus, StateCount},
 };
 
 /// Wraps a page's `body` in the app's page shell, with `title`.
@@ -174,10 +174,11 @@ async fn overview(
             admin::queue_status(pool).await?,
             admin::last_hour(pool).await?,
             admin::latest_jobs(pool, 50).await?,
+            admin::schedules(pool).await?,
         ))
     }
     .await;
-    let (counts, last_hour, latest) = match loaded {
+    let (counts, last_hour, latest, schedules) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => return unavailable(&dashboard, &err),
     };
@@ -186,6 +187,7 @@ async fn overview(
         counts,
         last_hour,
         latest,
+        schedules,
         csrf: csrf.map(|Extension(Csrf(token))| token),
         notice: query.text(),
     };
@@ -294,6 +296,7 @@ struct Page<'a> {
     counts: Vec<StateCount>,
     last_hour: Vec<HourStats>,
     latest: Vec<JobSummary>,
+    schedules: Vec<ScheduleStatus>,
     csrf: Option<String>,
     notice: Option<String>,
 }
@@ -333,6 +336,7 @@ impl Page<'_> {
                     @if self.last_hour.is_empty() { tr { td colspan="4" { "Nothing finished in the last hour." } } }
                 }
             }
+            (schedules_section(&self.schedules))
             h2 { "Latest jobs" }
             table.grid #latest-jobs {
                 thead { tr { th { "job" } th { "queue" } th { "state" } th { "attempts" } th { "run at" } th { "last error" } th {} } }
@@ -361,6 +365,36 @@ impl Page<'_> {
             form.inline method="post" action=(job_action_path(self.prefix, id, action)) {
                 @if let Some(csrf) = &self.csrf { input type="hidden" name="csrf" value=(csrf); }
                 button type="submit" name="action" value=(action) { (label) }
+            }
+        }
+    }
+}
+
+/// The periodic jobs: each schedule with its newest tick that got a job (and
+/// that job's state) and its next tick.
+fn schedules_section(schedules: &[ScheduleStatus]) -> Markup {
+    html! {
+        h2 { "Schedules" }
+        table.grid #schedules {
+            thead { tr { th { "queue" } th { "cron (UTC)" } th { "catch-up" } th { "last run" } th { "state" } th { "next run" } } }
+            tbody {
+                @for schedule in schedules {
+                    tr data-schedule=(schedule.queue) {
+                        td { code { (schedule.queue) } }
+                        td { code { (schedule.expression) } }
+                        td { (schedule.catch_up) }
+                        td.last-run { @if let Some(at) = schedule.last_tick { (timestamp(at)) } @else { "never" } }
+                        td {
+                            @match (&schedule.last_job_id, &schedule.last_job_state) {
+                                (Some(_), Some(state)) => span class={ "state " (state) } { (state) },
+                                (Some(_), None) => "pruned",
+                                (None, _) => "",
+                            }
+                        }
+                        td.next-run { @if let Some(at) = schedule.next_tick { (timestamp(at)) } }
+                    }
+                }
+                @if schedules.is_empty() { tr { td colspan="6" { "No schedules yet: a worker records them when it starts." } } }
             }
         }
     }

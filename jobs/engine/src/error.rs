@@ -30,6 +30,18 @@ pub enum Error {
         /// Which states were acceptable, e.g. "dead".
         expected: &'static str,
     },
+    /// A periodic job's cron expression is not one (see `Schedule::cron`).
+    #[error(
+        "invalid schedule {expression:?}: {reason} (expected six fields, seconds first: \
+         \"second minute hour day-of-month month day-of-week\", in UTC, \
+         e.g. \"0 * * * * *\" for every minute)"
+    )]
+    Schedule {
+        /// The expression given.
+        expression: String,
+        /// What the cron parser said.
+        reason: String,
+    },
     /// The worker kept dying while the database answered, and was not
     /// restarted again.
     #[error("worker stopped {restarts} times in a row without a shutdown request; giving up")]

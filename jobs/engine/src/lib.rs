@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admin;
+mod cron;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
 mod durability;
@@ -16,6 +17,7 @@ mod storage;
 mod worker;
 mod workflow;
 
+pub use cron::{CatchUp, Schedule, Tick};
 pub use enqueue::{enqueue, enqueue_many};
 pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};

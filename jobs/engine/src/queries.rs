@@ -398,3 +398,44 @@ with finished as (
     delete from apalis.jobs where workflow_id in (select id from finished)
 )
 delete from apalis.workflows where id in (select id from finished)";
+
+// ---- periodic jobs (cron.rs) ----
+
+/// Creates schedule `$1` (expression `$2`, catch-up `$3`) with nothing
+/// handled before now, or takes the existing row, records the declared
+/// expression and policy, and locks the row until the transaction ends, so
+/// that one scheduler at a time advances it. Returns `handled_until`, the
+/// last tick that got a job, and the database's clock read after the lock.
+pub(crate) const LOCK_SCHEDULE: &str = "
+insert into apalis.schedules as schedules (name, expression, catch_up, handled_until)
+values ($1, $2, $3, clock_timestamp())
+on conflict (name) do update set expression = excluded.expression, catch_up = excluded.catch_up
+returning schedules.handled_until, schedules.last_tick, clock_timestamp()";
+
+/// Enqueues the job of one tick: `$1` id, `$2` queue, `$3` payload, `$4` max
+/// attempts, `$5` idempotency key (`<queue>@<tick>`), `$6`/`$7` the
+/// metadata's keys and values. A tick that already has its job inserts
+/// nothing and returns no row.
+pub(crate) const INSERT_TICK_JOB: &str = "
+insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+values ($1, $2, $3, 'Pending', 0, $4, now(), 0, hstore($6::text[], $7::text[]), $5)
+on conflict (job_type, idempotency_key) do nothing
+returning id";
+
+/// Advances schedule `$1` to `$2` (never backwards), with the newest tick
+/// enqueued `$3` and its job `$4` (kept when null), and the next tick `$5`.
+pub(crate) const ADVANCE_SCHEDULE: &str = "
+update apalis.schedules
+set handled_until = greatest(handled_until, $2),
+    last_tick = coalesce($3, last_tick), last_job_id = coalesce($4, last_job_id),
+    next_tick = $5, updated_at = now()
+where name = $1";
+
+/// Every schedule, with the state of its newest job (null once pruned).
+pub(crate) const SCHEDULES: &str = "
+select schedules.name as queue, schedules.expression, schedules.catch_up,
+       schedules.last_tick, schedules.last_job_id, jobs.state as last_job_state,
+       schedules.next_tick
+from apalis.schedules
+left join apalis.job_states as jobs on jobs.id = schedules.last_job_id
+order by schedules.name";

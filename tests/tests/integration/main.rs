@@ -10,6 +10,7 @@ mod migrations;
 mod operations;
 mod processes;
 mod recovery;
+mod schedules;
 mod security;
 mod storage;
 mod telemetry;
