@@ -5,19 +5,22 @@ mod context;
 pub mod probe;
 pub mod trim_visits;
 
-pub use context::JobContext;
+pub use context::{JobContext, JobSettings};
 pub use durable_jobs::{
     Error, Health, Job, Registry, WorkerConfig, WorkerState, admin, enqueue, enqueue_many, shutdown,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-pub use trim_visits::{TrimOutcome, TrimVisits};
+pub use trim_visits::{ChunkOutcome, TrimChunk, TrimOutcome, TrimPlan, TrimSummary, TrimVisits};
 
 /// Every job type VisitMe runs, registered once: the worker runtime, the
 /// unknown-type reaper, the watchdog, pool sizing and the dashboard read this.
 /// Adding a job type is its file plus one `register` line here.
 pub fn registry() -> Registry<JobContext> {
-    let registry = Registry::new().register::<TrimVisits>();
+    let registry = Registry::new()
+        .register::<TrimVisits>()
+        .register::<TrimChunk>()
+        .register::<TrimSummary>();
     // The diagnostic job of the tests and the bench, never in production builds.
     #[cfg(feature = "probes")]
     let registry = registry.register::<probe::Probe>();
@@ -28,18 +31,23 @@ pub fn registry() -> Registry<JobContext> {
 pub async fn run(
     pool: PgPool,
     config: WorkerConfig,
+    settings: JobSettings,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    run_reporting(pool, config, shutdown, &Health::default()).await
+    run_reporting(pool, config, settings, shutdown, &Health::default()).await
 }
 
 /// [`run`], reporting what the worker is doing in `health`.
 pub async fn run_reporting(
     pool: PgPool,
     config: WorkerConfig,
+    settings: JobSettings,
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), Error> {
-    let context = JobContext { pool: pool.clone() };
+    let context = JobContext {
+        pool: pool.clone(),
+        settings,
+    };
     durable_jobs::run_reporting(pool, registry(), context, config, shutdown, health).await
 }

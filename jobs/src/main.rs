@@ -40,6 +40,9 @@ struct Cli {
     worker: WorkerConfig,
 
     #[command(flatten)]
+    jobs: jobs::JobSettings,
+
+    #[command(flatten)]
     telemetry: observability::Config,
 
     /// Without a command: run jobs until stopped.
@@ -50,7 +53,8 @@ struct Cli {
 /// Operator commands (they do not run jobs).
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show how many jobs each queue has in each state.
+    /// Show how many jobs each queue has in each state, and the periodic
+    /// jobs' schedules with their last and next run.
     Status,
     /// List dead jobs (out of attempts, killed, or cancelled) with their last error.
     Dead {
@@ -70,6 +74,21 @@ enum Command {
     },
     /// Delete finished jobs older than the retention settings now.
     Prune,
+    /// Without an id: the newest workflows. With one: its steps, their
+    /// dependencies, states, attempts, timings, and results or errors.
+    Workflow {
+        /// The workflow id (a ULID).
+        id: Option<String>,
+        /// How many workflows to list, newest first (without an id).
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Cancel a workflow: steps not started are cancelled, running ones are
+    /// asked to stop and are not retried.
+    CancelWorkflow {
+        /// The workflow id (a ULID).
+        id: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .context("cannot migrate the database")?;
 
-    jobs::run(pool.clone(), cli.worker, shutdown).await?;
+    jobs::run(pool.clone(), cli.worker, cli.jobs, shutdown).await?;
     jobs::shutdown::close_pool(&pool).await;
     Ok(())
 }
@@ -163,6 +182,7 @@ async fn answer(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyho
                 let (queue, state) = (printable(&row.queue), printable(&row.state));
                 println!("{queue:<16} {state:<10} {:>8}", row.count);
             }
+            print_schedules(&admin::schedules(pool).await?);
         }
         Command::Dead { limit } => {
             let dead = admin::dead_jobs(pool, limit).await?;
@@ -196,10 +216,161 @@ async fn answer(pool: &PgPool, command: Command, config: &WorkerConfig) -> anyho
         Command::Prune => {
             let pruned = admin::prune(pool, config.retention()).await?;
             println!(
-                "pruned {} done and {} dead jobs, {} stale workers",
-                pruned.done, pruned.dead, pruned.workers
+                "pruned {} done and {} dead jobs, {} finished workflows, {} stale workers",
+                pruned.done, pruned.dead, pruned.workflows, pruned.workers
+            );
+        }
+        Command::Workflow { id: None, limit } => {
+            let workflows = admin::latest_workflows(pool, limit).await?;
+            if workflows.is_empty() {
+                println!("no workflows");
+                return Ok(());
+            }
+            println!(
+                "{:<26} {:<20} {:>6} {:>6} {:>6} {:>6}  CREATED",
+                "WORKFLOW", "NAME", "STEPS", "DONE", "FAILED", "OPEN"
+            );
+            for w in workflows {
+                let cancelled = if w.cancel_requested_at.is_some() {
+                    "  (cancelled)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<26} {:<20} {:>6} {:>6} {:>6} {:>6}  {}{cancelled}",
+                    printable(&w.id),
+                    printable(&w.name),
+                    w.steps,
+                    w.done,
+                    w.failed,
+                    w.open,
+                    w.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                );
+            }
+        }
+        Command::Workflow { id: Some(id), .. } => {
+            let Some(workflow) = admin::workflow(pool, &id).await? else {
+                anyhow::bail!("no workflow with id {}", printable(&id));
+            };
+            print!("{}", render_workflow(&workflow));
+        }
+        Command::CancelWorkflow { id } => {
+            let cancelled = admin::cancel_workflow(pool, &id).await?;
+            println!(
+                "workflow {}: {} steps cancelled, {} running asked to stop",
+                printable(&id),
+                cancelled.cancelled,
+                cancelled.running
             );
         }
     }
     Ok(())
+}
+
+/// `worker workflow <id>`: a header, then one block per step.
+fn render_workflow(workflow: &admin::WorkflowView) -> String {
+    use std::fmt::Write as _;
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or_else(
+            || "-".to_owned(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "workflow {} ({}): {}, {} steps, created {}",
+        printable(&workflow.id),
+        printable(&workflow.name),
+        workflow.state(),
+        workflow.steps.len(),
+        time(Some(workflow.created_at))
+    );
+    for step in &workflow.steps {
+        let after = if step.depends_on.is_empty() {
+            String::new()
+        } else {
+            let anyway = if step.on_dependency_failure == "run" {
+                ", run anyway"
+            } else {
+                ""
+            };
+            format!("  after {}{anyway}", printable(&step.depends_on.join(", ")))
+        };
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<10} {}/{} attempts  {}  job {}{after}",
+            printable(&step.name),
+            step.state,
+            step.attempts,
+            step.max_attempts,
+            printable(&step.job_type),
+            printable(&step.job_id),
+        );
+        let _ = writeln!(
+            out,
+            "      added {}  released {}  started {}  finished {}",
+            time(Some(step.added_at)),
+            time(step.released_at),
+            time(step.started_at),
+            time(step.finished_at)
+        );
+        if let Some(error) = &step.error {
+            let _ = writeln!(out, "      error: {}", printable(error));
+        } else if let Some(result) = &step.result {
+            let mut text = result.to_string();
+            if text.len() > 200 {
+                let cut = (0..=200)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                text.truncate(cut);
+                text.push_str("...");
+            }
+            let _ = writeln!(out, "      result: {}", printable(&text));
+        }
+    }
+    out
+}
+
+/// The schedules part of `worker status` (nothing before a worker first
+/// kept one): each with its newest tick that got a job, that job's state,
+/// and the next tick ("overdue" a minute past it: no worker keeps it).
+fn print_schedules(schedules: &[admin::ScheduleStatus]) {
+    if schedules.is_empty() {
+        return;
+    }
+    let time = |at: Option<chrono::DateTime<chrono::Utc>>| {
+        at.map_or_else(
+            || "-".to_owned(),
+            |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    };
+    println!();
+    println!(
+        "{:<16} {:<16} {:<9} {:<21} {:<9} NEXT RUN",
+        "SCHEDULE", "CRON", "CATCH-UP", "LAST RUN", "STATE"
+    );
+    let overdue_before = chrono::Utc::now() - chrono::TimeDelta::minutes(1);
+    for schedule in schedules {
+        let state = match (&schedule.last_job_id, &schedule.last_job_state) {
+            (None, _) => "-".to_owned(),
+            (Some(_), None) => "pruned".to_owned(),
+            (Some(_), Some(state)) => printable(state),
+        };
+        let overdue = if schedule.next_tick.is_some_and(|next| next < overdue_before) {
+            " (overdue)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<16} {:<16} {:<9} {:<21} {state:<9} {}{overdue}",
+            printable(&schedule.queue),
+            printable(&schedule.expression),
+            printable(&schedule.catch_up),
+            time(schedule.last_tick),
+            time(schedule.next_tick),
+        );
+    }
 }

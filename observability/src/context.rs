@@ -31,6 +31,25 @@ pub fn extract_into(span: &Span, carrier: &HashMap<String, String>) -> bool {
     span.set_parent(parent).is_ok()
 }
 
+/// Links `span` (not yet entered) to each W3C `traceparent` in
+/// `traceparents` (a fan-in's dependencies, say). Returns how many were valid.
+pub fn link_traceparents<'a>(
+    span: &Span,
+    traceparents: impl IntoIterator<Item = &'a str>,
+) -> usize {
+    let mut linked = 0;
+    for traceparent in traceparents {
+        let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+        let context = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        let remote = context.span().span_context().clone();
+        if remote.is_valid() {
+            span.add_link(remote);
+            linked += 1;
+        }
+    }
+    linked
+}
+
 /// Makes `span` (not yet entered) a child of the remote context in `carrier`
 /// (an incoming request's `traceparent`). Returns whether one was found.
 pub fn set_remote_parent(span: &Span, carrier: &HashMap<String, String>) -> bool {

@@ -12,7 +12,7 @@ use tracing_subscriber::{
 };
 
 pub use context::{
-    current_trace_id, db_span, extract_into, inject_current, set_remote_parent,
+    current_trace_id, db_span, extract_into, inject_current, link_traceparents, set_remote_parent,
     trace_id_of_traceparent,
 };
 pub use export::Export;

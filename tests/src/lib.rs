@@ -314,6 +314,7 @@ impl TestApp {
         self.worker = Some(tokio::spawn(jobs::run(
             self.db.pool.clone(),
             config,
+            jobs::JobSettings::default(),
             self.shutdown.clone(),
         )));
     }
@@ -329,10 +330,19 @@ impl TestApp {
     }
 }
 
+/// The engine's periodic prune on a schedule no test lives to see (midnight,
+/// January 1st), for every worker the tests start unless a test says
+/// otherwise: every minute, it would add a `prune_jobs` job to queues whose
+/// jobs the tests count.
+pub const QUIET_PRUNE_SCHEDULE: &str = "0 0 0 1 1 *";
+
 /// Worker settings scaled down for tests: quick polls, short backoff, lease
-/// and timeout.
+/// and timeout; the prune on [`QUIET_PRUNE_SCHEDULE`].
 pub fn fast_worker_config() -> jobs::WorkerConfig {
     jobs::WorkerConfig {
+        prune_schedule: QUIET_PRUNE_SCHEDULE
+            .parse()
+            .expect("the quiet prune schedule parses"),
         poll_interval: Duration::from_millis(50),
         lease: Duration::from_secs(3),
         job_timeout: Some(Duration::from_secs(2)),

@@ -126,7 +126,9 @@ pub struct Process {
 
 impl Process {
     /// Spawns binary `name` with extra environment variables, logging at
-    /// `info` (a `RUST_LOG` in `env` is overridden; see [`Process::spawn_logging`]).
+    /// `info` (a `RUST_LOG` in `env` is overridden; see [`Process::spawn_logging`]),
+    /// with the prune on [`crate::QUIET_PRUNE_SCHEDULE`] unless `env` sets
+    /// `JOB_PRUNE_SCHEDULE`.
     pub fn spawn(name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         Self::spawn_logging(
             name,
@@ -139,6 +141,8 @@ impl Process {
     pub fn spawn_logging(name: &str, env: &[(&str, &str)], rust_log: &str) -> anyhow::Result<Self> {
         let mut command = Command::new(binary(name)?);
         command
+            // Before `env`, which may set its own.
+            .env("JOB_PRUNE_SCHEDULE", crate::QUIET_PRUNE_SCHEDULE)
             .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1");

@@ -78,6 +78,10 @@ pub struct Config {
     #[command(flatten)]
     pub worker: WorkerConfig,
 
+    /// Settings of VisitMe's jobs (used when the embedded worker runs).
+    #[command(flatten)]
+    pub jobs: jobs::JobSettings,
+
     /// Logging and telemetry settings.
     #[command(flatten)]
     pub telemetry: observability::Config,

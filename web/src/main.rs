@@ -60,6 +60,7 @@ async fn run() -> anyhow::Result<()> {
         let worker_pool = migrations::connect(&config.database_url, &worker_pool).await?;
         let token = shutdown.clone();
         let worker_config = config.worker.clone();
+        let job_settings = config.jobs;
         let health = health.clone();
         Some(tokio::spawn(async move {
             // The page does not need the worker: whatever happens to it, web
@@ -68,6 +69,7 @@ async fn run() -> anyhow::Result<()> {
                 let run = jobs::run_reporting(
                     worker_pool.clone(),
                     worker_config.clone(),
+                    job_settings,
                     token.clone(),
                     &health,
                 );

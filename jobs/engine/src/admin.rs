@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 
 use sqlx::PgPool;
 
+pub use crate::cron::{ScheduleStatus, schedules};
 use crate::{Error, queries};
 
 /// How many jobs of one queue are in one state.
@@ -137,8 +138,8 @@ pub struct Retention {
     pub dead: Duration,
 }
 
-/// What a prune deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a prune deleted (the result of a `prune_jobs` job).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pruned {
     /// Done jobs deleted.
     pub done: u64,
@@ -146,16 +147,26 @@ pub struct Pruned {
     pub dead: u64,
     /// Rows of long-gone workers deleted.
     pub workers: u64,
+    /// Finished workflows deleted, each whole (its steps' jobs with it).
+    pub workflows: u64,
 }
 
-/// Deletes finished jobs past their retention, then workers that have been
-/// silent for a day and hold no jobs. Safe to run from many processes.
+/// Deletes finished jobs past their retention, finished workflows past it
+/// (whole: a workflow whose steps have all ended, kept as long as its last
+/// step), then workers that have been silent for a day and hold no jobs.
+/// Safe to run from many processes.
 pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error> {
     let (done, dead): (i64, i64) = sqlx::query_as(queries::PRUNE_JOBS)
         .bind(retention.done.as_secs_f64())
         .bind(retention.dead.as_secs_f64())
         .fetch_one(pool)
         .await?;
+    let workflows = sqlx::query(queries::PRUNE_WORKFLOWS)
+        .bind(retention.done.as_secs_f64())
+        .bind(retention.dead.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected();
     let workers = sqlx::query(queries::PRUNE_WORKERS)
         .execute(pool)
         .await?
@@ -165,6 +176,7 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
         done: as_count(done),
         dead: as_count(dead),
         workers,
+        workflows,
     })
 }
 
@@ -225,6 +237,173 @@ pub async fn open_job_counts(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
     Ok(sqlx::query_as(queries::OPEN_JOB_COUNTS)
         .fetch_all(pool)
         .await?)
+}
+
+/// A workflow as operators see it: `worker workflow <id>` and the dashboard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowView {
+    /// Workflow id (ULID).
+    pub id: String,
+    /// Its label.
+    pub name: String,
+    /// Its idempotency key, if it was given one.
+    pub key: Option<String>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When it was asked to cancel.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Its steps, in the order they were added.
+    pub steps: Vec<StepView>,
+}
+
+impl WorkflowView {
+    /// `running` while a step has not ended, then `cancelled` (if it was
+    /// asked to), `failed` (a step died or was cancelled) or `done`.
+    pub fn state(&self) -> &'static str {
+        let open = self
+            .steps
+            .iter()
+            .any(|step| !matches!(step.state.as_str(), "done" | "dead" | "cancelled"));
+        if open {
+            if self.cancel_requested_at.is_some() {
+                "cancelling"
+            } else {
+                "running"
+            }
+        } else if self.cancel_requested_at.is_some() {
+            "cancelled"
+        } else if self.steps.iter().any(|step| step.state != "done") {
+            "failed"
+        } else {
+            "done"
+        }
+    }
+}
+
+/// One step of a [`WorkflowView`].
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StepView {
+    /// Its name in the workflow.
+    pub name: String,
+    /// Its job's id (the job exists once the step is released).
+    pub job_id: String,
+    /// Its job's queue.
+    pub job_type: String,
+    /// The steps it waits for.
+    pub depends_on: Vec<String>,
+    /// `cancel` or `run` (when a dependency dies).
+    pub on_dependency_failure: String,
+    /// `waiting` (for dependencies), one of [`STATES`] once released, or
+    /// `cancelled`.
+    pub state: String,
+    /// Attempts used.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// When it was added to the workflow.
+    pub added_at: DateTime<Utc>,
+    /// When its dependencies were all done and its job was queued.
+    pub released_at: Option<DateTime<Utc>>,
+    /// When its first attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its output, once done.
+    pub result: Option<serde_json::Value>,
+    /// Its last error.
+    pub error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkflowRow {
+    id: String,
+    name: String,
+    key: Option<String>,
+    created_at: DateTime<Utc>,
+    cancel_requested_at: Option<DateTime<Utc>>,
+}
+
+/// Workflow `id` with its steps, or `None` if there is none (or it was pruned).
+pub async fn workflow(pool: &PgPool, id: &str) -> Result<Option<WorkflowView>, Error> {
+    let Some(row): Option<WorkflowRow> = sqlx::query_as(queries::WORKFLOW)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let steps = sqlx::query_as(queries::WORKFLOW_STEPS)
+        .bind(id)
+        .fetch_all(pool)
+        .await?;
+    Ok(Some(WorkflowView {
+        id: row.id,
+        name: row.name,
+        key: row.key,
+        created_at: row.created_at,
+        cancel_requested_at: row.cancel_requested_at,
+        steps,
+    }))
+}
+
+/// A workflow in a list: its steps counted.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WorkflowSummary {
+    /// Workflow id.
+    pub id: String,
+    /// Its label.
+    pub name: String,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When it was asked to cancel.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Steps in all.
+    pub steps: i64,
+    /// Steps done.
+    pub done: i64,
+    /// Steps dead or cancelled.
+    pub failed: i64,
+    /// Steps waiting, queued or running.
+    pub open: i64,
+}
+
+/// The newest workflows.
+pub async fn latest_workflows(pool: &PgPool, limit: i64) -> Result<Vec<WorkflowSummary>, Error> {
+    Ok(sqlx::query_as(queries::LATEST_WORKFLOWS)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// What [`cancel_workflow`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelledWorkflow {
+    /// Steps that had not started and never will.
+    pub cancelled: u64,
+    /// Steps running now: asked to stop (`JobContext::cancelled`), and not
+    /// retried if they fail.
+    pub running: u64,
+}
+
+/// Cancels workflow `id`: its steps that have not started are cancelled at
+/// once; running ones are asked to stop and are not retried. Cancelling a
+/// cancelled or finished workflow changes nothing.
+pub async fn cancel_workflow(pool: &PgPool, id: &str) -> Result<CancelledWorkflow, Error> {
+    let (found, cancelled, running): (bool, i64, i64) = sqlx::query_as(queries::CANCEL_WORKFLOW)
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    if !found {
+        return Err(Error::NoSuchJob {
+            id: id.to_owned(),
+            expected: "workflow",
+        });
+    }
+    let as_count = |n: i64| u64::try_from(n).unwrap_or_default();
+    Ok(CancelledWorkflow {
+        cancelled: as_count(cancelled),
+        running: as_count(running),
+    })
 }
 
 /// Which jobs a listing shows: all by default, newest first.

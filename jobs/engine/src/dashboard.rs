@@ -42,7 +42,9 @@ use ulid::Ulid;
 
 use crate::{
     Error,
-    admin::{self, HourStats, JobDetail, JobFilter, JobSummary, STATES, StateCount},
+    admin::{
+        self, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus, StateCount,
+    },
 };
 
 /// Wraps a page's `body` in the app's page shell, with `title`.
@@ -196,10 +198,11 @@ async fn overview(
                 i64::try_from(PAGE_SIZE + 1).unwrap_or(i64::MAX),
             )
             .await?,
+            admin::schedules(pool).await?,
         ))
     }
     .await;
-    let (counts, last_hour, mut latest) = match loaded {
+    let (counts, last_hour, mut latest, schedules) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => return unavailable(&dashboard, &err),
     };
@@ -213,6 +216,7 @@ async fn overview(
         latest,
         filter,
         more,
+        schedules,
         csrf: csrf.map(|Extension(Csrf(token))| token),
         notice: query.text(),
     };
@@ -324,6 +328,7 @@ struct Page<'a> {
     filter: JobFilter,
     /// Whether older jobs match the filter than those shown.
     more: bool,
+    schedules: Vec<ScheduleStatus>,
     csrf: Option<String>,
     notice: Option<String>,
 }
@@ -369,6 +374,7 @@ impl Page<'_> {
                     @if self.last_hour.is_empty() { tr { td colspan="4" { "Nothing finished in the last hour." } } }
                 }
             } }
+            (schedules_section(&self.schedules))
             h2 { "Latest jobs" }
             (self.filters(queues))
             div.scroll tabindex="0" { table.grid #latest-jobs {
@@ -395,6 +401,36 @@ impl Page<'_> {
                 }
             }
         }
+    }
+}
+
+/// The periodic jobs: each schedule with its newest tick that got a job (and
+/// that job's state) and its next tick.
+fn schedules_section(schedules: &[ScheduleStatus]) -> Markup {
+    html! {
+        h2 { "Schedules" }
+        div.scroll tabindex="0" { table.grid #schedules {
+            thead { tr { th { "queue" } th { "cron (UTC)" } th { "catch-up" } th { "last run" } th { "state" } th { "next run" } } }
+            tbody {
+                @for schedule in schedules {
+                    tr data-schedule=(schedule.queue) {
+                        td { code { (schedule.queue) } }
+                        td { code { (schedule.expression) } }
+                        td { (schedule.catch_up) }
+                        td.last-run { @if let Some(at) = schedule.last_tick { (timestamp(at)) } @else { "never" } }
+                        td {
+                            @match (&schedule.last_job_id, &schedule.last_job_state) {
+                                (Some(_), Some(state)) => span class={ "state " (state) } { (state) },
+                                (Some(_), None) => "pruned",
+                                (None, _) => "",
+                            }
+                        }
+                        td.next-run { @if let Some(at) = schedule.next_tick { (timestamp(at)) } }
+                    }
+                }
+                @if schedules.is_empty() { tr { td colspan="6" { "No schedules yet: a worker records them when it starts." } } }
+            }
+        } }
     }
 }
 

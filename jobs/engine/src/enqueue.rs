@@ -137,7 +137,7 @@ const ORDER_KEY: &str = "unique.order";
 
 /// The PRODUCER span of an enqueue (OpenTelemetry messaging conventions).
 /// `messaging.message.id` is recorded once the job id is known.
-fn producer_span(queue: &'static str) -> tracing::Span {
+pub(crate) fn producer_span(queue: &'static str) -> tracing::Span {
     tracing::info_span!(
         "send",
         otel.name = format!("send {queue}"),

@@ -30,6 +30,18 @@ pub enum Error {
         /// Which states were acceptable, e.g. "dead".
         expected: &'static str,
     },
+    /// A periodic job's cron expression is not one (see `Schedule::cron`).
+    #[error(
+        "invalid schedule {expression:?}: {reason} (expected six fields, seconds first: \
+         \"second minute hour day-of-month month day-of-week\", in UTC, \
+         e.g. \"0 * * * * *\" for every minute)"
+    )]
+    Schedule {
+        /// The expression given.
+        expression: String,
+        /// What the cron parser said.
+        reason: String,
+    },
     /// The worker kept dying while the database answered, and was not
     /// restarted again.
     #[error("worker stopped {restarts} times in a row without a shutdown request; giving up")]
@@ -37,4 +49,19 @@ pub enum Error {
         /// How many times it was restarted before giving up.
         restarts: u32,
     },
+    /// A workflow (or steps added to one) is not a DAG of named steps.
+    #[error("invalid workflow: {0}")]
+    InvalidWorkflow(String),
+    /// A dependency's stored result does not decode as its job's output.
+    #[error("the result of workflow step {step:?} does not decode: {reason}")]
+    StepResult {
+        /// The dependency's name.
+        step: String,
+        /// What serde said.
+        reason: String,
+    },
+    /// A workflow operation was asked of a job that is no workflow step, or
+    /// of a step that is not a dependency.
+    #[error("{0}")]
+    NotInWorkflow(String),
 }

@@ -17,6 +17,8 @@ use apalis::prelude::{BoxDynError, Task};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
+use crate::workflow::{WORKFLOW_ID_KEY, WORKFLOW_LINKS_KEY, WORKFLOW_STEP_KEY};
+
 /// Wraps a worker's service with [`JobSpan`].
 #[derive(Debug, Clone, Copy)]
 pub struct JobSpanLayer {
@@ -78,6 +80,8 @@ where
             messaging.message.id = %job_id,
             job.id = %job_id,
             job.attempt = attempt,
+            workflow.id = tracing::field::Empty,
+            workflow.step = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             otel.status_description = tracing::field::Empty,
         );
@@ -87,6 +91,16 @@ where
             .collect();
         // Before the span is entered: a started span cannot change its parent.
         observability::extract_into(&span, &carrier);
+        // A workflow step: its dependencies' spans are its links (a fan-in's many).
+        if let Some(workflow) = ctx.metadata().get(WORKFLOW_ID_KEY) {
+            span.record("workflow.id", workflow);
+            if let Some(step) = ctx.metadata().get(WORKFLOW_STEP_KEY) {
+                span.record("workflow.step", step);
+            }
+            if let Some(links) = ctx.metadata().get(WORKFLOW_LINKS_KEY) {
+                observability::link_traceparents(&span, links.split(','));
+            }
+        }
         let run = {
             let _entered = span.enter();
             self.inner.call(task)

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admin;
+mod cron;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
 mod durability;
@@ -14,13 +15,16 @@ mod registry;
 pub mod shutdown;
 mod storage;
 mod worker;
+mod workflow;
 
+pub use cron::{CatchUp, Schedule, Tick};
 pub use enqueue::{enqueue, enqueue_many};
 pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
 pub use migrate::{is_migrated, migrate};
 pub use registry::Registry;
 pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
+pub use workflow::{OnDependencyFailure, Step, StepOf, Workflow};
 
 /// Internals that the integration tests check against the real schema; not
 /// part of the API, and may change without notice.

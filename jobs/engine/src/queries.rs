@@ -237,13 +237,15 @@ set status = 'Killed', done_at = now(), unique_key = null,
 where id = $1
   and id in (select id from apalis.job_states where id = $1 and state in ('pending', 'scheduled'))"#;
 
-/// Deletes done jobs older than `$1` seconds and dead ones older than `$2`.
+/// Deletes done jobs older than `$1` seconds and dead ones older than `$2`,
+/// except workflow steps: a workflow is pruned whole (`PRUNE_WORKFLOWS`).
 pub(crate) const PRUNE_JOBS: &str = "
 with deleted as (
     delete from apalis.jobs
     where id in (select id from apalis.job_states
-                 where (state = 'done' and done_at < now() - make_interval(secs => $1))
-                    or (state = 'dead' and done_at < now() - make_interval(secs => $2)))
+                 where workflow_id is null
+                   and ((state = 'done' and done_at < now() - make_interval(secs => $1))
+                        or (state = 'dead' and done_at < now() - make_interval(secs => $2))))
     returning status)
 select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
 from deleted";
@@ -308,3 +310,167 @@ select count(*) filter (where status = 'Pending') as waiting,
 from apalis.jobs
 where job_type = $1
   and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))";
+
+// ---- workflows (workflow.rs; the release itself is the engine's trigger
+// `jobs_settle_workflow_step`, see the workflows migration) ----
+
+/// Creates workflow `$1` named `$2` with idempotency key `$3` (may be null).
+/// Returns its id, or no row when a workflow with that key exists.
+pub(crate) const INSERT_WORKFLOW: &str = "
+insert into apalis.workflows (id, name, key) values ($1, $2, $3)
+on conflict (key) do nothing
+returning id";
+
+/// The id of the workflow with idempotency key `$1`.
+pub(crate) const WORKFLOW_BY_KEY: &str = "select id from apalis.workflows where key = $1";
+
+/// Adds steps to workflow `$1` (see `apalis.add_workflow_steps`): `$2` their
+/// JSON descriptions, `$3` job ids, `$4` payloads, `$5`/`$6` the trace
+/// context's keys and values. Returns how many were new.
+pub(crate) const ADD_WORKFLOW_STEPS: &str = "
+select apalis.add_workflow_steps($1, $2, $3, $4, hstore($5::text[], $6::text[]))";
+
+/// Records that step `$2` of workflow `$1` starts an attempt traced as `$3`.
+/// It commits without waiting for the disk flush (`set_config(.., true)`
+/// lasts until this statement's own commit): a flush per step start cost a
+/// 3-step chain two thirds of its throughput (measured), and a start lost in
+/// a crash only costs a later fan-in one span link.
+pub(crate) const STEP_STARTED: &str = "
+with no_flush as (select set_config('synchronous_commit', 'off', true))
+update apalis.workflow_steps
+set started_at = coalesce(started_at, now()), traceparent = coalesce($3, traceparent)
+from no_flush
+where workflow_id = $1 and name = $2";
+
+/// Results of the dependencies of step `$2` (workflow `$1`) whose job type is
+/// `$3`, by name: `(name, status, last_result)`. Unfinished ones have no result.
+pub(crate) const DEPENDENCY_RESULTS: &str = "
+select dependency.name, jobs.status, jobs.last_result
+from apalis.workflow_steps as step
+join apalis.workflow_steps as dependency
+  on dependency.workflow_id = step.workflow_id and dependency.name = any(step.depends_on)
+left join apalis.jobs on jobs.id = dependency.job_id
+where step.workflow_id = $1 and step.name = $2 and dependency.job_type = $3
+order by dependency.name";
+
+/// Whether workflow `$1` was asked to cancel.
+pub(crate) const CANCEL_REQUESTED: &str = "
+select cancel_requested_at is not null from apalis.workflows where id = $1";
+
+/// Cancels workflow `$1`: waiting steps are cancelled, released steps that
+/// have not started end dead as cancelled (their trigger records it), and
+/// running steps see the request (`JobContext::cancel_requested`) and are not
+/// retried. Returns `(found, steps cancelled, steps still running)`.
+pub(crate) const CANCEL_WORKFLOW: &str = r#"
+with requested as (
+    update apalis.workflows set cancel_requested_at = coalesce(cancel_requested_at, now())
+    where id = $1
+    returning id
+), waiting as (
+    update apalis.workflow_steps set state = 'cancelled', finished_at = now()
+    where workflow_id in (select id from requested) and state = 'waiting'
+    returning name
+), queued as (
+    update apalis.jobs
+    set status = 'Killed', done_at = now(), unique_key = null, lock_by = null, lock_at = null,
+        last_result = '{"Err": "cancelled with its workflow"}'::jsonb
+    where workflow_id in (select id from requested)
+      and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+    returning id
+)
+select (select count(*) from requested) > 0,
+       (select count(*) from waiting) + (select count(*) from queued),
+       (select count(*) from apalis.jobs
+        where workflow_id in (select id from requested) and status in ('Queued', 'Running'))"#;
+
+/// Workflow `$1`.
+pub(crate) const WORKFLOW: &str = "
+select id, name, key, created_at, cancel_requested_at from apalis.workflows where id = $1";
+
+/// The steps of workflow `$1`, in the order they were added, with their
+/// job's state once released.
+pub(crate) const WORKFLOW_STEPS: &str = "
+select step.name, step.job_id, step.job_type, step.depends_on, step.on_dependency_failure,
+       case when step.state = 'released' then coalesce(jobs.state, 'released') else step.state end
+           as state,
+       coalesce(jobs.attempts, 0) as attempts, step.max_attempts,
+       step.added_at, step.released_at, step.started_at,
+       coalesce(step.finished_at, case when jobs.state in ('done', 'dead') then jobs.done_at end)
+           as finished_at,
+       jobs.last_result -> 'Ok' as result, jobs.last_result ->> 'Err' as error
+from apalis.workflow_steps as step
+left join apalis.job_states as jobs on jobs.id = step.job_id
+where step.workflow_id = $1
+order by step.added_at, step.name";
+
+/// The newest `$1` workflows with their steps counted per state.
+pub(crate) const LATEST_WORKFLOWS: &str = "
+select workflows.id, workflows.name, workflows.created_at, workflows.cancel_requested_at,
+       count(steps.name) as steps,
+       count(*) filter (where steps.state = 'done') as done,
+       count(*) filter (where steps.state in ('dead', 'cancelled')) as failed,
+       count(*) filter (where steps.state in ('waiting', 'released')) as open
+from apalis.workflows
+left join apalis.workflow_steps as steps on steps.workflow_id = workflows.id
+group by workflows.id
+order by workflows.id desc
+limit $1";
+
+/// Deletes workflows whose steps have all ended (with their jobs, steps and
+/// edges: whole, never half), once the last step has been over for `$1`
+/// seconds (all done) or `$2` (some step dead or cancelled). Returns how
+/// many workflows went.
+pub(crate) const PRUNE_WORKFLOWS: &str = "
+with finished as (
+    select workflows.id
+    from apalis.workflows
+    join apalis.workflow_steps as steps on steps.workflow_id = workflows.id
+    group by workflows.id
+    having count(*) filter (where steps.state in ('waiting', 'released')) = 0
+       and max(steps.finished_at) < now() - make_interval(secs =>
+           case when count(*) filter (where steps.state <> 'done') > 0 then $2 else $1 end)
+), jobs as (
+    delete from apalis.jobs where workflow_id in (select id from finished)
+)
+delete from apalis.workflows where id in (select id from finished)";
+
+// ---- periodic jobs (cron.rs) ----
+
+/// Creates schedule `$1` (expression `$2`, catch-up `$3`) with nothing
+/// handled before now, or takes the existing row, records the declared
+/// expression and policy, and locks the row until the transaction ends, so
+/// that one scheduler at a time advances it. Returns `handled_until`, the
+/// last tick that got a job, and the database's clock read after the lock.
+pub(crate) const LOCK_SCHEDULE: &str = "
+insert into apalis.schedules as schedules (name, expression, catch_up, handled_until)
+values ($1, $2, $3, clock_timestamp())
+on conflict (name) do update set expression = excluded.expression, catch_up = excluded.catch_up
+returning schedules.handled_until, schedules.last_tick, clock_timestamp()";
+
+/// Enqueues the job of one tick: `$1` id, `$2` queue, `$3` payload, `$4` max
+/// attempts, `$5` idempotency key (`<queue>@<tick>`), `$6`/`$7` the
+/// metadata's keys and values. A tick that already has its job inserts
+/// nothing and returns no row.
+pub(crate) const INSERT_TICK_JOB: &str = "
+insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+values ($1, $2, $3, 'Pending', 0, $4, now(), 0, hstore($6::text[], $7::text[]), $5)
+on conflict (job_type, idempotency_key) do nothing
+returning id";
+
+/// Advances schedule `$1` to `$2` (never backwards), with the newest tick
+/// enqueued `$3` and its job `$4` (kept when null), and the next tick `$5`.
+pub(crate) const ADVANCE_SCHEDULE: &str = "
+update apalis.schedules
+set handled_until = greatest(handled_until, $2),
+    last_tick = coalesce($3, last_tick), last_job_id = coalesce($4, last_job_id),
+    next_tick = $5, updated_at = now()
+where name = $1";
+
+/// Every schedule, with the state of its newest job (null once pruned).
+pub(crate) const SCHEDULES: &str = "
+select schedules.name as queue, schedules.expression, schedules.catch_up,
+       schedules.last_tick, schedules.last_job_id, jobs.state as last_job_state,
+       schedules.next_tick
+from apalis.schedules
+left join apalis.job_states as jobs on jobs.id = schedules.last_job_id
+order by schedules.name";

@@ -5,7 +5,8 @@ use std::time::Duration;
 use apalis::prelude::Monitor;
 
 use crate::{
-    Job,
+    Job, Schedule, Tick,
+    cron::{self, Periodic, PruneJobs},
     job::Backoff,
     worker::{self, WorkerParts},
 };
@@ -25,10 +26,14 @@ use crate::{
 /// #     async fn run(self, _: JobContext<'_, ()>) -> Result<(), JobError> { Ok(()) }
 /// # }
 /// let registry = Registry::<()>::new().register::<SendWelcome>();
-/// assert_eq!(registry.queues(), ["send_welcome"]);
+/// // The engine's own periodic prune runs beside every app's job types.
+/// assert_eq!(registry.queues(), ["prune_jobs", "send_welcome"]);
 /// ```
 pub struct Registry<C> {
     pub(crate) jobs: Vec<Registration<C>>,
+    /// The periodic ones among them, with their schedules (the engine's
+    /// prune is added by the runtime, on `WorkerConfig::prune_schedule`).
+    pub(crate) schedules: Vec<Periodic>,
 }
 
 /// What the runtime knows of one registered job type.
@@ -59,6 +64,7 @@ impl<C> Clone for Registry<C> {
     fn clone(&self) -> Self {
         Self {
             jobs: self.jobs.clone(),
+            schedules: self.schedules.clone(),
         }
     }
 }
@@ -78,9 +84,20 @@ impl<C: Clone + Send + Sync + 'static> Default for Registry<C> {
 }
 
 impl<C: Clone + Send + Sync + 'static> Registry<C> {
-    /// An empty registry of job types whose context is `C`.
+    /// A registry of job types whose context is `C`, holding only the
+    /// engine's own: `prune_jobs`, the periodic retention prune (so that name
+    /// is taken).
     pub fn new() -> Self {
-        Self { jobs: Vec::new() }
+        Self {
+            jobs: vec![Registration {
+                name: PruneJobs::NAME,
+                max_attempts: PruneJobs::MAX_ATTEMPTS,
+                timeout: PruneJobs::TIMEOUT,
+                backoff: PruneJobs::BACKOFF,
+                add_worker: cron::add_prune_worker::<C>,
+            }],
+            schedules: Vec::new(),
+        }
     }
 
     /// Adds job type `J`.
@@ -102,6 +119,37 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
             add_worker: worker::add_worker::<J>,
         });
         self
+    }
+
+    /// Adds job type `J` as a periodic job: each tick of `schedule` enqueues
+    /// one `J::from(tick)`, once however many workers run (instead of
+    /// [`Registry::register`], not as well).
+    ///
+    /// ```
+    /// # use durable_jobs::{Job, JobContext, JobError, Registry, Schedule, Tick};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct SendDigest { tick: Tick }
+    ///
+    /// impl From<Tick> for SendDigest {
+    ///     fn from(tick: Tick) -> Self { Self { tick } }
+    /// }
+    /// # impl Job for SendDigest {
+    /// #     const NAME: &'static str = "send_digest";
+    /// #     type Context = ();
+    /// #     type Output = ();
+    /// #     async fn run(self, _: JobContext<'_, ()>) -> Result<(), JobError> { Ok(()) }
+    /// # }
+    /// let registry = Registry::<()>::new().schedule::<SendDigest>(Schedule::cron("0 0 8 * * MON")?);
+    /// assert_eq!(registry.queues(), ["prune_jobs", "send_digest"]);
+    /// # Ok::<(), durable_jobs::Error>(())
+    /// ```
+    ///
+    /// # Panics
+    /// As [`Registry::register`], if a type with the same name is registered.
+    pub fn schedule<J: Job<Context = C> + From<Tick>>(self, schedule: Schedule) -> Self {
+        let mut registry = self.register::<J>();
+        registry.schedules.push(Periodic::new::<J>(schedule));
+        registry
     }
 }
 

@@ -9,21 +9,23 @@ use std::{
 };
 
 use apalis::prelude::{
-    AbortError, Attempt, BackendExt as _, BoxDynError, Data, Monitor, ParallelizeExt as _,
-    Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
+    AbortError, Attempt, BackendExt as _, BoxDynError, Data, MetadataStore, Monitor,
+    ParallelizeExt as _, Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
 };
 use apalis_postgres::{Config, PgPool, Pubsub};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Error, Job, JobContext, Registry,
-    admin::{self, Pruned, Retention},
+    Error, Job, JobContext, Registry, Schedule,
+    admin::{self, Retention},
+    cron,
     durability::DurabilityLayer,
     enqueue::decode,
     job::Backoff,
     job_span::JobSpanLayer,
     queries,
     storage::QueueStorage,
+    workflow::{StepOf, WORKFLOW_ID_KEY, WORKFLOW_STEP_KEY},
 };
 
 /// Worker settings (flags and environment variables of `worker` and `web`).
@@ -72,6 +74,11 @@ pub struct WorkerConfig {
     /// Seconds a dead job is kept (visible to operators) before it is pruned.
     #[arg(long, env = "JOB_RETENTION_DEAD", default_value = defaults::RETENTION_DEAD, value_parser = parse_seconds)]
     pub retention_dead: Duration,
+    /// When finished jobs are pruned: the engine's periodic `prune_jobs` job,
+    /// once per tick across all workers. A cron expression of six fields,
+    /// seconds first, in UTC (default: every minute).
+    #[arg(long, env = "JOB_PRUNE_SCHEDULE", default_value = defaults::PRUNE_SCHEDULE, value_parser = Schedule::cron)]
+    pub prune_schedule: Schedule,
     /// Seconds a job of a type no worker handles may wait before it is killed
     /// (room for rolling deploys that add job types).
     #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = defaults::UNKNOWN_GRACE, value_parser = parse_seconds)]
@@ -153,6 +160,7 @@ mod defaults {
     pub(super) const SHUTDOWN_GRACE: &str = "25";
     pub(super) const RETENTION_DONE: &str = "86400";
     pub(super) const RETENTION_DEAD: &str = "604800";
+    pub(super) const PRUNE_SCHEDULE: &str = "0 * * * * *";
     pub(super) const UNKNOWN_GRACE: &str = "3600";
 }
 
@@ -171,6 +179,8 @@ impl Default for WorkerConfig {
             backoff_max: None,
             retention_done: seconds(defaults::RETENTION_DONE),
             retention_dead: seconds(defaults::RETENTION_DEAD),
+            prune_schedule: Schedule::cron(defaults::PRUNE_SCHEDULE)
+                .expect("the default prune schedule parses"),
             unknown_grace: seconds(defaults::UNKNOWN_GRACE),
             sync_bookkeeping: false,
         }
@@ -226,11 +236,30 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
 
 /// What every job type's worker is built from (see [`add_worker`]).
 pub(crate) struct WorkerParts<C> {
+    pool: PgPool,
     bookkeeping: PgPool,
     config: WorkerConfig,
     generation: usize,
     activity: Activity,
     context: C,
+}
+
+impl<C> WorkerParts<C> {
+    /// These parts with another context, made from the process's pool and
+    /// the settings: for the engine's own job types (`cron::PruneJobs`).
+    pub(crate) fn with_context<D>(
+        &self,
+        context: impl FnOnce(&PgPool, &WorkerConfig) -> D,
+    ) -> WorkerParts<D> {
+        WorkerParts {
+            pool: self.pool.clone(),
+            bookkeeping: self.bookkeeping.clone(),
+            config: self.config.clone(),
+            generation: self.generation,
+            activity: self.activity.clone(),
+            context: context(&self.pool, &self.config),
+        }
+    }
 }
 
 /// Adds the worker of job type `J` to `monitor`: the closure apalis calls to
@@ -247,13 +276,15 @@ pub(crate) struct WorkerParts<C> {
 /// - `timeout`: inside that task, so a timed-out attempt is really cancelled.
 pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Context>) -> Monitor {
     let WorkerParts {
+        pool,
         bookkeeping,
         config,
         generation,
         activity,
         context,
     } = parts;
-    let (bookkeeping, config, generation, activity, context) = (
+    let (pool, bookkeeping, config, generation, activity, context) = (
+        EnginePool(pool.clone()),
         bookkeeping.clone(),
         config.clone(),
         *generation,
@@ -284,27 +315,61 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
             .layer(JobSpanLayer::new(J::NAME))
             .timeout(config.job_timeout.unwrap_or(J::TIMEOUT))
             .data(context.clone())
+            .data(pool.clone())
             .build(handle::<J>)
     })
 }
 
+/// The pool a job's workflow reads and additions use (the process's main
+/// pool: additions must survive a crash as the job's own writes do).
+#[derive(Debug, Clone)]
+struct EnginePool(PgPool);
+
 /// The handler of every job type: decodes the stored JSON (a row nobody can
-/// decode fails only its own job, dead with the reason) and runs it.
+/// decode fails only its own job, dead with the reason) and runs it. A
+/// workflow step first records its attempt's trace, for its dependents' links.
 async fn handle<J: Job>(
     payload: Vec<u8>,
     context: Data<J::Context>,
+    pool: Data<EnginePool>,
+    metadata: MetadataStore,
     task_id: TaskId,
     attempt: Attempt,
     worker: WorkerContext,
 ) -> Result<J::Output, BoxDynError> {
     let job: J = decode(&payload, &task_id)?;
     let id = task_id.to_string();
+    let step = match (
+        metadata.get(WORKFLOW_ID_KEY),
+        metadata.get(WORKFLOW_STEP_KEY),
+    ) {
+        (Some(workflow), Some(step)) => Some(StepOf {
+            workflow: workflow.to_owned(),
+            step: step.to_owned(),
+        }),
+        _ => None,
+    };
+    if let Some(step) = &step {
+        let traceparent = observability::inject_current().remove("traceparent");
+        // Only the links of a later fan-in depend on it: never fail the step.
+        if let Err(err) = sqlx::query(queries::STEP_STARTED)
+            .bind(&step.workflow)
+            .bind(&step.step)
+            .bind(traceparent)
+            .execute(&(*pool).0)
+            .await
+        {
+            tracing::warn!(job.id = %id, error = %err, "could not record the workflow step's start");
+        }
+    }
     let run = JobContext {
         id: &id,
         worker: worker.name(),
         attempt: u32::try_from(attempt.current()).unwrap_or(u32::MAX),
         max_attempts: J::MAX_ATTEMPTS,
         context: &*context,
+        pool: &(*pool).0,
+        step: step.as_ref(),
     };
     job.run(run).await.map_err(|failure| {
         if failure.fatal {
@@ -514,6 +579,11 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
         config.clone(),
         shutdown.clone(),
     ));
+    let scheduler = tokio::spawn(cron::run(
+        pool.clone(),
+        cron::kept_by_workers(&registry, &config),
+        shutdown.clone(),
+    ));
     let waker = tokio::spawn(wake_for_due(
         pool.clone(),
         queues.clone(),
@@ -535,6 +605,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
             ));
             health.set(WorkerState::Running);
             let parts = WorkerParts {
+                pool: pool.clone(),
                 bookkeeping: bookkeeping.clone(),
                 config: config.clone(),
                 generation: generation * 1000,
@@ -583,6 +654,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
     }
     .await;
     maintenance.abort();
+    scheduler.abort();
     waker.abort();
     health.set(WorkerState::Stopped);
     if result.is_ok() {
@@ -647,13 +719,14 @@ async fn wait_for_database(pool: &PgPool, shutdown: &CancellationToken) -> Resul
     }
 }
 
-/// How often each worker process prunes finished jobs.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often each worker process kills jobs of unknown types.
+const KILL_UNHANDLED_EVERY: Duration = Duration::from_secs(60);
 
 /// Queue upkeep, in every worker process (concurrent runs are harmless):
 /// every lease, attempts lost with their acknowledgement go back to the queue;
-/// every [`PRUNE_EVERY`], finished jobs past their retention are pruned and
-/// jobs of unknown types past their grace are killed.
+/// every [`KILL_UNHANDLED_EVERY`], jobs of unknown types past their grace are
+/// killed. (Finished jobs are pruned by the periodic `prune_jobs` job, once
+/// per tick across all workers: see `cron`.)
 async fn maintain(
     pool: PgPool,
     queues: Vec<&'static str>,
@@ -661,9 +734,8 @@ async fn maintain(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) {
-    let retention = config.retention();
     let mut every = tokio::time::interval(config.lease.max(Duration::from_secs(1)));
-    let mut last_prune: Option<Instant> = None;
+    let mut last_kill: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -681,22 +753,10 @@ async fn maintain(
                 tracing::warn!(error = %err, "checking for lost attempts failed; will retry")
             }
         }
-        if last_prune.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+        if last_kill.is_some_and(|at| at.elapsed() < KILL_UNHANDLED_EVERY) {
             continue;
         }
-        last_prune = Some(Instant::now());
-        match admin::prune(&pool, retention).await {
-            Ok(pruned) if pruned != Pruned::default() => {
-                tracing::info!(
-                    jobs.done = pruned.done,
-                    jobs.dead = pruned.dead,
-                    workers = pruned.workers,
-                    "pruned finished jobs"
-                );
-            }
-            Ok(_) => {}
-            Err(err) => tracing::warn!(error = %err, "pruning finished jobs failed; will retry"),
-        }
+        last_kill = Some(Instant::now());
         match admin::kill_unhandled(&pool, &queues, config.unknown_grace).await {
             Ok(0) => {}
             Ok(killed) => tracing::warn!(

@@ -75,6 +75,9 @@ struct Sizes {
     pickups: usize,
     scaling_jobs: usize,
     trim_tables: &'static [i64],
+    fan_ins: usize,
+    chains: usize,
+    backlog: i64,
 }
 
 const QUICK: Sizes = Sizes {
@@ -83,6 +86,9 @@ const QUICK: Sizes = Sizes {
     pickups: 50,
     scaling_jobs: 400,
     trim_tables: &[10_000, 100_000],
+    fan_ins: 10,
+    chains: 200,
+    backlog: 100_000,
 };
 const FULL: Sizes = Sizes {
     web_seconds: 10,
@@ -90,6 +96,9 @@ const FULL: Sizes = Sizes {
     pickups: 300,
     scaling_jobs: 2_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
+    fan_ins: 50,
+    chains: 1_000,
+    backlog: 1_000_000,
 };
 const LONG: Sizes = Sizes {
     web_seconds: 30,
@@ -97,6 +106,9 @@ const LONG: Sizes = Sizes {
     pickups: 1_000,
     scaling_jobs: 8_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
+    fan_ins: 200,
+    chains: 5_000,
+    backlog: 1_000_000,
 };
 
 /// The parts of the benchmark, in the order they run.
@@ -112,6 +124,9 @@ enum Section {
     Scaling,
     /// 6: deleting the same old rows from tables of growing size.
     Trim,
+    /// 7: workflows: fan-in latency, 3-step chains per second, a trim of a
+    /// huge backlog as a workflow of chunks.
+    Workflows,
 }
 
 /// VisitMe measured against the physical limit: web throughput and latency,
@@ -169,6 +184,9 @@ async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
     }
     if wanted(Section::Trim) {
         trim_cost(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Workflows) {
+        workflows(&db, &sizes, &mut report).await?;
     }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
     report.write(&path)?;
@@ -583,5 +601,207 @@ async fn trim_cost(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
             "ms",
         );
     }
+    Ok(())
+}
+
+fn probe(key: String, behaviour: jobs::probe::Behaviour) -> jobs::probe::Probe {
+    jobs::probe::Probe { key, behaviour }
+}
+
+async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    use durable_jobs::Workflow;
+    use jobs::probe::Behaviour;
+    println!(
+        "7. workflows: {} fan-ins of 100, {} 3-step chains, a trim of {} old visits; one worker process",
+        sizes.fan_ins, sizes.chains, sizes.backlog
+    );
+    sqlx::query("delete from apalis.jobs")
+        .execute(&db.pool)
+        .await?;
+    let worker = Process::started_worker(&worker_env(db, "10")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Fan-in latency: from the last of 100 dependencies recorded done to the
+    // fan-in's handler starting, one workflow at a time.
+    let mut latencies = Vec::new();
+    for round in 0..sizes.fan_ins {
+        let mut workflow = Workflow::new("bench-fan-in");
+        for n in 0..100 {
+            workflow = workflow.add(
+                format!("part-{n}"),
+                probe(format!("part-{n}"), Behaviour::Noop),
+            );
+        }
+        let parts: Vec<String> = (0..100).map(|n| format!("part-{n}")).collect();
+        let key = format!("fan-in-{round}");
+        let workflow = workflow.add_after("fan-in", probe(key.clone(), Behaviour::Succeed), parts);
+        let mut tx = db.pool.begin().await?;
+        let id = workflow.enqueue(&mut tx).await?.to_string();
+        tx.commit().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let started_at: DateTime<Utc> = loop {
+            let started: Option<DateTime<Utc>> =
+                sqlx::query_scalar("select started_at from job_probe_runs where probe = $1")
+                    .bind(&key)
+                    .fetch_optional(&db.pool)
+                    .await?;
+            if let Some(at) = started {
+                break at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "fan-in {key} never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let last_done: DateTime<Utc> = sqlx::query_scalar(
+            "select max(done_at) from apalis.jobs where workflow_id = $1 and job_type = 'probe'
+               and id <> (select job_id from apalis.workflow_steps where workflow_id = $1 and name = 'fan-in')",
+        )
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await?;
+        latencies.push((started_at - last_done).to_std().unwrap_or_default());
+    }
+    latencies.sort_unstable();
+    report.add(
+        "workflows",
+        "fan-in latency p50 (100-way)",
+        percentile(&latencies, 0.50),
+        "ms",
+    );
+    report.add(
+        "workflows",
+        "fan-in latency p99 (100-way)",
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+
+    // Throughput: many 3-step chains at once.
+    db.wait_until_idle(Duration::from_secs(60)).await?;
+    let mut tx = db.pool.begin().await?;
+    for n in 0..sizes.chains {
+        Workflow::new("bench-chain")
+            .add("a", probe(format!("chain-{n}-a"), Behaviour::Noop))
+            .add_after("b", probe(format!("chain-{n}-b"), Behaviour::Noop), ["a"])
+            .add_after("c", probe(format!("chain-{n}-c"), Behaviour::Noop), ["b"])
+            .enqueue(&mut tx)
+            .await?;
+    }
+    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    db.wait_until_idle_polling(Duration::from_secs(600), Duration::from_millis(200))
+        .await?;
+    let last_done: DateTime<Utc> = sqlx::query_scalar(
+        "select max(done_at) from apalis.jobs where workflow_id in
+             (select id from apalis.workflows where name = 'bench-chain')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let elapsed = (last_done - committed_at).to_std()?.as_secs_f64();
+    report.add(
+        "workflows",
+        "3-step chains completed",
+        sizes.chains as f64 / elapsed,
+        "workflows/s",
+    );
+
+    // A backlog trimmed by one job: as one DELETE (before), then as a
+    // workflow of TRIM_CHUNK-sized steps (now). Each DELETE statement on
+    // visits records how long its transaction had run when it ended.
+    let base = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).context("base time")?;
+    let fill = |rows: i64| {
+        sqlx::query(
+            "insert into visits (visitor, created_at)
+             select 'backlog', $2 + make_interval(secs => n / 1000.0) from generate_series(1, $1) as n",
+        )
+        .bind(rows)
+        .bind(base)
+    };
+    sqlx::query("truncate visits").execute(&db.pool).await?;
+    fill(sizes.backlog).execute(&db.pool).await?;
+    let started = Instant::now();
+    let deleted = jobs::TrimVisits {
+        older_than: Utc::now(),
+    }
+    .delete_older(&db.pool)
+    .await?
+    .len();
+    report.add(
+        "workflows",
+        format!("trim {deleted} as one DELETE"),
+        started.elapsed().as_secs_f64() * 1000.0,
+        "ms",
+    );
+    fill(sizes.backlog).execute(&db.pool).await?;
+    sqlx::raw_sql(
+        "create table if not exists bench_delete_transactions (rows bigint, seconds float8);
+         truncate bench_delete_transactions;
+         create or replace function bench_record_delete() returns trigger language plpgsql as $$
+         begin
+             insert into bench_delete_transactions
+             select count(*), extract(epoch from clock_timestamp() - now()) from gone;
+             return null;
+         end $$;
+         drop trigger if exists bench_record_delete on visits;
+         create trigger bench_record_delete after delete on visits
+             referencing old table as gone for each statement execute function bench_record_delete();
+         analyze visits;",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut tx = db.pool.begin().await?;
+    jobs::enqueue(
+        &mut tx,
+        &jobs::TrimVisits {
+            older_than: Utc::now(),
+        },
+    )
+    .await?;
+    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let summary_done: DateTime<Utc> = loop {
+        let done: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "select max(done_at) from apalis.jobs where job_type = 'trim_visits_summary' and status = 'Done'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if let Some(at) = done {
+            break at;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the backlog trim never finished");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let wall = (summary_done - committed_at).to_std()?.as_secs_f64();
+    let (rows, statements, longest): (Option<i64>, i64, Option<f64>) = sqlx::query_as(
+        "select sum(rows)::int8, count(*), max(seconds) from bench_delete_transactions where rows > 0",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let rows = rows.unwrap_or_default();
+    report.add(
+        "workflows",
+        format!("trim {rows} as a workflow: wall time"),
+        wall,
+        "s",
+    );
+    report.add(
+        "workflows",
+        "trim as a workflow: rows deleted",
+        rows as f64 / wall,
+        "rows/s",
+    );
+    report.add(
+        "workflows",
+        format!("trim as a workflow: longest of {statements} transactions"),
+        longest.unwrap_or_default() * 1000.0,
+        "ms",
+    );
+    sqlx::raw_sql("drop trigger bench_record_delete on visits")
+        .execute(&db.pool)
+        .await?;
+    worker.terminate(Duration::from_secs(30)).await?;
     Ok(())
 }

@@ -202,3 +202,93 @@ async fn a_pending_trim_with_a_corrupt_payload_is_replaced_not_fatal() -> anyhow
     }
     anyhow::bail!("the coalescing window closed between insert and view five times")
 }
+
+#[tokio::test]
+async fn a_large_trim_runs_as_a_workflow_of_bounded_chunks_and_logs_one_summary()
+-> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    // A backlog: 25,000 visits from yesterday, then one page view.
+    sqlx::raw_sql(
+        "insert into visits (visitor, created_at)
+         select 'old-' || n, now() - interval '1 day' + n * interval '1 ms'
+         from generate_series(1, 25000) as n;
+         -- How many rows each DELETE statement on visits removed.
+         create table delete_sizes (rows bigint not null);
+         create function record_delete_size() returns trigger language plpgsql as $$
+         begin
+             insert into delete_sizes select count(*) from gone;
+             return null;
+         end $$;
+         create trigger record_delete_size after delete on visits
+             referencing old table as gone for each statement
+             execute function record_delete_size();",
+    )
+    .execute(&app.db.pool)
+    .await?;
+    let shown = app.visit("browser").await?.ids();
+    let before = app.db.visit_ids().await?;
+
+    let mut worker = Process::spawn(
+        "worker",
+        &[
+            ("DATABASE_URL", app.db.url.as_str()),
+            ("LOG_FORMAT", "json"),
+        ],
+    )?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+    app.db.drain_queue(Duration::from_secs(120)).await?;
+    let mut remaining = app.db.visit_ids().await?;
+    remaining.reverse();
+    assert_eq!(remaining, shown, "exactly the 10 newest visits remain");
+
+    worker
+        .wait_for_line("Deleting", Duration::from_secs(10))
+        .await?;
+    let deleted: Vec<i64> = before
+        .iter()
+        .copied()
+        .filter(|id| !shown.contains(id))
+        .collect();
+    assert_eq!(deleted.len(), 24_991);
+    let mut logged = logged_values(&worker.output(), "visit.id");
+    logged.sort_unstable();
+    assert!(
+        logged == deleted,
+        "each deleted visit is logged once with visit.id ({} logged)",
+        logged.len()
+    );
+    let summaries: Vec<String> = worker
+        .output()
+        .into_iter()
+        .filter(|line| line.contains("Deleting "))
+        .collect();
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    assert_eq!(
+        logged_values(&summaries, "visits.deleted"),
+        [24_991],
+        "the summary has the total"
+    );
+    assert!(
+        summaries[0].contains("(and 24891 more)"),
+        "the first 100 ids, then how many more: {}",
+        summaries[0]
+    );
+
+    let (statements, largest): (i64, Option<i64>) =
+        sqlx::query_as("select count(*), max(rows) from delete_sizes where rows > 0")
+            .fetch_one(&app.db.pool)
+            .await?;
+    assert!(
+        statements >= 25,
+        "the trim ran in chunks: {statements} deletes"
+    );
+    assert!(
+        largest <= Some(1000),
+        "no DELETE touched more than TRIM_CHUNK rows: {largest:?}"
+    );
+    let status = worker.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "worker exits 0 on SIGTERM, got {status}");
+    app.stop().await
+}

@@ -231,3 +231,61 @@ async fn worker_dead_shows_control_characters_in_job_errors_escaped() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_workflow_shows_a_workflows_steps_and_cancel_workflow_cancels_it()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let probe = |key: &str| Probe {
+        key: key.to_owned(),
+        behaviour: Behaviour::Succeed,
+    };
+    let mut tx = db.pool.begin().await?;
+    let id = durable_jobs::Workflow::new("shown")
+        .add("first", probe("first"))
+        .add_after("second", probe("second"), ["first"])
+        .enqueue(&mut tx)
+        .await?
+        .to_string();
+    tx.commit().await?;
+
+    let (code, list, _) = operator(&db, &["workflow"]).await?;
+    assert_eq!(code, 0);
+    assert!(
+        list.len() == 2 && list[1].starts_with(&id) && list[1].contains("shown"),
+        "{list:?}"
+    );
+    let (code, shown, stderr) = operator(&db, &["workflow", &id]).await?;
+    assert_eq!((code, stderr.len()), (0, 0), "{stderr:?}");
+    assert!(
+        shown[0].starts_with(&format!("workflow {id} (shown): running, 2 steps")),
+        "{shown:?}"
+    );
+    let step_line = |name: &str| {
+        shown
+            .iter()
+            .find(|line| line.trim_start().starts_with(name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(step_line("first").contains("pending"), "{shown:?}");
+    assert!(
+        step_line("second").contains("waiting") && step_line("second").contains("after first"),
+        "{shown:?}"
+    );
+
+    let (code, out, _) = operator(&db, &["cancel-workflow", &id]).await?;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        [format!(
+            "workflow {id}: 2 steps cancelled, 0 running asked to stop"
+        )]
+    );
+    let (_, shown, _) = operator(&db, &["workflow", &id]).await?;
+    assert!(shown[0].contains(": cancelled, 2 steps"), "{shown:?}");
+    let (code, _, stderr) = operator(&db, &["workflow", "01JNOSUCHWORKFLOW000000000"]).await?;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+    Ok(())
+}

@@ -346,7 +346,16 @@ async fn a_long_database_outage_never_uses_up_the_workers_restarts() -> anyhow::
     let health = jobs::Health::default();
     let worker = tokio::spawn({
         let (pool, shutdown, health) = (pool.clone(), shutdown.clone(), health.clone());
-        async move { jobs::run_reporting(pool, fast_worker_config(), shutdown, &health).await }
+        async move {
+            jobs::run_reporting(
+                pool,
+                fast_worker_config(),
+                jobs::JobSettings::default(),
+                shutdown,
+                &health,
+            )
+            .await
+        }
     });
     enqueue_probes(
         &pool,

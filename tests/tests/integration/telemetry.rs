@@ -172,6 +172,97 @@ async fn one_trace_links_the_request_the_enqueue_and_the_job_with_every_deleted_
 }
 
 #[tokio::test]
+async fn a_large_trims_workflow_is_one_trace_and_its_fan_in_links_every_chunk() -> anyhow::Result<()>
+{
+    let receiver = OtlpReceiver::start().await?;
+    let endpoint = receiver.endpoint();
+    let db = TestDb::migrated().await?;
+    // 20 old visits: one page view shows the newest 9 of them and trims 11,
+    // which at 3 per chunk is a workflow of 4 chunks and a summary.
+    sqlx::query(
+        "insert into visits (visitor, created_at)
+         select 'old-' || n, now() - interval '1 hour' + n * interval '1 ms'
+         from generate_series(1, 20) as n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+        ("TRIM_CHUNK", "3"),
+    ];
+    let mut web = Process::spawn(
+        "web",
+        &[
+            &otel[..],
+            &[("BIND", "127.0.0.1:0"), ("EMBEDDED_WORKER", "false")],
+        ]
+        .concat(),
+    )?;
+    let mut worker = Process::spawn("worker", &[&otel[..], &fast_worker_env()[..]].concat())?;
+    let address = web.web_address().await?;
+    worker
+        .wait_for_line("worker started", Duration::from_secs(60))
+        .await?;
+    tests::visit_times(&address, 1, "traced").await?;
+    db.drain_queue(Duration::from_secs(30)).await?;
+    assert_eq!(db.visit_ids().await?.len(), 10);
+    for process in [web, worker] {
+        assert!(process.terminate(Duration::from_secs(30)).await?.success());
+    }
+    let spans = receiver.spans();
+    let named = |name: &str| -> Vec<_> { spans.iter().filter(|s| s.name == name).collect() };
+    let server = named("GET /");
+    assert_eq!(server.len(), 1, "one page view");
+    let trace = &server[0].trace_id;
+    let chunks = named("process trim_visits_chunk");
+    let summary = named("process trim_visits_summary");
+    assert_eq!((chunks.len(), summary.len()), (4, 1), "4 chunks, 1 summary");
+    for span in chunks
+        .iter()
+        .chain(&summary)
+        .chain(&named("process trim_visits"))
+        .chain(&named("send workflow trim_visits"))
+    {
+        assert_eq!(
+            &span.trace_id, trace,
+            "{} is in the page view's trace",
+            span.name
+        );
+        assert_eq!(
+            span.kind,
+            if span.name.starts_with("send") {
+                PRODUCER
+            } else {
+                CONSUMER
+            }
+        );
+    }
+    let mut linked: Vec<&String> = summary[0]
+        .links
+        .iter()
+        .filter(|(_, span_id)| chunks.iter().any(|chunk| &chunk.span_id == span_id))
+        .map(|(_, span_id)| span_id)
+        .collect();
+    linked.sort();
+    linked.dedup();
+    assert_eq!(
+        linked.len(),
+        4,
+        "the fan-in links to each chunk: {:?}",
+        summary[0].links
+    );
+    assert_eq!(
+        summary[0]
+            .attributes
+            .get("workflow.step")
+            .map(String::as_str),
+        Some("summary")
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn retried_attempts_are_separate_spans_in_the_enqueuers_trace() -> anyhow::Result<()> {
     let receiver = OtlpReceiver::start().await?;
     let endpoint = receiver.endpoint();

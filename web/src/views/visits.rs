@@ -96,7 +96,12 @@ pub fn background_panel(
                         }
                         dt { "Deleted" }
                         dd #last-trim-deleted {
-                            @if let Some(outcome) = work.last_outcome() {
+                            @if let Some(plan) = work.last_outcome().and_then(|o| o.planned) {
+                                span.planned {
+                                    (plan.visits) " visits, in a workflow of " (plan.chunks) " chunk steps ("
+                                    code { (plan.workflow) } ")"
+                                }
+                            } @else if let Some(outcome) = work.last_outcome() {
                                 @let ids: Vec<String> = outcome.ids.iter().map(i64::to_string).collect();
                                 span data-deleted=(outcome.deleted) data-ids=(ids.join(",")) {
                                     (outcome.deleted) @if outcome.deleted == 1 { " visit" } @else { " visits" }
