@@ -500,6 +500,21 @@ impl JobDetail {
             })
     }
 
+    /// The workflow and step this job is, if it is a workflow step.
+    pub fn workflow_step(&self) -> Option<crate::StepOf> {
+        let entries = self.metadata_entries();
+        let get = |wanted: &str| {
+            entries
+                .iter()
+                .find(|(key, _)| key == wanted)
+                .map(|(_, value)| value.clone())
+        };
+        Some(crate::StepOf {
+            workflow: get(crate::workflow::WORKFLOW_ID_KEY)?,
+            step: get(crate::workflow::WORKFLOW_STEP_KEY)?,
+        })
+    }
+
     fn result(&self) -> Option<serde_json::Value> {
         serde_json::from_str(self.last_result.as_deref()?).ok()
     }

@@ -44,6 +44,7 @@ use crate::{
     Error,
     admin::{
         self, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus, StateCount,
+        WorkflowSummary, WorkflowView,
     },
 };
 
@@ -99,6 +100,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(dashboard: Dashboard) -> Router<
         .route("/", get(overview))
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/{action}", post(act))
+        .route("/workflows/{id}", get(workflow_page))
+        .route("/workflows/{id}/cancel", post(cancel_workflow))
         .with_state(Arc::new(dashboard))
 }
 
@@ -199,10 +202,11 @@ async fn overview(
             )
             .await?,
             admin::schedules(pool).await?,
+            admin::latest_workflows(pool, WORKFLOWS_SHOWN).await?,
         ))
     }
     .await;
-    let (counts, last_hour, mut latest, schedules) = match loaded {
+    let (counts, last_hour, mut latest, schedules, workflows) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => return unavailable(&dashboard, &err),
     };
@@ -217,6 +221,7 @@ async fn overview(
         filter,
         more,
         schedules,
+        workflows,
         csrf: csrf.map(|Extension(Csrf(token))| token),
         notice: query.text(),
     };
@@ -229,6 +234,27 @@ struct ActionForm {
     csrf: String,
 }
 
+/// A 403 when the session has a CSRF token and the form does not bring it back.
+fn refuse_without_csrf(
+    dashboard: &Dashboard,
+    csrf: Option<Extension<Csrf>>,
+    form: &ActionForm,
+    id: &str,
+) -> Option<Response> {
+    let Extension(Csrf(expected)) = csrf?;
+    if bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes())) {
+        return None;
+    }
+    tracing::warn!(id, "dashboard action refused: missing or wrong CSRF token");
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            (dashboard.layout)("Forbidden", html! { h1 { "Forbidden" } }),
+        )
+            .into_response(),
+    )
+}
+
 async fn act(
     State(dashboard): State<Arc<Dashboard>>,
     prefix: NestedPath,
@@ -236,15 +262,8 @@ async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Some(Extension(Csrf(expected))) = csrf
-        && !bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes()))
-    {
-        tracing::warn!(job.id = %id, "dashboard action refused: missing or wrong CSRF token");
-        return (
-            StatusCode::FORBIDDEN,
-            (dashboard.layout)("Forbidden", html! { h1 { "Forbidden" } }),
-        )
-            .into_response();
+    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
+        return refused;
     }
     let pool = &dashboard.pool;
     let (result, done, refused) = match action.as_str() {
@@ -329,6 +348,7 @@ struct Page<'a> {
     /// Whether older jobs match the filter than those shown.
     more: bool,
     schedules: Vec<ScheduleStatus>,
+    workflows: Vec<WorkflowSummary>,
     csrf: Option<String>,
     notice: Option<String>,
 }
@@ -375,6 +395,7 @@ impl Page<'_> {
                 }
             } }
             (schedules_section(&self.schedules))
+            (workflows_section(self.prefix, &self.workflows))
             h2 { "Latest jobs" }
             (self.filters(queues))
             div.scroll tabindex="0" { table.grid #latest-jobs {
@@ -597,6 +618,12 @@ pub fn render_job(
             dt { "Last ended" } dd { @if let Some(at) = job.done_at { (timestamp(at)) } @else { "not yet" } }
             @if let Some(took) = &took { dt { "Took" } dd { (took) } }
             dt { "Worker" } dd { @if let Some(worker) = &job.lock_by { code { (worker) } } @else { "none" } }
+            @if let Some(step) = job.workflow_step() {
+                dt { "Workflow" } dd {
+                    "step " code { (step.step) } " of "
+                    a #job-workflow-link href=(workflow_page_path(prefix, &step.workflow)) { code { (step.workflow) } }
+                }
+            }
             @if let Some(key) = &job.unique_key { dt { "Unique key" } dd { code { (key) } } }
             @if let (Some(url), Some(trace)) = (trace_ui, job.trace_id()) {
                 dt { "Trace" } dd { a #job-trace-link href=(format!("{url}/trace/{trace}")) rel="noopener" { "view this job's trace" } }
@@ -649,4 +676,153 @@ mod tests {
             Some("retry: done")
         );
     }
+}
+
+/// How many workflows the overview lists.
+const WORKFLOWS_SHOWN: i64 = 10;
+
+/// A workflow's page, under the dashboard's `prefix`.
+pub fn workflow_page_path(prefix: &str, id: &str) -> String {
+    format!(
+        "{prefix}/workflows/{}",
+        utf8_percent_encode(id, PATH_SEGMENT)
+    )
+}
+
+/// The newest workflows, each with its steps counted.
+fn workflows_section(prefix: &str, workflows: &[WorkflowSummary]) -> Markup {
+    html! {
+        h2 { "Workflows" }
+        div.scroll tabindex="0" { table.grid #workflows {
+            thead { tr { th { "workflow" } th { "name" } th { "steps" } th { "done" } th { "failed" } th { "open" } th { "created" } } }
+            tbody {
+                @for workflow in workflows {
+                    tr data-workflow-id=(workflow.id) {
+                        td { a href=(workflow_page_path(prefix, &workflow.id)) { code { (workflow.id) } } }
+                        td { (workflow.name) @if workflow.cancel_requested_at.is_some() { " (cancelled)" } }
+                        td.num { (workflow.steps) }
+                        td.num { (workflow.done) }
+                        td.num { (workflow.failed) }
+                        td.num { (workflow.open) }
+                        td { (timestamp(workflow.created_at)) }
+                    }
+                }
+                @if workflows.is_empty() { tr { td colspan="7" { "No workflows." } } }
+            }
+        } }
+    }
+}
+
+async fn workflow_page(
+    State(dashboard): State<Arc<Dashboard>>,
+    prefix: NestedPath,
+    csrf: Option<Extension<Csrf>>,
+    Path(id): Path<String>,
+) -> Response {
+    let workflow = match admin::workflow(&dashboard.pool, &id).await {
+        Ok(Some(workflow)) => workflow,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                (dashboard.layout)(
+                    "No such workflow",
+                    // The id is not echoed: a link must not make the page say anything.
+                    html! { h1 { "No such workflow" } p { "There is no workflow with this id (finished workflows are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
+                ),
+            )
+                .into_response();
+        }
+        Err(err) => return unavailable(&dashboard, &err),
+    };
+    let csrf = csrf.map(|Extension(Csrf(token))| token);
+    let body = html! {
+        div #workflow-page data-refresh-from=(workflow_page_path(prefix.as_str(), &workflow.id)) {
+            (render_workflow(prefix.as_str(), &workflow, csrf.as_deref()))
+        }
+    };
+    (dashboard.layout)(&format!("Workflow {}", workflow.id), body).into_response()
+}
+
+/// One workflow's page body: its state, a Cancel button while it runs, and
+/// each step with its dependencies, state, attempts, timings and result or
+/// error, linked to the step's job page once it has a job.
+pub fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>) -> Markup {
+    let state = workflow.state();
+    html! {
+        p { a href=(overview_path(prefix)) { "← All jobs" } }
+        dl.facts #workflow-facts data-workflow-id=(workflow.id) data-state=(state) {
+            dt { "Name" } dd { (workflow.name) }
+            dt { "State" } dd {
+                span class={ "state " (state) } { (state) }
+                @if state == "running" {
+                    " "
+                    form.inline method="post" action=(format!("{}/cancel", workflow_page_path(prefix, &workflow.id))) {
+                        @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
+                        button type="submit" { "Cancel workflow" }
+                    }
+                }
+            }
+            dt { "Steps" } dd { (workflow.steps.len()) }
+            dt { "Created" } dd { (timestamp(workflow.created_at)) }
+            @if let Some(at) = workflow.cancel_requested_at { dt { "Cancel requested" } dd { (timestamp(at)) } }
+            @if let Some(key) = &workflow.key { dt { "Key" } dd { code { (key) } } }
+        }
+        h2 { "Steps" }
+        div.scroll tabindex="0" { table.grid #workflow-steps {
+            thead { tr { th { "step" } th { "queue" } th { "after" } th { "state" } th { "attempts" } th { "released" } th { "finished" } th { "result or error" } } }
+            tbody {
+                @for step in &workflow.steps {
+                    tr data-step=(step.name) data-state=(step.state) {
+                        td { @if step.released_at.is_some() {
+                            a href=(job_page_path(prefix, &step.job_id)) { code { (step.name) } }
+                        } @else { code { (step.name) } } }
+                        td { code { (step.job_type) } }
+                        td { (step.depends_on.join(", ")) @if step.on_dependency_failure == "run" { " (run anyway)" } }
+                        td { span class={ "state " (step.state) } { (step.state) } }
+                        td.num { (step.attempts) " / " (step.max_attempts) }
+                        td { @if let Some(at) = step.released_at { (timestamp(at)) } }
+                        td { @if let Some(at) = step.finished_at { (timestamp(at)) } }
+                        td.error {
+                            @if let Some(error) = &step.error { (error) }
+                            @else if let Some(result) = &step.result { code { (short_json(result)) } }
+                        }
+                    }
+                }
+            }
+        } }
+    }
+}
+
+/// A result as one line of at most 200 characters.
+fn short_json(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+async fn cancel_workflow(
+    State(dashboard): State<Arc<Dashboard>>,
+    prefix: NestedPath,
+    csrf: Option<Extension<Csrf>>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
+        return refused;
+    }
+    match admin::cancel_workflow(&dashboard.pool, &id).await {
+        Ok(cancelled) => {
+            tracing::info!(
+                workflow.id = %id,
+                steps.cancelled = cancelled.cancelled,
+                steps.running = cancelled.running,
+                "dashboard cancelled a workflow"
+            );
+        }
+        Err(Error::NoSuchJob { .. }) => {}
+        Err(err) => return unavailable(&dashboard, &err),
+    }
+    Redirect::to(&workflow_page_path(prefix.as_str(), &id)).into_response()
 }

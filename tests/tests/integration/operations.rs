@@ -498,3 +498,90 @@ async fn just_lists_its_recipes() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_dashboard_shows_a_workflow_links_its_steps_and_cancels_it() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("s3cret-token");
+    let csrf = state.admin.as_ref().expect("admin on").csrf().to_owned();
+    let app = TestApp::spawn_with(db, state).await?;
+    let probe = |key: &str| Probe {
+        key: key.to_owned(),
+        behaviour: Behaviour::Succeed,
+    };
+    let mut tx = app.db.pool.begin().await?;
+    let id = durable_jobs::Workflow::new("shown-on-the-dashboard")
+        .add("first", probe("first"))
+        .step(
+            durable_jobs::Step::new("second", &probe("second"))
+                .after(["first"])
+                .run_anyway(),
+        )
+        .enqueue(&mut tx)
+        .await?
+        .to_string();
+    tx.commit().await?;
+    let first_job: String = sqlx::query_scalar(
+        "select job_id from apalis.workflow_steps where workflow_id = $1 and name = 'first'",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.pool)
+    .await?;
+    let get = |path: String| {
+        let request = app.client.get(app.url(&path)).bearer_auth("s3cret-token");
+        async move { anyhow::Ok(request.send().await?.text().await?) }
+    };
+
+    let overview = get("/admin".to_owned()).await?;
+    assert!(
+        overview.contains(&format!(r#"href="/admin/workflows/{id}""#))
+            && overview.contains("shown-on-the-dashboard"),
+        "the overview lists the workflow: {overview}"
+    );
+    let page = get(format!("/admin/workflows/{id}")).await?;
+    assert!(page.contains(r#"data-state="running""#), "{page}");
+    assert!(
+        page.contains(r#"data-step="first" data-state="pending""#)
+            && page.contains(&format!(r#"href="/admin/jobs/{first_job}""#)),
+        "a released step links to its job: {page}"
+    );
+    assert!(
+        page.contains(r#"data-step="second" data-state="waiting""#)
+            && page.contains("first (run anyway)"),
+        "a waiting step shows what it waits for: {page}"
+    );
+    let job_page = get(format!("/admin/jobs/{first_job}")).await?;
+    assert!(
+        job_page.contains(&format!(r#"href="/admin/workflows/{id}""#)),
+        "a step's job page links to its workflow: {job_page}"
+    );
+
+    let cancel = |token: &str| {
+        app.client
+            .post(app.url(&format!("/admin/workflows/{id}/cancel")))
+            .bearer_auth("s3cret-token")
+            .header("cookie", "")
+            .form(&[("csrf", token.to_owned())])
+            .send()
+    };
+    let cancelled = cancel(&csrf).await?;
+    assert_eq!(cancelled.status(), 303);
+    assert_eq!(
+        cancelled.headers()["location"].to_str()?,
+        format!("/admin/workflows/{id}")
+    );
+    let page = get(format!("/admin/workflows/{id}")).await?;
+    assert!(page.contains(r#"data-state="cancelled""#), "{page}");
+    assert!(
+        !page.contains("Cancel workflow"),
+        "no Cancel once cancelled: {page}"
+    );
+    let missing = app
+        .client
+        .get(app.url("/admin/workflows/01JNOSUCHWORKFLOW000000000"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await?;
+    assert_eq!(missing.status(), 404);
+    app.stop().await
+}
