@@ -652,32 +652,6 @@ pub fn render_job(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_ids_are_percent_encoded_in_paths() {
-        assert_eq!(
-            job_action_path("/admin", "a/../b?c=1#x", "retry"),
-            "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
-        );
-    }
-
-    #[test]
-    fn only_known_notices_are_shown() {
-        let query = |notice: &str, job: &str| NoticeQuery {
-            notice: Some(notice.to_owned()),
-            job: Some(job.to_owned()),
-        };
-        assert_eq!(query("Your session expired, call 555", "").text(), None);
-        assert_eq!(
-            query("retried", "call 555").text().as_deref(),
-            Some("retry: done")
-        );
-    }
-}
-
 /// How many workflows the overview lists.
 const WORKFLOWS_SHOWN: i64 = 10;
 
@@ -825,4 +799,30 @@ async fn cancel_workflow(
         Err(err) => return unavailable(&dashboard, &err),
     }
     Redirect::to(&workflow_page_path(prefix.as_str(), &id)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_percent_encoded_in_paths() {
+        assert_eq!(
+            job_action_path("/admin", "a/../b?c=1#x", "retry"),
+            "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
+        );
+    }
+
+    #[test]
+    fn only_known_notices_are_shown() {
+        let query = |notice: &str, job: &str| NoticeQuery {
+            notice: Some(notice.to_owned()),
+            job: Some(job.to_owned()),
+        };
+        assert_eq!(query("Your session expired, call 555", "").text(), None);
+        assert_eq!(
+            query("retried", "call 555").text().as_deref(),
+            Some("retry: done")
+        );
+    }
 }
