@@ -136,7 +136,7 @@ impl WorkerConfig {
         pool.options()
             .clone()
             .min_connections(0)
-            .max_connections(queues * 2)
+            .max_connections(queues * 4)
             .connect_lazy_with(connect)
     }
 }
@@ -270,6 +270,7 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
             &bookkeeping,
             queue_config::<J>(&config),
             config.backoff(J::BACKOFF),
+            usize::from(config.concurrency),
         )
         .poll_with_strategy(wake_up);
         WorkerBuilder::new(worker_name(J::NAME, generation + restarts))
