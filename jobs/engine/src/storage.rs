@@ -54,7 +54,6 @@ use apalis_core::backend::{
     persistence::TaskEvent,
 };
 use apalis_postgres::{Config, Error, PgPool, PgTask, queries as apalis_queries};
-use futures::FutureExt as _;
 use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
@@ -89,6 +88,12 @@ impl Codec<Vec<u8>> for RawPayload {
 /// starts at once.
 const TOP_UP_DELAY: Duration = Duration::from_millis(1);
 
+/// Settles that may run at once. One: while it runs, the next batch
+/// gathers, so a settle's size follows the load. Two at once deadlocked in
+/// a drain (a job's start mark in one batch, its result in the next, rows
+/// locked in different orders by the two statements), and were no faster.
+const SETTLES_IN_FLIGHT: usize = 1;
+
 /// A queue's backend for apalis workers. Build it with [`QueueStorage::new`];
 /// see the module documentation for what it does.
 #[derive(Debug)]
@@ -114,7 +119,7 @@ pub struct QueueStorage {
     /// Set while a small claim waits for more free slots (see [`TOP_UP_DELAY`]).
     top_up: Option<Pin<Box<tokio::time::Sleep>>>,
     unsettled: Vec<TaskEvent<Value>>,
-    settle: Option<BoxSyncFuture<Result<Recorded, Error>>>,
+    settles: Vec<BoxSyncFuture<Result<Recorded, Error>>>,
     hand_back: Option<BoxSyncFuture<Result<u64, Error>>>,
     dead: bool,
 }
@@ -142,7 +147,7 @@ impl QueueStorage {
             running: 0,
             top_up: None,
             unsettled: Vec::new(),
-            settle: None,
+            settles: Vec::new(),
             hand_back: None,
             dead: false,
         }
@@ -163,29 +168,32 @@ impl QueueStorage {
         }
     }
 
-    /// Drives the settle in flight, and starts the next one with everything
-    /// that arrived meanwhile.
+    /// Drives the settles in flight, and starts the next one with everything
+    /// that arrived meanwhile while fewer than [`SETTLES_IN_FLIGHT`] run.
     fn poll_settle(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Result<(), Error> {
         loop {
-            if let Some(settle) = self.settle.as_mut() {
-                match settle.poll_unpin(cx) {
-                    Poll::Pending => return Ok(()),
+            let mut failure = None;
+            self.settles
+                .retain_mut(|settle| match settle.poll_unpin(cx) {
+                    Poll::Pending => true,
                     Poll::Ready(result) => {
-                        self.settle = None;
-                        result?;
+                        if let Err(error) = result {
+                            failure.get_or_insert(error);
+                        }
+                        false
                     }
-                }
+                });
+            if let Some(error) = failure {
+                return Err(error);
             }
-            if self.unsettled.is_empty() {
+            if self.unsettled.is_empty() || self.settles.len() >= SETTLES_IN_FLIGHT {
                 return Ok(());
             }
             let events = std::mem::take(&mut self.unsettled);
             let (pool, name, backoff) = (self.pool.clone(), worker.name().to_owned(), self.backoff);
-            self.settle = Some(
-                async move { record_events(&pool, events, &name, backoff).await }
-                    .boxed()
-                    .into(),
-            );
+            self.settles.push(spawned(async move {
+                record_events(&pool, events, &name, backoff).await
+            }));
         }
     }
 
@@ -204,11 +212,9 @@ impl QueueStorage {
                     self.lease_seconds(),
                 );
                 let (name, layers) = (worker.name().to_owned(), worker.get_service().to_owned());
-                self.register = Some(
-                    async move { register(&pool, &queue, &name, &layers, lease).await }
-                        .boxed()
-                        .into(),
-                );
+                self.register = Some(spawned(async move {
+                    register(&pool, &queue, &name, &layers, lease).await
+                }));
             }
             let register = self.register.as_mut().expect("set above");
             match register.poll_unpin(cx) {
@@ -233,16 +239,11 @@ impl QueueStorage {
                 self.lease_seconds(),
             );
             let worker = worker.clone();
-            self.heartbeat = Some(
-                async move {
-                    apalis_queries::keep_alive(&mut *pool.acquire().await?, &queue, &worker)
-                        .await?;
-                    recover_orphans_logged(&pool, &queue, lease).await;
-                    Ok(())
-                }
-                .boxed()
-                .into(),
-            );
+            self.heartbeat = Some(spawned(async move {
+                apalis_queries::keep_alive(&mut *pool.acquire().await?, &queue, &worker).await?;
+                recover_orphans_logged(&pool, &queue, lease).await;
+                Ok(())
+            }));
         }
         if let Some(heartbeat) = self.heartbeat.as_mut()
             && let Poll::Ready(result) = heartbeat.poll_unpin(cx)
@@ -250,9 +251,8 @@ impl QueueStorage {
             self.heartbeat = None;
             result?;
             worker.heartbeat(cx);
-            self.heartbeat_timer = Some(Box::pin(tokio::time::sleep(
-                self.config.heartbeat_interval,
-            )));
+            self.heartbeat_timer =
+                Some(Box::pin(tokio::time::sleep(self.config.heartbeat_interval)));
         }
         Poll::Ready(Ok(()))
     }
@@ -261,9 +261,7 @@ impl QueueStorage {
     /// the claim batch; a claim for a few slots while jobs run first waits a
     /// moment for more (see [`TOP_UP_DELAY`]).
     fn demand(&mut self, cx: &mut Context<'_>) -> Option<usize> {
-        let free = self
-            .slots
-            .saturating_sub(self.running + self.buffer.len());
+        let free = self.slots.saturating_sub(self.running + self.buffer.len());
         if free == 0 {
             return None;
         }
@@ -284,6 +282,20 @@ impl QueueStorage {
         self.dead = true;
         error
     }
+}
+
+/// Runs a bookkeeping step on its own tokio task, so that its round trip
+/// makes progress while the worker's task is busy handing out jobs.
+fn spawned<T: Send + 'static>(
+    step: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> BoxSyncFuture<Result<T, Error>> {
+    let task = tokio::spawn(step);
+    BoxSyncFuture::new(Box::pin(async move {
+        // A step that panicked did not finish; the worker stops as on a
+        // database error.
+        task.await
+            .unwrap_or(Err(Error::Database(sqlx::Error::WorkerCrashed)))
+    }))
 }
 
 /// Registers `name` as a worker of `queue`, after recovering the jobs of the
@@ -372,11 +384,9 @@ impl Backend for QueueStorage {
             };
             let (pool, config, name) = (self.pool.clone(), self.config.clone(), worker.name());
             let name = name.to_owned();
-            self.claim = Some(
-                async move { claim(&pool, &config, &name, count).await }
-                    .boxed()
-                    .into(),
-            );
+            self.claim = Some(spawned(
+                async move { claim(&pool, &config, &name, count).await },
+            ));
         }
     }
 
@@ -409,19 +419,15 @@ impl Backend for QueueStorage {
                 self.config.queue.to_string(),
                 worker.name().to_owned(),
             );
-            self.hand_back = Some(
-                async move {
-                    apalis_queries::reenqueue_abandoned(
-                        &mut *pool.acquire().await?,
-                        &queue,
-                        &name,
-                        &ids,
-                    )
-                    .await
-                }
-                .boxed()
-                .into(),
-            );
+            self.hand_back = Some(spawned(async move {
+                apalis_queries::reenqueue_abandoned(
+                    &mut *pool.acquire().await?,
+                    &queue,
+                    &name,
+                    &ids,
+                )
+                .await
+            }));
         }
         if let Some(hand_back) = self.hand_back.as_mut() {
             match hand_back.poll_unpin(cx) {
@@ -440,7 +446,7 @@ impl Backend for QueueStorage {
         }
         self.drain_events(cx);
         self.poll_settle(cx, worker)?;
-        if self.settle.is_some() {
+        if !self.settles.is_empty() {
             return Poll::Pending;
         }
         Poll::Ready(Ok(()))
@@ -746,7 +752,8 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
                 Err(message) => serde_json::json!({ "Err": message }),
             });
         }
-        started_ids.retain(|started| !round.finished_ids.contains(started));
+        let finished: std::collections::HashSet<&String> = round.finished_ids.iter().collect();
+        started_ids.retain(|started| !finished.contains(started));
         round.started_ids = started_ids;
         round
     }

@@ -31,13 +31,14 @@ use crate::{
 #[group(id = "worker")]
 #[command(next_help_heading = "Worker")]
 pub struct WorkerConfig {
-    /// Jobs this process runs at once.
+    /// Jobs this process runs at once, per job type. The default suits short
+    /// jobs (throughput needs many slots, since each claim and settle is a
+    /// round trip); only 16 per type get a database connection at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Jobs claimed per round trip (default: the concurrency, so that other
-    /// processes share the work). More suits floods of short jobs: fewer
-    /// claims and acknowledgements per job, but claimed jobs wait here for a
-    /// free slot where no other worker can take them.
+    /// Most jobs one claim takes (default: the concurrency). A claim never
+    /// takes more than the free slots, so a worker holds no job it cannot
+    /// start at once; a smaller cap spreads a burst over more workers.
     #[arg(long, env = "WORKER_CLAIM_BATCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub claim_batch: Option<u16>,
     /// Seconds between queue polls, on top of LISTEN/NOTIFY wake-ups; picks up
@@ -105,17 +106,21 @@ impl WorkerConfig {
     }
 
     /// Database connections a worker process running `registry` needs in the
-    /// pool it is given: per queue, one per running job (its own writes) and
-    /// two spare; plus maintenance. The queue's listener and bookkeeping use
-    /// a small pool of their own, built from this one.
+    /// pool it is given: per queue, one per running job (its own writes), at
+    /// most 16, and two spare; plus maintenance.
+    /// Beyond that cap, a job that needs a connection waits for one (up to
+    /// the pool's acquire timeout): a large concurrency, which short jobs
+    /// need for throughput, stays within a small Postgres's connection limit.
+    /// The queue's listener and bookkeeping use a small pool of their own,
+    /// built from this one.
     pub fn connections_needed<C>(&self, registry: &Registry<C>) -> u32 {
-        queue_count(registry) * (u32::from(self.concurrency) + 2) + 1
+        queue_count(registry) * (u32::from(self.concurrency).min(JOB_CONNECTIONS_PER_QUEUE) + 2) + 1
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
-    /// marks, heartbeats): a small lazy twin of `pool` (two connections per
-    /// queue: its listener, and its bookkeeping, which runs one step at a
-    /// time) with session settings for that work alone:
+    /// marks, heartbeats): a small lazy twin of `pool` (four connections per
+    /// queue: its listener, and its claim, settle and heartbeat, which run
+    /// side by side) with session settings for that work alone:
     ///
     /// - `plan_cache_mode=force_generic_plan`: bookkeeping is a few statements
     ///   repeated with other ids, and a custom plan re-plans on every call
@@ -141,13 +146,17 @@ impl WorkerConfig {
     }
 }
 
+/// The most connections a queue's running jobs get from the worker's pool
+/// (see [`WorkerConfig::connections_needed`]).
+const JOB_CONNECTIONS_PER_QUEUE: u32 = 16;
+
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
 }
 
 /// The worker's defaults, written once: the command line's and [`Default`]'s.
 mod defaults {
-    pub(super) const CONCURRENCY: u16 = 4;
+    pub(super) const CONCURRENCY: u16 = 64;
     pub(super) const POLL_INTERVAL: &str = "1";
     pub(super) const LEASE: &str = "30";
     pub(super) const SHUTDOWN_GRACE: &str = "25";

@@ -72,6 +72,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 struct Sizes {
     web_seconds: u64,
     queue_jobs: i64,
+    /// Runs of the default-settings drain (each alternating with the baseline).
+    default_drains: usize,
     pickups: usize,
     scaling_jobs: usize,
     trim_tables: &'static [i64],
@@ -80,6 +82,7 @@ struct Sizes {
 const QUICK: Sizes = Sizes {
     web_seconds: 3,
     queue_jobs: 5_000,
+    default_drains: 1,
     pickups: 50,
     scaling_jobs: 400,
     trim_tables: &[10_000, 100_000],
@@ -87,6 +90,7 @@ const QUICK: Sizes = Sizes {
 const FULL: Sizes = Sizes {
     web_seconds: 10,
     queue_jobs: 20_000,
+    default_drains: 3,
     pickups: 300,
     scaling_jobs: 2_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
@@ -94,6 +98,7 @@ const FULL: Sizes = Sizes {
 const LONG: Sizes = Sizes {
     web_seconds: 30,
     queue_jobs: 100_000,
+    default_drains: 5,
     pickups: 1_000,
     scaling_jobs: 8_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
@@ -134,6 +139,11 @@ struct Args {
     /// Run only these sections (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// A `worker` binary built from an older commit (with `--features
+    /// probes`): the queue section then runs its default-settings drain with
+    /// that binary too, alternating old and new, for a side-by-side figure.
+    #[arg(long)]
+    baseline_worker: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,10 +154,14 @@ fn main() -> anyhow::Result<()> {
         _ => FULL,
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(sizes, &args.only))
+    runtime.block_on(run(sizes, &args.only, args.baseline_worker.as_deref()))
 }
 
-async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
+async fn run(
+    sizes: Sizes,
+    only: &[Section],
+    baseline_worker: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let mut report = Report::default();
     println!("building the release binaries…");
@@ -159,7 +173,7 @@ async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
         web_and_ceiling(&db, &sizes, &mut report).await?;
     }
     if wanted(Section::Queue) {
-        queue_throughput(&db, &sizes, &mut report).await?;
+        queue_throughput(&db, &sizes, baseline_worker, &mut report).await?;
     }
     if wanted(Section::Pickup) {
         pickup_latency(&db, &sizes, &mut report).await?;
@@ -405,14 +419,42 @@ async fn drain_with_workers(
     count: i64,
     behaviour: &str,
 ) -> anyhow::Result<Duration> {
+    let mut env = worker_env(db, concurrency);
+    env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
+    drain(db, None, &env, processes, count, behaviour).await
+}
+
+/// Starts `processes` idle workers (the `binary`, else this commit's
+/// `worker`) with exactly `env`, then enqueues `count` jobs and times the
+/// drain.
+async fn drain(
+    db: &TestDb,
+    binary: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+    processes: usize,
+    count: i64,
+    behaviour: &str,
+) -> anyhow::Result<Duration> {
     sqlx::query("delete from apalis.jobs")
         .execute(&db.pool)
         .await?;
     let mut workers = Vec::new();
     for _ in 0..processes {
-        let mut env = worker_env(db, concurrency);
-        env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
-        let worker = Process::started_worker(&env).await?;
+        let mut worker = match binary {
+            None => Process::spawn("worker", env)?,
+            Some(path) => {
+                let mut command = tokio::process::Command::new(path);
+                command
+                    .envs(env.iter().copied())
+                    .env(
+                        "RUST_LOG",
+                        "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+                    )
+                    .env("NO_COLOR", "1");
+                Process::start("worker", command)?
+            }
+        };
+        worker.wait_until_registered(env).await?;
         workers.push(worker);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -435,11 +477,118 @@ async fn drain_with_workers(
     Ok(elapsed)
 }
 
-async fn queue_throughput(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
-    println!(
-        "3. queue throughput: {} no-op jobs, one worker process",
-        sizes.queue_jobs
+/// No-op jobs of the default-settings drain (the issue's figure), whatever
+/// the run's size.
+const DEFAULT_DRAIN_JOBS: i64 = 20_000;
+
+/// The default-settings drain, `runs` times each, alternating with the
+/// `baseline` binary when given; reports the median of each.
+async fn default_drains(
+    db: &TestDb,
+    baseline: Option<&std::path::Path>,
+    runs: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let defaults = [("DATABASE_URL", db.url.as_str())];
+    let synced = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_SYNC_BOOKKEEPING", "true"),
+    ];
+    let rate = |elapsed: Duration| DEFAULT_DRAIN_JOBS as f64 / elapsed.as_secs_f64();
+    let (mut ours, mut theirs, mut ours_synced) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        if let Some(path) = baseline {
+            let old = rate(
+                drain(
+                    db,
+                    Some(path),
+                    &defaults,
+                    1,
+                    DEFAULT_DRAIN_JOBS,
+                    r#"{"kind":"noop"}"#,
+                )
+                .await?,
+            );
+            println!("   run {}: baseline {old:.0} jobs/s", run + 1);
+            theirs.push(old);
+        }
+        let new = rate(
+            drain(
+                db,
+                None,
+                &defaults,
+                1,
+                DEFAULT_DRAIN_JOBS,
+                r#"{"kind":"noop"}"#,
+            )
+            .await?,
+        );
+        let synced = rate(
+            drain(
+                db,
+                None,
+                &synced,
+                1,
+                DEFAULT_DRAIN_JOBS,
+                r#"{"kind":"noop"}"#,
+            )
+            .await?,
+        );
+        println!(
+            "   run {}: this commit {new:.0} jobs/s, synchronous bookkeeping {synced:.0}",
+            run + 1
+        );
+        ours.push(new);
+        ours_synced.push(synced);
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ours = median(ours);
+    report.add("queue", "drain, default settings", ours, "jobs/s");
+    if !theirs.is_empty() {
+        let theirs = median(theirs);
+        report.add(
+            "queue",
+            "drain, default settings, baseline worker",
+            theirs,
+            "jobs/s",
+        );
+        report.add(
+            "queue",
+            "drain, default settings / baseline",
+            ours / theirs,
+            "x",
+        );
+    }
+    let synced = median(ours_synced);
+    report.add(
+        "queue",
+        "drain, default settings, WORKER_SYNC_BOOKKEEPING=true",
+        synced,
+        "jobs/s",
     );
+    report.add(
+        "queue",
+        "synchronous / default bookkeeping",
+        synced / ours,
+        "x",
+    );
+    Ok(())
+}
+
+async fn queue_throughput(
+    db: &TestDb,
+    sizes: &Sizes,
+    baseline: Option<&std::path::Path>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    println!(
+        "3. queue throughput: {DEFAULT_DRAIN_JOBS} no-op jobs with default settings (median of {}), then {} with tuned ones; one worker process",
+        sizes.default_drains, sizes.queue_jobs
+    );
+    default_drains(db, baseline, sizes.default_drains, report).await?;
     // Claim batch = concurrency (the default), then a larger claim batch.
     for (concurrency, claim_batch) in [("10", None), ("32", None), ("10", Some("40"))] {
         let elapsed = drain_with_workers(
