@@ -28,7 +28,7 @@ pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
 pub mod internals {
     pub use crate::{
         queries::RECORD_EVENTS,
-        storage::{Recorded, record_events},
+        storage::{Recorded, record_events, recover_orphans},
     };
 
     /// The bookkeeping pool a worker of one queue would use.
