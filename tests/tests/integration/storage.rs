@@ -156,6 +156,16 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
     Ok(())
 }
 
+/// What a settle may change: id, status, lock_by, attempts, last_result, run_at.
+type JobRow = (
+    String,
+    String,
+    Option<String>,
+    i32,
+    Option<Value>,
+    chrono::DateTime<chrono::Utc>,
+);
+
 #[tokio::test]
 async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
@@ -197,14 +207,7 @@ async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> an
     let rows = || {
         let pool = db.pool.clone();
         async move {
-            let rows: Vec<(
-                String,
-                String,
-                Option<String>,
-                i32,
-                Option<Value>,
-                chrono::DateTime<chrono::Utc>,
-            )> = sqlx::query_as(
+            let rows: Vec<JobRow> = sqlx::query_as(
                 "select id, status, lock_by, attempts, last_result, run_at
                      from apalis.jobs order by id",
             )
