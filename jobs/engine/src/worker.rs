@@ -33,7 +33,7 @@ use crate::{
 pub struct WorkerConfig {
     /// Jobs this process runs at once, per job type. The default suits short
     /// jobs (throughput needs many slots, since each claim and settle is a
-    /// round trip); only 16 per type get a database connection at once.
+    /// round trip); only 8 per type get a database connection at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// Most jobs one claim takes (default: the concurrency). A claim never
@@ -107,7 +107,7 @@ impl WorkerConfig {
 
     /// Database connections a worker process running `registry` needs in the
     /// pool it is given: per queue, one per running job (its own writes), at
-    /// most 16, and two spare; plus maintenance.
+    /// most 8, and two spare; plus maintenance.
     /// Beyond that cap, a job that needs a connection waits for one (up to
     /// the pool's acquire timeout): a large concurrency, which short jobs
     /// need for throughput, stays within a small Postgres's connection limit.
@@ -140,10 +140,7 @@ impl WorkerConfig {
         let connect = pool.connect_options().as_ref().clone().options(settings);
         pool.options()
             .clone()
-            // Kept open: a claim and a settle each need one at once, and a
-            // connection opened on demand would cost the first job after an
-            // idle spell a connect (measured: 50-100 ms on a busy machine).
-            .min_connections(queues * 2)
+            .min_connections(0)
             .max_connections(queues * 4)
             .connect_lazy_with(connect)
     }
@@ -151,7 +148,7 @@ impl WorkerConfig {
 
 /// The most connections a queue's running jobs get from the worker's pool
 /// (see [`WorkerConfig::connections_needed`]).
-const JOB_CONNECTIONS_PER_QUEUE: u32 = 16;
+const JOB_CONNECTIONS_PER_QUEUE: u32 = 8;
 
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
