@@ -494,87 +494,56 @@ async fn default_drains(
         ("DATABASE_URL", db.url.as_str()),
         ("WORKER_SYNC_BOOKKEEPING", "true"),
     ];
+    let tuned = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", "32"),
+    ];
+    let noop = r#"{"kind":"noop"}"#;
     let rate = |elapsed: Duration| DEFAULT_DRAIN_JOBS as f64 / elapsed.as_secs_f64();
-    let (mut ours, mut theirs, mut ours_synced) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..runs {
-        if let Some(path) = baseline {
-            let old = rate(
-                drain(
-                    db,
-                    Some(path),
-                    &defaults,
-                    1,
-                    DEFAULT_DRAIN_JOBS,
-                    r#"{"kind":"noop"}"#,
-                )
-                .await?,
-            );
-            println!("   run {}: baseline {old:.0} jobs/s", run + 1);
-            theirs.push(old);
-        }
-        let new = rate(
-            drain(
-                db,
-                None,
-                &defaults,
-                1,
-                DEFAULT_DRAIN_JOBS,
-                r#"{"kind":"noop"}"#,
-            )
-            .await?,
-        );
-        let synced = rate(
-            drain(
-                db,
-                None,
-                &synced,
-                1,
-                DEFAULT_DRAIN_JOBS,
-                r#"{"kind":"noop"}"#,
-            )
-            .await?,
-        );
-        println!(
-            "   run {}: this commit {new:.0} jobs/s, synchronous bookkeeping {synced:.0}",
-            run + 1
-        );
-        ours.push(new);
-        ours_synced.push(synced);
-    }
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let ours = median(ours);
-    report.add("queue", "drain, default settings", ours, "jobs/s");
-    if !theirs.is_empty() {
-        let theirs = median(theirs);
-        report.add(
-            "queue",
-            "drain, default settings, baseline worker",
-            theirs,
-            "jobs/s",
-        );
-        report.add(
-            "queue",
-            "drain, default settings / baseline",
-            ours / theirs,
-            "x",
-        );
-    }
-    let synced = median(ours_synced);
-    report.add(
-        "queue",
+    // Per configuration, in the order of `names`: one figure per run.
+    let names = [
+        "drain, default settings",
         "drain, default settings, WORKER_SYNC_BOOKKEEPING=true",
-        synced,
-        "jobs/s",
-    );
-    report.add(
-        "queue",
-        "synchronous / default bookkeeping",
-        synced / ours,
-        "x",
-    );
+        "drain, default settings, baseline worker",
+        "drain c=32, baseline worker",
+    ];
+    let mut figures: [Vec<f64>; 4] = Default::default();
+    for run in 0..runs {
+        let mut configs: Vec<(usize, Option<&std::path::Path>, &[(&str, &str)])> =
+            vec![(0, None, &defaults), (1, None, &synced)];
+        if let Some(path) = baseline {
+            // Old and new alternate, so that the machine's drift hits both.
+            configs.insert(0, (2, Some(path), &defaults));
+            configs.insert(2, (3, Some(path), &tuned));
+        }
+        for (index, binary, env) in configs {
+            let figure = rate(drain(db, binary, env, 1, DEFAULT_DRAIN_JOBS, noop).await?);
+            println!("   run {}: {} {figure:.0} jobs/s", run + 1, names[index]);
+            figures[index].push(figure);
+        }
+    }
+    let median = |values: &[f64]| {
+        let mut values = values.to_vec();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    let medians: Vec<Option<f64>> = figures.iter().map(|values| median(values)).collect();
+    for (name, value) in names.iter().zip(&medians) {
+        if let Some(value) = value {
+            report.add("queue", *name, *value, "jobs/s");
+        }
+    }
+    let ratio = |a: usize, b: usize| Some(medians[a]? / medians[b]?);
+    let ratios = [
+        ("synchronous / default bookkeeping", ratio(1, 0)),
+        ("default settings / baseline's defaults", ratio(0, 2)),
+        ("default settings / baseline at c=32", ratio(0, 3)),
+    ];
+    for (name, value) in ratios {
+        if let Some(value) = value {
+            report.add("queue", name, value, "x");
+        }
+    }
     Ok(())
 }
 
