@@ -14,7 +14,8 @@
 //! shutdown hand-back stay apalis-postgres's.
 //!
 //! [`QueueStorage`] keeps three things in flight independently, each on its
-//! own bookkeeping connection:
+//! own bookkeeping connection and tokio task (so that a round trip makes
+//! progress while the worker's task hands out jobs):
 //!
 //! - **the claim** ([`claim`]): one statement, `apalis.get_jobs(..)`, for as
 //!   many jobs as the worker has free slots (capped by the claim batch); the
@@ -384,9 +385,11 @@ impl Backend for QueueStorage {
             };
             let (pool, config, name) = (self.pool.clone(), self.config.clone(), worker.name());
             let name = name.to_owned();
-            self.claim = Some(spawned(
-                async move { claim(&pool, &config, &name, count).await },
-            ));
+            // Polled on the worker's own task, which waits for it anyway: a
+            // spawned claim cost each pickup a wake-up across threads.
+            self.claim = Some(BoxSyncFuture::new(Box::pin(async move {
+                claim(&pool, &config, &name, count).await
+            })));
         }
     }
 
