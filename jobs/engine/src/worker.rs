@@ -33,7 +33,7 @@ use crate::{
 pub struct WorkerConfig {
     /// Jobs this process runs at once, per job type. The default suits short
     /// jobs (throughput needs many slots, since each claim and settle is a
-    /// round trip); only 8 per type get a database connection at once.
+    /// round trip); only 4 per type get a database connection at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// Most jobs one claim takes (default: the concurrency). A claim never
@@ -107,7 +107,7 @@ impl WorkerConfig {
 
     /// Database connections a worker process running `registry` needs in the
     /// pool it is given: per queue, one per running job (its own writes), at
-    /// most 8, and two spare; plus maintenance.
+    /// most 4 (the pool of the old default concurrency), and two spare; plus maintenance.
     /// Beyond that cap, a job that needs a connection waits for one (up to
     /// the pool's acquire timeout): a large concurrency, which short jobs
     /// need for throughput, stays within a small Postgres's connection limit.
@@ -118,9 +118,10 @@ impl WorkerConfig {
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
-    /// marks, heartbeats): a small lazy twin of `pool` (four connections per
-    /// queue: its listener, and its claim, settle and heartbeat, which run
-    /// side by side) with session settings for that work alone:
+    /// marks, heartbeats): a small lazy twin of `pool` (three connections per
+    /// queue: its listener, and its claim and settle, which run side by side;
+    /// a heartbeat takes whichever is free) with session settings for that
+    /// work alone:
     ///
     /// - `plan_cache_mode=force_generic_plan`: bookkeeping is a few statements
     ///   repeated with other ids, and a custom plan re-plans on every call
@@ -141,14 +142,14 @@ impl WorkerConfig {
         pool.options()
             .clone()
             .min_connections(0)
-            .max_connections(queues * 4)
+            .max_connections(queues * 3)
             .connect_lazy_with(connect)
     }
 }
 
 /// The most connections a queue's running jobs get from the worker's pool
 /// (see [`WorkerConfig::connections_needed`]).
-const JOB_CONNECTIONS_PER_QUEUE: u32 = 8;
+const JOB_CONNECTIONS_PER_QUEUE: u32 = 4;
 
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
