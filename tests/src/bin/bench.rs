@@ -483,6 +483,10 @@ const DEFAULT_DRAIN_JOBS: i64 = 20_000;
 
 /// The default-settings drain, `runs` times each, alternating with the
 /// `baseline` binary when given; reports the median of each.
+/// One default-settings drain: the index of its figure, the `worker` binary
+/// (none: this commit's) and the environment.
+type DrainConfig<'a> = (usize, Option<&'a std::path::Path>, &'a [(&'a str, &'a str)]);
+
 async fn default_drains(
     db: &TestDb,
     baseline: Option<&std::path::Path>,
@@ -509,8 +513,7 @@ async fn default_drains(
     ];
     let mut figures: [Vec<f64>; 4] = Default::default();
     for run in 0..runs {
-        let mut configs: Vec<(usize, Option<&std::path::Path>, &[(&str, &str)])> =
-            vec![(0, None, &defaults), (1, None, &synced)];
+        let mut configs: Vec<DrainConfig<'_>> = vec![(0, None, &defaults), (1, None, &synced)];
         if let Some(path) = baseline {
             // Old and new alternate, so that the machine's drift hits both.
             configs.insert(0, (2, Some(path), &defaults));
