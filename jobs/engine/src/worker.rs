@@ -80,7 +80,9 @@ pub struct WorkerConfig {
     /// Wait for the disk flush on the queue's own bookkeeping too (claims,
     /// start and finish marks, heartbeats; true/false). By default these commit
     /// asynchronously (`synchronous_commit=off` on those connections only),
-    /// which about doubles throughput where a flush is slow: a Postgres crash
+    /// which helps where a flush is slow and bookkeeping commits are many
+    /// (measured: 1.6x with small claims; about even with the default
+    /// concurrency's large batches, see BENCHMARKS.md): a Postgres crash
     /// may then forget the last fraction of a second of them, and the jobs
     /// concerned run again, as after a worker crash. Enqueues and the jobs'
     /// own writes always wait for the flush.
