@@ -81,7 +81,7 @@ pub struct WorkerConfig {
     /// start and finish marks, heartbeats; true/false). By default these commit
     /// asynchronously (`synchronous_commit=off` on those connections only),
     /// which helps where a flush is slow and bookkeeping commits are many
-    /// (measured: 1.6x with small claims; about even with the default
+    /// (measured: 1.4-1.7x with small claims; about even with the default
     /// concurrency's large batches, see BENCHMARKS.md): a Postgres crash
     /// may then forget the last fraction of a second of them, and the jobs
     /// concerned run again, as after a worker crash. Enqueues and the jobs'
