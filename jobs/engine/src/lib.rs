@@ -32,7 +32,7 @@ pub use workflow::{OnDependencyFailure, Step, StepOf, Workflow};
 pub mod internals {
     pub use crate::{
         queries::RECORD_EVENTS,
-        storage::{Recorded, record_events},
+        storage::{Recorded, record_events, recover_orphans},
     };
 
     /// The bookkeeping pool a worker of one queue would use.

@@ -52,6 +52,7 @@ with finished as (
     from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[])
          as result(id, attempt, status, outcome)
     where jobs.id = result.id and jobs.lock_by is not distinct from $6
+      and jobs.status in ('Queued', 'Running')
     returning jobs.id
 ), started as (
     update apalis.jobs

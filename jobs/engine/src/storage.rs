@@ -1,48 +1,62 @@
-//! The worker's queue backend: apalis-postgres's tables, claims and recovery,
-//! with bookkeeping that costs one round trip per step.
+//! The worker's queue backend: apalis-postgres's tables and claim function,
+//! driven by a state machine of ours that claims by demand and settles in
+//! batches, each running while jobs run.
 //!
-//! apalis-postgres 1.0 runs every bookkeeping step (claim a batch; record
-//! starts and results) as `BEGIN`, statements, `COMMIT`, and records results
-//! with a statement that finds a worker's jobs through `lock_by`, i.e. through
-//! every job that worker ever finished: it slowed from 0.5 to 4.4 ms per call
-//! over one 10,000-job drain. apalis drives these steps one at a time, so
-//! their latency is the queue's throughput.
+//! apalis-core's [`Persisted`] (which this backend used until the
+//! queue-throughput work) runs one step at a time: claim a batch, hand it
+//! out, record the round's events, claim again. Each step waits for the
+//! last, so a no-op drain was bounded by the sum of two round trips per
+//! batch, and a batch was sized by `WORKER_CLAIM_BATCH`, not by what the
+//! worker could start (a larger batch waited in this worker's buffer while
+//! other workers idled). That chain is the part of apalis this module
+//! replaces; apalis still runs the worker (its service stack, concurrency,
+//! `parallelize`, shutdown), and the schema, claim function, heartbeat and
+//! shutdown hand-back stay apalis-postgres's.
 //!
-//! [`QueueStorage`] keeps apalis's state machine ([`Persisted`]), its schema,
-//! its claim function (as the engine's migration redefines it), its
-//! heartbeat and its hand-back of abandoned jobs, and replaces:
+//! [`QueueStorage`] keeps three things in flight independently, each on its
+//! own bookkeeping connection and tokio task (so that a round trip makes
+//! progress while the worker's task hands out jobs):
 //!
-//! - the claim: the single statement `apalis.get_jobs(..)`, sent without a
-//!   transaction around it (it is atomic on its own), each claimed row turned
-//!   into a task on its own ([`claim`]: a row that cannot be one is killed
-//!   alone, where apalis's decoder failed the whole batch);
-//! - the round of starts (`Running`) and results: one statement that finds
-//!   its rows by id and settles a failure with its backoff
-//!   (`queries::RECORD_EVENTS`);
-//! - worker registration and orphan recovery ([`recover_orphans`]: jobs out
-//!   of attempts end dead, and a failure never kills the worker).
+//! - **the claim** ([`claim`]): one statement, `apalis.get_jobs(..)`, for as
+//!   many jobs as the worker has free slots (capped by the claim batch); the
+//!   next claim starts as soon as those are handed out and slots are free
+//!   again, while the claimed jobs run. A worker so never holds a job it
+//!   cannot start at once. A row that cannot be a task is killed alone.
+//! - **the settle** ([`record_events`], `queries::RECORD_EVENTS`): every
+//!   start mark and result that arrived since the last one, successes and
+//!   failures (with their backoff) alike, in one statement, fenced by the
+//!   claim: only rows this worker still holds, `Queued` or `Running`, change.
+//!   While one settle runs, the next batch gathers.
+//! - **the heartbeat** with orphan recovery ([`recover_orphans`]: jobs out of
+//!   attempts end dead, and a failed recovery never kills the worker).
 //!
 //! It writes rows as apalis-postgres 1.0 does: status names as `Status`
 //! displays them, `last_result` as `{"Ok": ..}` or `{"Err": ..}`. An upgrade
 //! of apalis-postgres must check both, and `get_jobs`'s signature.
+//!
+//! [`Persisted`]: apalis_core::backend::persistence::Persisted
 
 use std::{
+    collections::{HashMap, VecDeque},
     convert::Infallible,
+    future::Future,
+    pin::Pin,
+    str::FromStr as _,
     task::{Context, Poll},
+    time::Duration,
 };
-
-use std::{collections::HashMap, str::FromStr as _};
 
 use apalis::prelude::{
-    Backend, Codec, MetadataStore, Status, TaskBuilder, TaskId, TaskResult, WorkerContext,
+    Backend, BoxDynError, Codec, MetadataStore, Status, Task, TaskBuilder, TaskId, TaskResult,
+    WorkerContext,
 };
-use apalis_codec::json::JsonCodec;
 use apalis_core::backend::{
-    BackendConfig, WireFormatBackend,
-    finalize::Durable,
-    persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer},
+    BackendConfig, WireFormatBackend, finalize::Durable, future::BoxSyncFuture,
+    persistence::TaskEvent,
 };
 use apalis_postgres::{Config, Error, PgPool, PgTask, queries as apalis_queries};
+use tokio::sync::mpsc;
+use tower::{Layer, Service};
 
 use crate::{job::Backoff, queries};
 use chrono::{DateTime, Utc};
@@ -69,34 +83,464 @@ impl Codec<Vec<u8>> for RawPayload {
     }
 }
 
+/// How long a claim for fewer than a quarter of the worker's slots waits for
+/// more slots to free up (a job finishing), so that a flood of short jobs is
+/// claimed in large batches, not one by one; a claim for a quarter or more
+/// starts at once.
+const TOP_UP_DELAY: Duration = Duration::from_millis(1);
+
+/// Settles that may run at once. One: while it runs, the next batch
+/// gathers, so a settle's size follows the load. Two at once deadlocked in
+/// a drain (a job's start mark in one batch, its result in the next, rows
+/// locked in different orders by the two statements), and were no faster.
+const SETTLES_IN_FLIGHT: usize = 1;
+
 /// A queue's backend for apalis workers. Build it with [`QueueStorage::new`];
-/// it claims in batches of `config.batch_size`.
-#[derive(Debug, Clone)]
+/// see the module documentation for what it does.
+#[derive(Debug)]
 pub struct QueueStorage {
-    persisted: Persisted<Bookkeeping>,
+    pool: PgPool,
+    config: Config,
+    backoff: Backoff,
+    /// Jobs the worker runs at once (its concurrency): the demand.
+    slots: usize,
+    /// Start marks and results from the worker's [`SettleLayer`].
+    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
+    events: mpsc::UnboundedReceiver<TaskEvent<Value>>,
+    registered: bool,
+    register: Option<BoxSyncFuture<Result<(), Error>>>,
+    heartbeat_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    heartbeat: Option<BoxSyncFuture<Result<(), Error>>>,
+    claim: Option<BoxSyncFuture<Result<Vec<PgTask>, Error>>>,
+    /// Claimed jobs not yet handed to the worker (at most one claim's worth,
+    /// and only for slots that were free).
+    buffer: VecDeque<PgTask>,
+    /// Jobs handed to the worker whose result has not arrived yet.
+    running: usize,
+    /// Set while a small claim waits for more free slots (see [`TOP_UP_DELAY`]).
+    top_up: Option<Pin<Box<tokio::time::Sleep>>>,
+    unsettled: Vec<TaskEvent<Value>>,
+    settles: Vec<BoxSyncFuture<Result<Recorded, Error>>>,
+    hand_back: Option<BoxSyncFuture<Result<u64, Error>>>,
+    dead: bool,
 }
 
 impl QueueStorage {
-    /// A backend for the queue `config.queue`, doing its bookkeeping on
-    /// `pool`; failed attempts wait `backoff` before their retry.
-    pub fn new(pool: &PgPool, config: Config, backoff: Backoff) -> Self {
+    /// A backend for the queue `config.queue` of a worker running `slots`
+    /// jobs at once, doing its bookkeeping on `pool`; a claim takes at most
+    /// `config.batch_size` jobs, and failed attempts wait `backoff` before
+    /// their retry.
+    pub fn new(pool: &PgPool, config: Config, backoff: Backoff, slots: usize) -> Self {
+        let (sender, events) = mpsc::unbounded_channel();
         Self {
-            persisted: Persisted::new(Bookkeeping {
-                pool: pool.clone(),
-                config,
-                backoff,
-            }),
+            pool: pool.clone(),
+            config,
+            backoff,
+            slots: slots.max(1),
+            sender,
+            events,
+            registered: false,
+            register: None,
+            heartbeat_timer: None,
+            heartbeat: None,
+            claim: None,
+            buffer: VecDeque::new(),
+            running: 0,
+            top_up: None,
+            unsettled: Vec::new(),
+            settles: Vec::new(),
+            hand_back: None,
+            dead: false,
+        }
+    }
+
+    fn lease_seconds(&self) -> u64 {
+        self.config.orphaned_duration().as_secs()
+    }
+
+    /// Moves every event that arrived into the next settle; a result frees
+    /// its slot.
+    fn drain_events(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(event)) = self.events.poll_recv(cx) {
+            if matches!(event, TaskEvent::Complete(_)) {
+                self.running = self.running.saturating_sub(1);
+            }
+            self.unsettled.push(event);
+        }
+    }
+
+    /// Drives the settles in flight, and starts the next one with everything
+    /// that arrived meanwhile while fewer than [`SETTLES_IN_FLIGHT`] run.
+    fn poll_settle(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Result<(), Error> {
+        loop {
+            let mut failure = None;
+            self.settles
+                .retain_mut(|settle| match settle.poll_unpin(cx) {
+                    Poll::Pending => true,
+                    Poll::Ready(result) => {
+                        if let Err(error) = result {
+                            failure.get_or_insert(error);
+                        }
+                        false
+                    }
+                });
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            if self.unsettled.is_empty() || self.settles.len() >= SETTLES_IN_FLIGHT {
+                return Ok(());
+            }
+            let events = std::mem::take(&mut self.unsettled);
+            let (pool, name, backoff) = (self.pool.clone(), worker.name().to_owned(), self.backoff);
+            self.settles.push(spawned(async move {
+                record_events(&pool, events, &name, backoff).await
+            }));
+        }
+    }
+
+    /// Drives registration (first) and the heartbeat, which runs beside
+    /// claims and settles. `Pending` until the worker is registered.
+    fn poll_liveness(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Error>> {
+        if !self.registered {
+            if self.register.is_none() {
+                let (pool, queue, lease) = (
+                    self.pool.clone(),
+                    self.config.queue.to_string(),
+                    self.lease_seconds(),
+                );
+                let (name, layers) = (worker.name().to_owned(), worker.get_service().to_owned());
+                self.register = Some(spawned(async move {
+                    register(&pool, &queue, &name, &layers, lease).await
+                }));
+            }
+            let register = self.register.as_mut().expect("set above");
+            match register.poll_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    self.register = None;
+                    result?;
+                    self.registered = true;
+                    worker.heartbeat(cx);
+                    self.heartbeat_timer =
+                        Some(Box::pin(tokio::time::sleep(self.config.heartbeat_interval)));
+                }
+            }
+        }
+        if self.heartbeat.is_none()
+            && let Some(timer) = self.heartbeat_timer.as_mut()
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            let (pool, queue, lease) = (
+                self.pool.clone(),
+                self.config.queue.to_string(),
+                self.lease_seconds(),
+            );
+            let worker = worker.clone();
+            self.heartbeat = Some(spawned(async move {
+                apalis_queries::keep_alive(&mut *pool.acquire().await?, &queue, &worker).await?;
+                recover_orphans_logged(&pool, &queue, lease).await;
+                Ok(())
+            }));
+        }
+        if let Some(heartbeat) = self.heartbeat.as_mut()
+            && let Poll::Ready(result) = heartbeat.poll_unpin(cx)
+        {
+            self.heartbeat = None;
+            result?;
+            worker.heartbeat(cx);
+            self.heartbeat_timer =
+                Some(Box::pin(tokio::time::sleep(self.config.heartbeat_interval)));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether to claim now, and for how many jobs: the free slots, capped by
+    /// the claim batch; a claim for a few slots while jobs run first waits a
+    /// moment for more (see [`TOP_UP_DELAY`]).
+    fn demand(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+        let free = self.slots.saturating_sub(self.running + self.buffer.len());
+        if free == 0 {
+            return None;
+        }
+        if self.running > 0 && free * 4 < self.slots {
+            let top_up = self
+                .top_up
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(TOP_UP_DELAY)));
+            if top_up.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+        self.top_up = None;
+        Some(free.min(self.config.batch_size.max(1)))
+    }
+
+    fn fail(&mut self, error: Error) -> Error {
+        tracing::warn!(queue = %self.config.queue, error = %error, "queue bookkeeping failed; the worker stops");
+        self.dead = true;
+        error
+    }
+}
+
+/// Runs a bookkeeping step on its own tokio task, so that its round trip
+/// makes progress while the worker's task is busy handing out jobs.
+fn spawned<T: Send + 'static>(
+    step: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> BoxSyncFuture<Result<T, Error>> {
+    let task = tokio::spawn(step);
+    BoxSyncFuture::new(Box::pin(async move {
+        // A step that panicked did not finish; the worker stops as on a
+        // database error.
+        task.await
+            .unwrap_or(Err(Error::Database(sqlx::Error::WorkerCrashed)))
+    }))
+}
+
+/// Registers `name` as a worker of `queue`, after recovering the jobs of the
+/// queue's lost workers.
+async fn register(
+    pool: &PgPool,
+    queue: &str,
+    name: &str,
+    layers: &str,
+    lease_seconds: u64,
+) -> Result<(), Error> {
+    recover_orphans_logged(pool, queue, lease_seconds).await;
+    let inserted = sqlx::query(queries::REGISTER_WORKER)
+        .bind(name)
+        .bind(queue)
+        .bind(layers)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if inserted == 0 {
+        return Err(Error::WorkerAlreadyExists(name.to_owned()));
+    }
+    Ok(())
+}
+
+impl Backend for QueueStorage {
+    type Task = PgTask;
+    type Error = Error;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Error>> {
+        if self.dead {
+            return Poll::Ready(Ok(()));
+        }
+        match self.poll_liveness(cx, worker) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
+            Poll::Ready(Ok(())) => {}
+        }
+        self.drain_events(cx);
+        if let Err(error) = self.poll_settle(cx, worker) {
+            return Poll::Ready(Err(self.fail(error)));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Called by apalis only when the worker has a free slot.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<PgTask, Error>>> {
+        loop {
+            if self.dead {
+                return Poll::Ready(None);
+            }
+            if let Some(task) = self.buffer.pop_front() {
+                self.running += 1;
+                return Poll::Ready(Some(Ok(task)));
+            }
+            if let Some(claim) = self.claim.as_mut() {
+                match claim.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => {
+                        self.claim = None;
+                        return Poll::Ready(Some(Err(self.fail(error))));
+                    }
+                    Poll::Ready(Ok(tasks)) => {
+                        self.claim = None;
+                        if tasks.is_empty() {
+                            // Parked until apalis is woken: a notification, the
+                            // poll interval, or a job finishing.
+                            return Poll::Pending;
+                        }
+                        self.buffer.extend(tasks);
+                        continue;
+                    }
+                }
+            }
+            self.drain_events(cx);
+            let Some(count) = self.demand(cx) else {
+                return Poll::Pending;
+            };
+            let (pool, config, name) = (self.pool.clone(), self.config.clone(), worker.name());
+            let name = name.to_owned();
+            // Polled on the worker's own task, which waits for it anyway: a
+            // spawned claim cost each pickup a wake-up across threads.
+            self.claim = Some(BoxSyncFuture::new(Box::pin(async move {
+                claim(&pool, &config, &name, count).await
+            })));
+        }
+    }
+
+    /// Finishes the claim in flight, hands unstarted jobs back to the queue
+    /// and settles every event before the worker stops.
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Error>> {
+        self.top_up = None;
+        if let Some(claim) = self.claim.as_mut() {
+            match claim.poll_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    self.claim = None;
+                    // A failed claim claimed nothing (one statement).
+                    self.buffer.extend(result.unwrap_or_default());
+                }
+            }
+        }
+        if !self.buffer.is_empty() && self.hand_back.is_none() {
+            let tasks: Vec<PgTask> = self.buffer.drain(..).collect();
+            let ids: Vec<String> = tasks
+                .iter()
+                .filter_map(|task| task.task_id().map(ToString::to_string))
+                .collect();
+            let (pool, queue, name) = (
+                self.pool.clone(),
+                self.config.queue.to_string(),
+                worker.name().to_owned(),
+            );
+            self.hand_back = Some(spawned(async move {
+                apalis_queries::reenqueue_abandoned(
+                    &mut *pool.acquire().await?,
+                    &queue,
+                    &name,
+                    &ids,
+                )
+                .await
+            }));
+        }
+        if let Some(hand_back) = self.hand_back.as_mut() {
+            match hand_back.poll_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    self.hand_back = None;
+                    result?;
+                }
+            }
+        }
+        if let Some(heartbeat) = self.heartbeat.as_mut() {
+            if heartbeat.poll_unpin(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.heartbeat = None;
+        }
+        self.drain_events(cx);
+        self.poll_settle(cx, worker)?;
+        if !self.settles.is_empty() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The worker's middleware that reports each job's start and result to its
+/// [`QueueStorage`] (apalis-core's `TaskPersistLayer` does the same for
+/// `Persisted`; its channel cannot be read by another backend).
+#[derive(Debug, Clone)]
+pub struct SettleLayer {
+    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
+}
+
+impl<S> Layer<S> for SettleLayer {
+    type Service = SettleService<S>;
+    fn layer(&self, inner: S) -> SettleService<S> {
+        SettleService {
+            inner,
+            sender: self.sender.clone(),
         }
     }
 }
 
-/// The database side of [`QueueStorage`], driven one step at a time by
-/// apalis's [`Persisted`].
+/// The service installed by [`SettleLayer`].
 #[derive(Debug, Clone)]
-struct Bookkeeping {
-    pool: PgPool,
-    config: Config,
-    backoff: Backoff,
+pub struct SettleService<S> {
+    inner: S,
+    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
+}
+
+impl<S, Args> Service<Task<Args>> for SettleService<S>
+where
+    S: Service<Task<Args>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxDynError>,
+    S::Response: serde::Serialize + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxDynError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxDynError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<Args>) -> Self::Future {
+        let ctx = task.ctx().clone();
+        let sender = self.sender.clone();
+        let task_id = ctx.task_id().cloned();
+        if let Some(task_id) = task_id.clone() {
+            // A closed channel means the backend is gone; the result is then
+            // lost as after a crash, and the lease returns the job.
+            let _ = sender.send(TaskEvent::Lock { task_id });
+        }
+        let run = self.inner.call(task);
+        Box::pin(async move {
+            let result = run.await.map_err(Into::into);
+            if let Some(task_id) = task_id {
+                let outcome = match &result {
+                    Ok(response) => serde_json::to_value(response).map_err(|err| err.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                let _ = sender.send(TaskEvent::Complete(TaskResult {
+                    task_id,
+                    attempt: ctx.attempt(),
+                    status: ctx.status(),
+                    result: outcome,
+                }));
+            }
+            result
+        })
+    }
+}
+
+impl BackendConfig for QueueStorage {
+    type Args = Vec<u8>;
+    type Id = Ulid;
+    type Kind = Durable;
+    type Config = Config;
+    type Layer = SettleLayer;
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> SettleLayer {
+        SettleLayer {
+            sender: self.sender.clone(),
+        }
+    }
 }
 
 /// What one round of task events changed.
@@ -122,21 +566,42 @@ pub async fn record_events(
     if round.is_empty() {
         return Ok(Recorded::default());
     }
-    let (finished, started) = sqlx::query_as(queries::RECORD_EVENTS)
-        .bind(&round.finished_ids)
-        .bind(&round.attempts)
-        .bind(&round.statuses)
-        .bind(&round.outcomes)
-        .bind(&round.started_ids)
-        .bind(worker)
-        .bind(backoff.base.as_secs_f64())
-        .bind(backoff.max.as_secs_f64())
-        .fetch_one(pool)
-        .await?;
-    Ok(Recorded { finished, started })
+    // A settle that ends workflow steps also releases their dependents (the
+    // engine's trigger), locking those rows; two settles ending steps of two
+    // workflows in opposite orders can deadlock, and Postgres then aborts one.
+    // The statement is fenced (rows this worker still holds), so running it
+    // again is safe: try a few times before it costs the worker its life.
+    let mut tries = 0;
+    loop {
+        let settled = sqlx::query_as(queries::RECORD_EVENTS)
+            .bind(&round.finished_ids)
+            .bind(&round.attempts)
+            .bind(&round.statuses)
+            .bind(&round.outcomes)
+            .bind(&round.started_ids)
+            .bind(worker)
+            .bind(backoff.base.as_secs_f64())
+            .bind(backoff.max.as_secs_f64())
+            .fetch_one(pool)
+            .await;
+        match settled {
+            Ok((finished, started)) => return Ok(Recorded { finished, started }),
+            Err(sqlx::Error::Database(err))
+                if tries < SETTLE_RETRIES
+                    && matches!(err.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                tries += 1;
+                tracing::warn!(worker, error = %err, "settling job results conflicted; trying again");
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
-/// Claims up to `batch_size` due jobs of the queue (our plan-caching
+/// Settles tried again after a deadlock or serialization failure.
+const SETTLE_RETRIES: u32 = 3;
+
+/// Claims up to `count` due jobs of the queue (our plan-caching
 /// `apalis.get_jobs`) and turns each row into a task on its own.
 ///
 /// apalis-postgres decodes a claimed batch as a whole: one row whose id is not
@@ -144,11 +609,16 @@ pub async fn record_events(
 /// failed every job of the batch, and the worker with it, every lease, until
 /// it gave up. Here a row that cannot become a task is killed alone, with the
 /// reason in `last_result`, and the rest of the batch runs.
-pub async fn claim(pool: &PgPool, config: &Config, worker: &str) -> Result<Vec<PgTask>, Error> {
+pub async fn claim(
+    pool: &PgPool,
+    config: &Config,
+    worker: &str,
+    count: usize,
+) -> Result<Vec<PgTask>, Error> {
     let rows = sqlx::query(queries::CLAIM)
         .bind(worker)
         .bind(config.queue.as_ref())
-        .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
+        .bind(i32::try_from(count).unwrap_or(i32::MAX))
         .fetch_all(pool)
         .await?;
     let mut tasks = Vec::with_capacity(rows.len());
@@ -262,85 +732,6 @@ async fn recover_orphans_logged(pool: &PgPool, queue: &str, lease_seconds: u64) 
     }
 }
 
-impl Bookkeeping {
-    fn lease_seconds(&self) -> u64 {
-        self.config.orphaned_duration().as_secs()
-    }
-}
-
-impl Persistence for Bookkeeping {
-    type Compact = Vec<u8>;
-    type Response = Value;
-    type Error = Error;
-
-    async fn register(&mut self, worker: &WorkerContext) -> Result<(), Error> {
-        let queue = self.config.queue.to_string();
-        recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
-        let inserted = sqlx::query(queries::REGISTER_WORKER)
-            .bind(worker.name())
-            .bind(&queue)
-            .bind(worker.get_service())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if inserted == 0 {
-            return Err(Error::WorkerAlreadyExists(worker.name().to_owned()));
-        }
-        Ok(())
-    }
-
-    async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), Error> {
-        let queue = self.config.queue.to_string();
-        apalis_queries::keep_alive(&mut *self.pool.acquire().await?, &queue, worker).await?;
-        recover_orphans_logged(&self.pool, &queue, self.lease_seconds()).await;
-        Ok(())
-    }
-
-    async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<PgTask>, Error> {
-        claim(&self.pool, &self.config, worker.name()).await
-    }
-
-    async fn reenqueue_abandoned(
-        &mut self,
-        tasks: Vec<PgTask>,
-        worker: &WorkerContext,
-    ) -> Result<u64, Error> {
-        let ids: Vec<String> = tasks
-            .iter()
-            .filter_map(|task| task.task_id().map(ToString::to_string))
-            .collect();
-        let queue = self.config.queue.to_string();
-        let returned = apalis_queries::reenqueue_abandoned(
-            &mut *self.pool.acquire().await?,
-            &queue,
-            worker.name(),
-            &ids,
-        )
-        .await?;
-        if returned != tasks.len() as u64 {
-            return Err(Error::ReenqueueMismatch {
-                queued: tasks.len(),
-                abandoned: usize::try_from(returned).unwrap_or(usize::MAX),
-            });
-        }
-        Ok(returned)
-    }
-
-    async fn handle_events(
-        &mut self,
-        events: Vec<TaskEvent<Value>>,
-        worker: &WorkerContext,
-    ) -> Result<(), Error> {
-        record_events(&self.pool, events, worker.name(), self.backoff).await?;
-        Ok(())
-    }
-
-    async fn push_tasks(&mut self, tasks: Vec<PgTask>) -> Result<(), Error> {
-        let queue = self.config.queue.to_string();
-        apalis_queries::push_tasks(&mut *self.pool.acquire().await?, &queue, tasks).await
-    }
-}
-
 /// One round of task events as the columns `RECORD_EVENTS` binds.
 #[derive(Debug, Default, PartialEq)]
 struct EventRound {
@@ -385,59 +776,10 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
                 Err(message) => serde_json::json!({ "Err": message }),
             });
         }
-        started_ids.retain(|started| !round.finished_ids.contains(started));
+        let finished: std::collections::HashSet<&String> = round.finished_ids.iter().collect();
+        started_ids.retain(|started| !finished.contains(started));
         round.started_ids = started_ids;
         round
-    }
-}
-
-impl Backend for QueueStorage {
-    type Task = PgTask;
-    type Error = Error;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut Context<'_>,
-        worker: &WorkerContext,
-    ) -> Poll<Result<(), Error>> {
-        let heartbeat = self.persisted.config.heartbeat_interval;
-        self.persisted.poll_ready(cx, worker, heartbeat)
-    }
-
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-        worker: &WorkerContext,
-    ) -> Poll<Option<Result<PgTask, Error>>> {
-        self.persisted.poll_next(cx, worker)
-    }
-
-    fn poll_close(
-        &mut self,
-        cx: &mut Context<'_>,
-        worker: &WorkerContext,
-    ) -> Poll<Result<(), Error>> {
-        self.persisted.poll_close(cx, worker)
-    }
-}
-
-impl BackendConfig for QueueStorage {
-    type Args = Vec<u8>;
-    type Id = Ulid;
-    type Kind = Durable;
-    type Config = Config;
-    type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
-
-    fn config(&self) -> &Config {
-        &self.persisted.config
-    }
-
-    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
-        let config = self.persisted.config.clone();
-        self.persisted
-            .layer(JsonCodec::<Value>::default(), config.batch_size)
-            .persist_results(config.persist_results)
-            .lock_tasks(config.lock_tasks)
     }
 }
 

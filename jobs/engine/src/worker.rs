@@ -33,13 +33,14 @@ use crate::{
 #[group(id = "worker")]
 #[command(next_help_heading = "Worker")]
 pub struct WorkerConfig {
-    /// Jobs this process runs at once.
+    /// Jobs this process runs at once, per job type. The default suits short
+    /// jobs (throughput needs many slots, since each claim and settle is a
+    /// round trip); only 4 per type get a database connection at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Jobs claimed per round trip (default: the concurrency, so that other
-    /// processes share the work). More suits floods of short jobs: fewer
-    /// claims and acknowledgements per job, but claimed jobs wait here for a
-    /// free slot where no other worker can take them.
+    /// Most jobs one claim takes (default: the concurrency). A claim never
+    /// takes more than the free slots, so a worker holds no job it cannot
+    /// start at once; a smaller cap spreads a burst over more workers.
     #[arg(long, env = "WORKER_CLAIM_BATCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub claim_batch: Option<u16>,
     /// Seconds between queue polls, on top of LISTEN/NOTIFY wake-ups; picks up
@@ -86,7 +87,9 @@ pub struct WorkerConfig {
     /// Wait for the disk flush on the queue's own bookkeeping too (claims,
     /// start and finish marks, heartbeats; true/false). By default these commit
     /// asynchronously (`synchronous_commit=off` on those connections only),
-    /// which about doubles throughput where a flush is slow: a Postgres crash
+    /// which helps where a flush is slow and bookkeeping commits are many
+    /// (measured: 1.4-1.7x with small claims; about even with the default
+    /// concurrency's large batches, see BENCHMARKS.md): a Postgres crash
     /// may then forget the last fraction of a second of them, and the jobs
     /// concerned run again, as after a worker crash. Enqueues and the jobs'
     /// own writes always wait for the flush.
@@ -112,17 +115,22 @@ impl WorkerConfig {
     }
 
     /// Database connections a worker process running `registry` needs in the
-    /// pool it is given: per queue, one per running job (its own writes) and
-    /// two spare; plus maintenance. The queue's listener and bookkeeping use
-    /// a small pool of their own, built from this one.
+    /// pool it is given: per queue, one per running job (its own writes), at
+    /// most 4 (the pool of the old default concurrency), and two spare; plus maintenance.
+    /// Beyond that cap, a job that needs a connection waits for one (up to
+    /// the pool's acquire timeout): a large concurrency, which short jobs
+    /// need for throughput, stays within a small Postgres's connection limit.
+    /// The queue's listener and bookkeeping use a small pool of their own,
+    /// built from this one.
     pub fn connections_needed<C>(&self, registry: &Registry<C>) -> u32 {
-        queue_count(registry) * (u32::from(self.concurrency) + 2) + 1
+        queue_count(registry) * (u32::from(self.concurrency).min(JOB_CONNECTIONS_PER_QUEUE) + 2) + 1
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
-    /// marks, heartbeats): a small lazy twin of `pool` (two connections per
-    /// queue: its listener, and its bookkeeping, which runs one step at a
-    /// time) with session settings for that work alone:
+    /// marks, heartbeats): a small lazy twin of `pool` (three connections per
+    /// queue: its listener, and its claim and settle, which run side by side;
+    /// a heartbeat takes whichever is free) with session settings for that
+    /// work alone:
     ///
     /// - `plan_cache_mode=force_generic_plan`: bookkeeping is a few statements
     ///   repeated with other ids, and a custom plan re-plans on every call
@@ -143,10 +151,14 @@ impl WorkerConfig {
         pool.options()
             .clone()
             .min_connections(0)
-            .max_connections(queues * 2)
+            .max_connections(queues * 3)
             .connect_lazy_with(connect)
     }
 }
+
+/// The most connections a queue's running jobs get from the worker's pool
+/// (see [`WorkerConfig::connections_needed`]).
+const JOB_CONNECTIONS_PER_QUEUE: u32 = 4;
 
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
@@ -154,7 +166,7 @@ fn queue_count<C>(registry: &Registry<C>) -> u32 {
 
 /// The worker's defaults, written once: the command line's and [`Default`]'s.
 mod defaults {
-    pub(super) const CONCURRENCY: u16 = 4;
+    pub(super) const CONCURRENCY: u16 = 64;
     pub(super) const POLL_INTERVAL: &str = "1";
     pub(super) const LEASE: &str = "30";
     pub(super) const SHUTDOWN_GRACE: &str = "25";
@@ -295,12 +307,16 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
         // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
         // catches what sends no notification (retries, delayed jobs).
         let wake_up = Strategy::new()
-            .stream(Pubsub::new(bookkeeping.clone(), J::NAME.to_owned()))
+            .stream(Coalesced(Pubsub::new(
+                bookkeeping.clone(),
+                J::NAME.to_owned(),
+            )))
             .interval(config.poll_interval);
         let backend = QueueStorage::new(
             &bookkeeping,
             queue_config::<J>(&config),
             config.backoff(J::BACKOFF),
+            usize::from(config.concurrency),
         )
         .poll_with_strategy(wake_up);
         WorkerBuilder::new(worker_name(J::NAME, generation + restarts))
@@ -324,6 +340,38 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
 /// pool: additions must survive a crash as the job's own writes do).
 #[derive(Debug, Clone)]
 struct EnginePool(PgPool);
+
+/// A stream of wake-ups that yields one item for every burst of its inner
+/// stream's items. apalis's poll strategy takes one item per poll of the
+/// worker, and a busy worker is polled less often than jobs are inserted
+/// (one notification each): leftover notifications then kept the listener
+/// from registering a waker, so the next insert woke nobody, and the poll
+/// interval (polled only when the stream is pending) was starved too; jobs
+/// waited for the next heartbeat. Draining every ready item leaves the
+/// inner stream pending, its waker registered.
+struct Coalesced<S>(S);
+
+impl<S: futures::Stream + Unpin> futures::Stream for Coalesced<S> {
+    type Item = ();
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<()>> {
+        use futures::StreamExt as _;
+        use std::task::Poll;
+        let mut woken = false;
+        loop {
+            match self.0.poll_next_unpin(cx) {
+                Poll::Ready(Some(_)) => woken = true,
+                // The end is reported at the next poll, after this burst.
+                Poll::Ready(None) => return Poll::Ready(woken.then_some(())),
+                Poll::Pending if woken => return Poll::Ready(Some(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// The handler of every job type: decodes the stored JSON (a row nobody can
 /// decode fails only its own job, dead with the reason) and runs it. A

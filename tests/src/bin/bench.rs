@@ -72,6 +72,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 struct Sizes {
     web_seconds: u64,
     queue_jobs: i64,
+    /// Runs of the default-settings drain (each alternating with the baseline).
+    default_drains: usize,
     pickups: usize,
     scaling_jobs: usize,
     trim_tables: &'static [i64],
@@ -83,6 +85,7 @@ struct Sizes {
 const QUICK: Sizes = Sizes {
     web_seconds: 3,
     queue_jobs: 5_000,
+    default_drains: 1,
     pickups: 50,
     scaling_jobs: 400,
     trim_tables: &[10_000, 100_000],
@@ -93,6 +96,7 @@ const QUICK: Sizes = Sizes {
 const FULL: Sizes = Sizes {
     web_seconds: 10,
     queue_jobs: 20_000,
+    default_drains: 3,
     pickups: 300,
     scaling_jobs: 2_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
@@ -103,6 +107,7 @@ const FULL: Sizes = Sizes {
 const LONG: Sizes = Sizes {
     web_seconds: 30,
     queue_jobs: 100_000,
+    default_drains: 5,
     pickups: 1_000,
     scaling_jobs: 8_000,
     trim_tables: &[10_000, 100_000, 1_000_000],
@@ -149,6 +154,11 @@ struct Args {
     /// Run only these sections (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// A `worker` binary built from an older commit (with `--features
+    /// probes`): the queue section then runs its default-settings drain with
+    /// that binary too, alternating old and new, for a side-by-side figure.
+    #[arg(long)]
+    baseline_worker: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,10 +169,14 @@ fn main() -> anyhow::Result<()> {
         _ => FULL,
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(sizes, &args.only))
+    runtime.block_on(run(sizes, &args.only, args.baseline_worker.as_deref()))
 }
 
-async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
+async fn run(
+    sizes: Sizes,
+    only: &[Section],
+    baseline_worker: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let wanted = |section: Section| only.is_empty() || only.contains(&section);
     let mut report = Report::default();
     println!("building the release binaries…");
@@ -174,7 +188,7 @@ async fn run(sizes: Sizes, only: &[Section]) -> anyhow::Result<()> {
         web_and_ceiling(&db, &sizes, &mut report).await?;
     }
     if wanted(Section::Queue) {
-        queue_throughput(&db, &sizes, &mut report).await?;
+        queue_throughput(&db, &sizes, baseline_worker, &mut report).await?;
     }
     if wanted(Section::Pickup) {
         pickup_latency(&db, &sizes, &mut report).await?;
@@ -423,14 +437,42 @@ async fn drain_with_workers(
     count: i64,
     behaviour: &str,
 ) -> anyhow::Result<Duration> {
+    let mut env = worker_env(db, concurrency);
+    env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
+    drain(db, None, &env, processes, count, behaviour).await
+}
+
+/// Starts `processes` idle workers (the `binary`, else this commit's
+/// `worker`) with exactly `env`, then enqueues `count` jobs and times the
+/// drain.
+async fn drain(
+    db: &TestDb,
+    binary: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+    processes: usize,
+    count: i64,
+    behaviour: &str,
+) -> anyhow::Result<Duration> {
     sqlx::query("delete from apalis.jobs")
         .execute(&db.pool)
         .await?;
     let mut workers = Vec::new();
     for _ in 0..processes {
-        let mut env = worker_env(db, concurrency);
-        env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
-        let worker = Process::started_worker(&env).await?;
+        let mut worker = match binary {
+            None => Process::spawn("worker", env)?,
+            Some(path) => {
+                let mut command = tokio::process::Command::new(path);
+                command
+                    .envs(env.iter().copied())
+                    .env(
+                        "RUST_LOG",
+                        "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+                    )
+                    .env("NO_COLOR", "1");
+                Process::start("worker", command)?
+            }
+        };
+        worker.wait_until_registered(env).await?;
         workers.push(worker);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -453,11 +495,90 @@ async fn drain_with_workers(
     Ok(elapsed)
 }
 
-async fn queue_throughput(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+/// No-op jobs of the default-settings drain (the issue's figure), whatever
+/// the run's size.
+const DEFAULT_DRAIN_JOBS: i64 = 20_000;
+
+/// The default-settings drain, `runs` times each, alternating with the
+/// `baseline` binary when given; reports the median of each.
+/// One default-settings drain: the index of its figure, the `worker` binary
+/// (none: this commit's) and the environment.
+type DrainConfig<'a> = (usize, Option<&'a std::path::Path>, &'a [(&'a str, &'a str)]);
+
+async fn default_drains(
+    db: &TestDb,
+    baseline: Option<&std::path::Path>,
+    runs: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let defaults = [("DATABASE_URL", db.url.as_str())];
+    let synced = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_SYNC_BOOKKEEPING", "true"),
+    ];
+    let tuned = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", "32"),
+    ];
+    let noop = r#"{"kind":"noop"}"#;
+    let rate = |elapsed: Duration| DEFAULT_DRAIN_JOBS as f64 / elapsed.as_secs_f64();
+    // Per configuration, in the order of `names`: one figure per run.
+    let names = [
+        "drain, default settings",
+        "drain, default settings, WORKER_SYNC_BOOKKEEPING=true",
+        "drain, default settings, baseline worker",
+        "drain c=32, baseline worker",
+    ];
+    let mut figures: [Vec<f64>; 4] = Default::default();
+    for run in 0..runs {
+        let mut configs: Vec<DrainConfig<'_>> = vec![(0, None, &defaults), (1, None, &synced)];
+        if let Some(path) = baseline {
+            // Old and new alternate, so that the machine's drift hits both.
+            configs.insert(0, (2, Some(path), &defaults));
+            configs.insert(2, (3, Some(path), &tuned));
+        }
+        for (index, binary, env) in configs {
+            let figure = rate(drain(db, binary, env, 1, DEFAULT_DRAIN_JOBS, noop).await?);
+            println!("   run {}: {} {figure:.0} jobs/s", run + 1, names[index]);
+            figures[index].push(figure);
+        }
+    }
+    let median = |values: &[f64]| {
+        let mut values = values.to_vec();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    let medians: Vec<Option<f64>> = figures.iter().map(|values| median(values)).collect();
+    for (name, value) in names.iter().zip(&medians) {
+        if let Some(value) = value {
+            report.add("queue", *name, *value, "jobs/s");
+        }
+    }
+    let ratio = |a: usize, b: usize| Some(medians[a]? / medians[b]?);
+    let ratios = [
+        ("synchronous / default bookkeeping", ratio(1, 0)),
+        ("default settings / baseline's defaults", ratio(0, 2)),
+        ("default settings / baseline at c=32", ratio(0, 3)),
+    ];
+    for (name, value) in ratios {
+        if let Some(value) = value {
+            report.add("queue", name, value, "x");
+        }
+    }
+    Ok(())
+}
+
+async fn queue_throughput(
+    db: &TestDb,
+    sizes: &Sizes,
+    baseline: Option<&std::path::Path>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     println!(
-        "3. queue throughput: {} no-op jobs, one worker process",
-        sizes.queue_jobs
+        "3. queue throughput: {DEFAULT_DRAIN_JOBS} no-op jobs with default settings (median of {}), then {} with tuned ones; one worker process",
+        sizes.default_drains, sizes.queue_jobs
     );
+    default_drains(db, baseline, sizes.default_drains, report).await?;
     // Claim batch = concurrency (the default), then a larger claim batch.
     for (concurrency, claim_batch) in [("10", None), ("32", None), ("10", Some("40"))] {
         let elapsed = drain_with_workers(

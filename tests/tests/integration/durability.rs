@@ -505,52 +505,50 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
     let mut env = fast_worker_env();
     env.extend([
         ("DATABASE_URL", db.url.as_str()),
-        ("WORKER_CONCURRENCY", "1"),
-        ("WORKER_CLAIM_BATCH", "5"),
+        ("WORKER_CONCURRENCY", "5"),
         ("WORKER_SHUTDOWN_GRACE", "20"),
         ("JOB_TIMEOUT", "60"),
     ]);
-    // The first job started blocks on this lock, so the other four claimed
-    // with it wait in the worker for the one slot.
+    let mut worker = Process::started_worker(&env).await?;
+    // A worker claims only for free slots and starts what it claimed at once,
+    // so jobs are claimed but unstarted only while a claim is on its way back
+    // when the worker stops. Hold that moment open: a claim's foreign-key
+    // check on the claiming worker's row waits while we lock that row.
     let mut holder = sqlx::PgConnection::connect_with(&migrations::parse_url(&db.url)?).await?;
-    sqlx::query("select pg_advisory_lock(4343)")
+    sqlx::query("begin").execute(&mut holder).await?;
+    sqlx::query("select 1 from apalis.workers where worker_type = 'probe' for update")
         .execute(&mut holder)
         .await?;
-    let mut worker = Process::started_worker(&env).await?;
     let ids = enqueue_probes(
         &db.pool,
-        (0..5).map(|n| probe(&format!("held-{n}"), Behaviour::WaitForLock { lock: 4343 })),
+        (0..5).map(|n| probe(&format!("held-{n}"), Behaviour::Succeed)),
     )
     .await?;
-    // Wait for one job to start and the other four to be claimed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let started: i64 = sqlx::query_scalar("select count(*) from job_probe_runs")
-            .fetch_one(&db.pool)
-            .await?;
-        let claimed: i64 = sqlx::query_scalar(
-            "select count(*) from apalis.jobs where status in ('Queued', 'Running')",
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'
+               and query like '%get_jobs%'",
         )
         .fetch_one(&db.pool)
         .await?;
-        if started == 1 && claimed == 5 {
+        if waiting == 1 {
             break;
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "expected 1 started and 5 claimed jobs, saw {started} and {claimed}"
+            "no claim waited for the worker's row"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Shut down, then let the running job finish within the grace.
+    // Shut down while the claim is on its way, then let it arrive.
     worker.signal(nix::sys::signal::Signal::SIGTERM)?;
     worker
         .wait_for_line("worker stopping", Duration::from_secs(10))
         .await?;
-    sqlx::query("select pg_advisory_unlock(4343)")
-        .execute(&mut holder)
-        .await?;
+    sqlx::query("commit").execute(&mut holder).await?;
     let status = worker.terminate(Duration::from_secs(30)).await?;
     assert!(status.success(), "exit {status}");
     let mut returned = 0;
@@ -563,9 +561,13 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
     }
     let states = db.job_counts().await?;
     assert_eq!(
-        returned, 4,
-        "the four unstarted jobs went back to the queue: {states:?}"
+        returned, 5,
+        "the five claimed, unstarted jobs went back to the queue: {states:?}"
     );
+    let ran: i64 = sqlx::query_scalar("select count(*) from job_probe_runs")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(ran, 0, "none of them ran: {states:?}");
     Ok(())
 }
 

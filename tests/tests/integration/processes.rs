@@ -289,3 +289,93 @@ async fn worker_workflow_shows_a_workflows_steps_and_cancel_workflow_cancels_it(
     assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
     Ok(())
 }
+
+/// A worker claims only what it can start: with 4 processes of 10 slots
+/// each and 40 one-second jobs, every job starts at once, 10 in each
+/// process, and none waits claimed in one worker (or in the queue) while
+/// another has a free slot. `WORKER_CLAIM_BATCH=40` on purpose: a claim
+/// batch larger than the free slots must not make one worker take them all.
+#[tokio::test]
+async fn four_workers_start_forty_one_second_jobs_at_once_holding_none_back() -> anyhow::Result<()>
+{
+    let db = TestDb::migrated().await?;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", "10"),
+        ("WORKER_CLAIM_BATCH", "40"),
+    ];
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        workers.push(Process::started_worker(&env).await?);
+    }
+    // A first round warms every worker's connections and statements (a
+    // worker's first claim and settle pay for connecting and preparing);
+    // the second is measured. The first also leaves each worker's listener
+    // with more notifications than claims, which once kept the next insert
+    // from waking anyone.
+    let round = |name: &str, millis: u64| -> Vec<Probe> {
+        (0..40)
+            .map(|n| Probe {
+                key: format!("{name}-{n}"),
+                // Nap: no write of its own, so a job's start waits for no
+                // connection of the pool, only for the queue.
+                behaviour: Behaviour::Nap { millis },
+            })
+            .collect()
+    };
+    enqueue_probes(&db.pool, round("warm-up", 300)).await?;
+    db.drain_queue(Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let probes: Vec<Probe> = (0..40)
+        .map(|n| Probe {
+            key: format!("at-once-{n}"),
+            behaviour: Behaviour::Nap { millis: 1000 },
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    jobs::enqueue_many(&mut tx, &probes).await?;
+    let committed_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+
+    // Halfway through the jobs' second: everything that will start at once
+    // has, and is marked `Running` with the time of its start mark (taken
+    // just after the handler started) in `lock_at`.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_worker: Vec<(String, i64, f64)> = sqlx::query_as(
+        "select lock_by, count(*),
+                (extract(epoch from max(lock_at) - $1) * 1000)::float8
+         from apalis.jobs where job_type = 'probe' and status = 'Running'
+           and convert_from(job, 'UTF8')::jsonb ->> 'key' like 'at-once-%'
+         group by lock_by order by lock_by",
+    )
+    .bind(committed_at)
+    .fetch_all(&db.pool)
+    .await?;
+    let waiting: i64 = sqlx::query_scalar(
+        "select count(*) from apalis.jobs
+         where job_type = 'probe' and status in ('Pending', 'Queued', 'Failed')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        waiting, 0,
+        "no job waits while slots are free: {per_worker:?}"
+    );
+    assert_eq!(per_worker.len(), 4, "all 4 workers busy: {per_worker:?}");
+    for (worker, started, last_start_ms) in &per_worker {
+        assert_eq!(*started, 10, "{worker} runs 10 jobs: {per_worker:?}");
+        assert!(
+            *last_start_ms < 100.0,
+            "{worker}'s jobs all started within 100 ms of the commit: {per_worker:?}"
+        );
+    }
+    db.drain_queue(Duration::from_secs(30)).await?;
+    for worker in workers {
+        worker.terminate(Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}

@@ -155,3 +155,98 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
     );
     Ok(())
 }
+
+/// What a settle may change: id, status, lock_by, attempts, last_result, run_at.
+type JobRow = (
+    String,
+    String,
+    Option<String>,
+    i32,
+    Option<Value>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+#[tokio::test]
+async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // Six jobs w-old claimed and started, then lost: it stopped heartbeating.
+    let lost = jobs_of(&db, "w-old", "Running", 6).await?;
+    sqlx::query(
+        "update apalis.workers set last_seen = now() - interval '1 hour' where id = 'w-old'",
+    )
+    .execute(&db.pool)
+    .await?;
+    // Recovery hands them back: pending again, or dead when out of attempts.
+    sqlx::query("update apalis.jobs set attempts = 2 where id = $1")
+        .bind(&lost[5])
+        .execute(&db.pool)
+        .await?;
+    let recovered = storage::recover_orphans(&db.pool, "probe", 30).await?;
+    assert_eq!(recovered, 6);
+    // w-new claims two of them; one of those it has started.
+    jobs_of(&db, "w-new", "Queued", 0).await?;
+    sqlx::query("update apalis.jobs set status = 'Queued', lock_by = 'w-new', lock_at = now() where id = any($1)")
+        .bind(&lost[0..2])
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("update apalis.jobs set status = 'Running' where id = $1")
+        .bind(&lost[1])
+        .execute(&db.pool)
+        .await?;
+    // And a seventh, whose result w-old lost: the reaper ended its attempt
+    // (Failed, retry due) without clearing w-old's claim.
+    let reaped = jobs_of(&db, "w-old", "Running", 1).await?;
+    sqlx::query(
+        "update apalis.jobs set status = 'Failed', attempts = 1, run_at = now(), done_at = now(),
+                last_result = '{\"Err\": \"attempt lost\"}' where id = $1",
+    )
+    .bind(&reaped[0])
+    .execute(&db.pool)
+    .await?;
+
+    let rows = || {
+        let pool = db.pool.clone();
+        async move {
+            let rows: Vec<JobRow> = sqlx::query_as(
+                "select id, status, lock_by, attempts, last_result, run_at
+                     from apalis.jobs order by id",
+            )
+            .fetch_all(&pool)
+            .await?;
+            anyhow::Ok(rows)
+        }
+    };
+    let before = rows().await?;
+
+    // w-old's late batches: successes, failures and start marks alike.
+    let all: Vec<&String> = lost.iter().chain(&reaped).collect();
+    let mut successes = Vec::new();
+    let mut failures = Vec::new();
+    for (n, id) in all.iter().enumerate() {
+        successes.push(TaskEvent::Lock {
+            task_id: task_id(id)?,
+        });
+        if n % 2 == 0 {
+            successes.push(done(id, 1)?);
+        } else {
+            failures.push(TaskEvent::Complete(TaskResult {
+                task_id: task_id(id)?,
+                attempt: 1,
+                status: Status::Failed,
+                result: Err("late failure".to_owned()),
+            }));
+        }
+    }
+    for batch in [successes, failures] {
+        let recorded =
+            storage::record_events(&db.pool, batch, "w-old", durable_jobs::Backoff::DEFAULT)
+                .await?;
+        assert_eq!(
+            recorded,
+            Recorded::default(),
+            "a stale worker's batch records nothing"
+        );
+    }
+    assert_eq!(rows().await?, before, "no row changed");
+    Ok(())
+}
