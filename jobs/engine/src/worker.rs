@@ -115,15 +115,18 @@ impl WorkerConfig {
     }
 
     /// Database connections a worker process running `registry` needs in the
-    /// pool it is given: per queue, one per running job (its own writes), at
-    /// most 4 (the pool of the old default concurrency), and two spare; plus maintenance.
-    /// Beyond that cap, a job that needs a connection waits for one (up to
-    /// the pool's acquire timeout): a large concurrency, which short jobs
-    /// need for throughput, stays within a small Postgres's connection limit.
-    /// The queue's listener and bookkeeping use a small pool of their own,
-    /// built from this one.
-    pub fn connections_needed<C>(&self, registry: &Registry<C>) -> u32 {
-        queue_count(registry) * (u32::from(self.concurrency).min(JOB_CONNECTIONS_PER_QUEUE) + 2) + 1
+    /// pool it is given: one per running job (its own writes), shared by
+    /// every queue and at most 8, plus three for the runtime's upkeep (lost
+    /// attempts, schedules, wake-ups). Beyond that cap, a job that needs a
+    /// connection waits for one (up to the pool's acquire timeout): a large
+    /// concurrency, which short jobs need for throughput, and a registry of
+    /// many mostly idle queues stay within a small Postgres's connection
+    /// limit (measured: per-queue pools of 6 put three test workers of five
+    /// queues over Postgres's default 100, and their heartbeats failed). The
+    /// queue's listener and bookkeeping use a small pool of their own, built
+    /// from this one.
+    pub fn connections_needed<C>(&self, _registry: &Registry<C>) -> u32 {
+        u32::from(self.concurrency).min(JOB_CONNECTIONS) + 3
     }
 
     /// The pool for the queue's own bookkeeping (claims, start and finish
@@ -156,9 +159,9 @@ impl WorkerConfig {
     }
 }
 
-/// The most connections a queue's running jobs get from the worker's pool
-/// (see [`WorkerConfig::connections_needed`]).
-const JOB_CONNECTIONS_PER_QUEUE: u32 = 4;
+/// The most connections running jobs get from the worker's pool, all queues
+/// together (see [`WorkerConfig::connections_needed`]).
+const JOB_CONNECTIONS: u32 = 8;
 
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)
