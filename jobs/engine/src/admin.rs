@@ -544,6 +544,25 @@ pub async fn job(pool: &PgPool, id: &str) -> Result<Option<JobDetail>, Error> {
         .await?)
 }
 
+/// One failed attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AttemptError {
+    /// The attempt's number (as counted when it failed).
+    pub attempt: i32,
+    /// Its error.
+    pub error: String,
+    /// When it was recorded.
+    pub failed_at: DateTime<Utc>,
+}
+
+/// Every failed attempt of job `id`, oldest first (kept until the job is pruned).
+pub async fn job_errors(pool: &PgPool, id: &str) -> Result<Vec<AttemptError>, Error> {
+    Ok(sqlx::query_as(queries::JOB_ERRORS)
+        .bind(id)
+        .fetch_all(pool)
+        .await?)
+}
+
 /// The newest job of `queue`, if it has any.
 pub async fn latest_job_of(pool: &PgPool, queue: &str) -> Result<Option<JobDetail>, Error> {
     Ok(sqlx::query_as(queries::LATEST_JOB_OF_QUEUE)

@@ -43,8 +43,8 @@ use ulid::Ulid;
 use crate::{
     Error,
     admin::{
-        self, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus, StateCount,
-        WorkflowSummary, WorkflowView,
+        self, AttemptError, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus,
+        StateCount, WorkflowSummary, WorkflowView,
     },
 };
 
@@ -563,9 +563,17 @@ async fn job_page(
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
-    let job = match admin::job(&dashboard.pool, &id).await {
-        Ok(Some(job)) => job,
-        Ok(None) => {
+    let loaded = async {
+        let job = admin::job(&dashboard.pool, &id).await?;
+        let errors = match &job {
+            Some(_) => admin::job_errors(&dashboard.pool, &id).await?,
+            None => Vec::new(),
+        };
+        Ok::<_, Error>((job, errors))
+    };
+    let (job, errors) = match loaded.await {
+        Ok((Some(job), errors)) => (job, errors),
+        Ok((None, _)) => {
             return (
                 StatusCode::NOT_FOUND,
                 (dashboard.layout)(
@@ -581,19 +589,20 @@ async fn job_page(
     let csrf = csrf.map(|Extension(Csrf(token))| token);
     let body = html! {
         div #job-page data-refresh-from=(job_page_path(prefix.as_str(), &job.id)) {
-            (render_job(prefix.as_str(), &job, csrf.as_deref(), dashboard.trace_ui.as_deref()))
+            (render_job(prefix.as_str(), &job, &errors, csrf.as_deref(), dashboard.trace_ui.as_deref()))
         }
     };
     (dashboard.layout)(&format!("Job {}", job.id), body).into_response()
 }
 
 /// One job's page body: state and actions, timings, worker, attempts and
-/// last error, payload (pretty JSON), metadata, and with `trace_ui` a link to
+/// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
 /// its trace. Links and forms are under `prefix` (where the dashboard is
 /// nested); `csrf` as for the overview's forms.
 pub fn render_job(
     prefix: &str,
     job: &JobDetail,
+    errors: &[AttemptError],
     csrf: Option<&str>,
     trace_ui: Option<&str>,
 ) -> Markup {
@@ -632,8 +641,14 @@ pub fn render_job(
         h2 { "Errors" }
         @if let Some(error) = job.last_error() {
             p.error #job-error { "Last attempt (" (job.attempts) "): " (error) }
-            p.hint { "Only the last attempt's error is stored." }
-        } @else {
+        }
+        @if !errors.is_empty() {
+            ol.errors #job-errors aria-label="every failed attempt" {
+                @for failed in errors {
+                    li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (failed.error) } }
+                }
+            }
+        } @else if job.last_error().is_none() {
             p { "No attempt failed." }
         }
         @if let Some(output) = job.output().filter(|o| !o.is_null()) {

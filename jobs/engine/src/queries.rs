@@ -295,6 +295,10 @@ select id, job_type as queue, state, status, attempts, max_attempts, run_at, loc
        last_result::text as last_result, unique_key
 from apalis.job_states where id = $1";
 
+/// Each failed attempt of job `$1`, oldest first.
+pub(crate) const JOB_ERRORS: &str = "
+select attempt, error, failed_at from apalis.job_errors where job_id = $1 order by attempt, failed_at";
+
 /// Everything stored about the newest job of queue `$1`.
 pub(crate) const LATEST_JOB_OF_QUEUE: &str = "
 select id, job_type as queue, state, status, attempts, max_attempts, run_at, lock_at,

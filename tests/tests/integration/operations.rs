@@ -585,3 +585,42 @@ async fn the_dashboard_shows_a_workflow_links_its_steps_and_cancels_it() -> anyh
     assert_eq!(missing.status(), 404);
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_jobs_page_lists_the_error_of_each_failed_attempt() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("s3cret-token");
+    let mut app = TestApp::spawn_with(db, state).await?;
+    app.start_worker();
+    let ids = enqueue_probes(
+        &app.db.pool,
+        [Probe {
+            key: "fails-twice".to_owned(),
+            behaviour: Behaviour::FailFirst { failures: 2 },
+        }],
+    )
+    .await?;
+    app.db
+        .wait_for_status(&ids[0], "Done", Duration::from_secs(30))
+        .await?;
+    let page = app
+        .client
+        .get(app.url(&format!("/admin/jobs/{}", ids[0])))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await?
+        .text()
+        .await?;
+    for attempt in [1, 2] {
+        assert!(
+            page.contains(&format!(r#"data-attempt="{attempt}""#))
+                && page.contains(&format!("failing attempt {attempt} as asked")),
+            "attempt {attempt}'s error is on the page: {page}"
+        );
+    }
+    assert!(
+        !page.contains(r#"data-attempt="3""#),
+        "the third attempt succeeded"
+    );
+    app.stop().await
+}
