@@ -251,12 +251,11 @@ with deleted as (
 select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
 from deleted";
 
-/// Deletes workers silent for a day that hold no open job.
+/// Deletes workers silent for a day that hold no job.
 pub(crate) const PRUNE_WORKERS: &str = "
 delete from apalis.workers w
 where w.last_seen < now() - interval '1 day'
-  and not exists (select 1 from apalis.jobs j
-                  where j.lock_by = w.id and j.status in ('Queued', 'Running'))";
+  and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)";
 
 /// Kills pending jobs of queues not in `$1` that waited `$2` seconds.
 pub(crate) const KILL_UNHANDLED: &str = r#"

@@ -116,7 +116,7 @@ impl WorkerConfig {
 
     /// Database connections a worker process running `registry` needs in the
     /// pool it is given: one per running job (its own writes), shared by
-    /// every queue and at most 16, plus three for the runtime's upkeep (lost
+    /// every queue and at most 8, plus three for the runtime's upkeep (lost
     /// attempts, schedules, wake-ups). Beyond that cap, a job that needs a
     /// connection waits for one (up to the pool's acquire timeout): a large
     /// concurrency, which short jobs need for throughput, and a registry of
@@ -161,7 +161,7 @@ impl WorkerConfig {
 
 /// The most connections running jobs get from the worker's pool, all queues
 /// together (see [`WorkerConfig::connections_needed`]).
-const JOB_CONNECTIONS: u32 = 16;
+const JOB_CONNECTIONS: u32 = 8;
 
 fn queue_count<C>(registry: &Registry<C>) -> u32 {
     u32::try_from(registry.jobs.len()).unwrap_or(u32::MAX)

@@ -512,21 +512,11 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
     let mut worker = Process::started_worker(&env).await?;
     // A worker claims only for free slots and starts what it claimed at once,
     // so jobs are claimed but unstarted only while a claim is on its way back
-    // when the worker stops. Hold that moment open: a trigger of this test
-    // makes a claim wait for an advisory lock that we hold.
-    sqlx::raw_sql(
-        "create function test_hold_claims() returns trigger language plpgsql as $$
-         begin
-             perform pg_advisory_xact_lock_shared(4242);
-             return new;
-         end $$;
-         create trigger test_hold_claims before update of status on apalis.jobs
-             for each row when (new.status = 'Queued') execute function test_hold_claims();",
-    )
-    .execute(&db.pool)
-    .await?;
+    // when the worker stops. Hold that moment open: a claim's foreign-key
+    // check on the claiming worker's row waits while we lock that row.
     let mut holder = sqlx::PgConnection::connect_with(&migrations::parse_url(&db.url)?).await?;
-    sqlx::query("select pg_advisory_lock(4242)")
+    sqlx::query("begin").execute(&mut holder).await?;
+    sqlx::query("select 1 from apalis.workers where worker_type = 'probe' for update")
         .execute(&mut holder)
         .await?;
     let ids = enqueue_probes(
@@ -548,7 +538,7 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "no claim waited for the held lock"
+            "no claim waited for the worker's row"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -558,9 +548,7 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
     worker
         .wait_for_line("worker stopping", Duration::from_secs(10))
         .await?;
-    sqlx::query("select pg_advisory_unlock(4242)")
-        .execute(&mut holder)
-        .await?;
+    sqlx::query("commit").execute(&mut holder).await?;
     let status = worker.terminate(Duration::from_secs(30)).await?;
     assert!(status.success(), "exit {status}");
     let mut returned = 0;
