@@ -119,9 +119,7 @@ impl TrimVisits {
     /// Runs the job: deletes, then logs one record per deleted visit and a summary.
     pub async fn perform(&self, pool: &PgPool, job_id: &str) -> Result<TrimOutcome, sqlx::Error> {
         let ids = self.delete_older(pool).await?;
-        for id in &ids {
-            tracing::info!(visit.id = id, job.id = %job_id, "deleted visit {id}");
-        }
+        log_deleted(job_id, &ids);
         log_summary(job_id, self.older_than, ids.len(), &ids);
         Ok(TrimOutcome {
             deleted: ids.len(),
@@ -239,10 +237,7 @@ impl Job for TrimChunk {
         .instrument(observability::db_span("DELETE", "visits"))
         .await?;
         ids.sort_unstable();
-        let job_id = job.id();
-        for id in &ids {
-            tracing::info!(visit.id = id, job.id = %job_id, "deleted visit {id}");
-        }
+        log_deleted(job.id(), &ids);
         Ok(ChunkOutcome {
             deleted: ids.len(),
             first_ids: ids.into_iter().take(SUMMARY_IDS).collect(),
@@ -281,6 +276,13 @@ impl Job for TrimSummary {
             ids: first,
             planned: None,
         })
+    }
+}
+
+/// One log record per deleted visit (the trace's event per id).
+fn log_deleted(job_id: &str, ids: &[i64]) {
+    for id in ids {
+        tracing::info!(visit.id = id, job.id = %job_id, "deleted visit {id}");
     }
 }
 

@@ -167,10 +167,15 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
         .execute(pool)
         .await?
         .rows_affected();
+    let mut tx = pool.begin().await?;
+    sqlx::query(queries::LOCK_SILENT_WORKERS)
+        .execute(&mut *tx)
+        .await?;
     let workers = sqlx::query(queries::PRUNE_WORKERS)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    tx.commit().await?;
     let as_count = |n: i64| u64::try_from(n).unwrap_or_default();
     Ok(Pruned {
         done: as_count(done),

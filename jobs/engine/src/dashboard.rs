@@ -639,7 +639,8 @@ pub fn render_job(
             }
         }
         h2 { "Errors" }
-        @if let Some(error) = job.last_error() {
+        @let last_error = job.last_error();
+        @if let Some(error) = &last_error {
             p.error #job-error { "Last attempt (" (job.attempts) "): " (error) }
         }
         @if !errors.is_empty() {
@@ -648,7 +649,7 @@ pub fn render_job(
                     li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (failed.error) } }
                 }
             }
-        } @else if job.last_error().is_none() {
+        } @else if last_error.is_none() {
             p { "No attempt failed." }
         }
         @if let Some(output) = job.output().filter(|o| !o.is_null()) {

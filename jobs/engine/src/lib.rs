@@ -14,6 +14,7 @@ mod queries;
 mod registry;
 pub mod shutdown;
 mod storage;
+mod wakeups;
 mod worker;
 mod workflow;
 

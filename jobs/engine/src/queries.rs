@@ -251,7 +251,14 @@ with deleted as (
 select count(*) filter (where status = 'Done'), count(*) filter (where status <> 'Done')
 from deleted";
 
-/// Deletes workers silent for a day that hold no job.
+/// Locks the rows of workers silent for a day (see `PRUNE_WORKERS`).
+pub(crate) const LOCK_SILENT_WORKERS: &str = "
+select id from apalis.workers where last_seen < now() - interval '1 day' for update";
+
+/// Deletes workers silent for a day that hold no job. Run after
+/// `LOCK_SILENT_WORKERS`, in its transaction: a claim share-locks its
+/// worker's row (`apalis.get_jobs`), so the lock waits for a claim in
+/// flight, and this statement's snapshot then sees what it claimed.
 pub(crate) const PRUNE_WORKERS: &str = "
 delete from apalis.workers w
 where w.last_seen < now() - interval '1 day'
@@ -459,7 +466,7 @@ returning schedules.handled_until, schedules.last_tick, clock_timestamp()";
 pub(crate) const INSERT_TICK_JOB: &str = "
 insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
 values ($1, $2, $3, 'Pending', 0, $4, now(), 0, hstore($6::text[], $7::text[]), $5)
-on conflict (job_type, idempotency_key) do nothing
+on conflict (job_type, idempotency_key) where idempotency_key is not null do nothing
 returning id";
 
 /// Advances schedule `$1` to `$2` (never backwards), with the newest tick

@@ -17,11 +17,13 @@
 //! own bookkeeping connection and tokio task (so that a round trip makes
 //! progress while the worker's task hands out jobs):
 //!
-//! - **the claim** ([`claim`]): one statement, `apalis.get_jobs(..)`, for as
-//!   many jobs as the worker has free slots (capped by the claim batch); the
-//!   next claim starts as soon as those are handed out and slots are free
-//!   again, while the claimed jobs run. A worker so never holds a job it
-//!   cannot start at once. A row that cannot be a task is killed alone.
+//! - **the claims** ([`claim`]): one statement each, `apalis.get_jobs(..)`,
+//!   for as many jobs as the worker has free slots not already being
+//!   claimed for, at most half the claim batch; two run at once, so one's
+//!   round trip overlaps the other's jobs, and the next starts as soon as
+//!   slots are free again, while the claimed jobs run. A worker so never
+//!   holds a job it cannot start at once. A row that cannot be a task is
+//!   killed alone.
 //! - **the settle** ([`record_events`], `queries::RECORD_EVENTS`): every
 //!   start mark and result that arrived since the last one, successes and
 //!   failures (with their backoff) alike, in one statement, fenced by the
@@ -89,6 +91,12 @@ impl Codec<Vec<u8>> for RawPayload {
 /// starts at once.
 const TOP_UP_DELAY: Duration = Duration::from_millis(1);
 
+/// Claims that may be in flight at once, each for at most its share of the
+/// claim batch: while one claim's round trip runs, the other's jobs are
+/// handed out and run (measured, 20,000 no-op jobs at 128 slots: 17-22k
+/// jobs/s against 14-20k with one claim of 128 at a time).
+const CLAIMS_IN_FLIGHT: usize = 2;
+
 /// Settles that may run at once. One: while it runs, the next batch
 /// gathers, so a settle's size follows the load. Two at once deadlocked in
 /// a drain (a job's start mark in one batch, its result in the next, rows
@@ -111,9 +119,10 @@ pub struct QueueStorage {
     register: Option<BoxSyncFuture<Result<(), Error>>>,
     heartbeat_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     heartbeat: Option<BoxSyncFuture<Result<(), Error>>>,
-    claim: Option<BoxSyncFuture<Result<Vec<PgTask>, Error>>>,
-    /// Claimed jobs not yet handed to the worker (at most one claim's worth,
-    /// and only for slots that were free).
+    /// Claims in flight, each with the number of jobs it asked for.
+    claims: Vec<(BoxSyncFuture<Result<Vec<PgTask>, Error>>, usize)>,
+    /// Claimed jobs not yet handed to the worker (only for slots that were
+    /// free).
     buffer: VecDeque<PgTask>,
     /// Jobs handed to the worker whose result has not arrived yet.
     running: usize,
@@ -143,7 +152,7 @@ impl QueueStorage {
             register: None,
             heartbeat_timer: None,
             heartbeat: None,
-            claim: None,
+            claims: Vec::new(),
             buffer: VecDeque::new(),
             running: 0,
             top_up: None,
@@ -262,7 +271,10 @@ impl QueueStorage {
     /// the claim batch; a claim for a few slots while jobs run first waits a
     /// moment for more (see [`TOP_UP_DELAY`]).
     fn demand(&mut self, cx: &mut Context<'_>) -> Option<usize> {
-        let free = self.slots.saturating_sub(self.running + self.buffer.len());
+        let claiming: usize = self.claims.iter().map(|(_, asked)| asked).sum();
+        let free = self
+            .slots
+            .saturating_sub(self.running + self.buffer.len() + claiming);
         if free == 0 {
             return None;
         }
@@ -275,7 +287,8 @@ impl QueueStorage {
             }
         }
         self.top_up = None;
-        Some(free.min(self.config.batch_size.max(1)))
+        let per_claim = self.config.batch_size.div_ceil(CLAIMS_IN_FLIGHT).max(1);
+        Some(free.min(per_claim))
     }
 
     fn fail(&mut self, error: Error) -> Error {
@@ -360,24 +373,30 @@ impl Backend for QueueStorage {
                 self.running += 1;
                 return Poll::Ready(Some(Ok(task)));
             }
-            if let Some(claim) = self.claim.as_mut() {
-                match claim.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(error)) => {
-                        self.claim = None;
-                        return Poll::Ready(Some(Err(self.fail(error))));
-                    }
-                    Poll::Ready(Ok(tasks)) => {
-                        self.claim = None;
-                        if tasks.is_empty() {
-                            // Parked until apalis is woken: a notification, the
-                            // poll interval, or a job finishing.
-                            return Poll::Pending;
+            let mut drained = false;
+            let mut index = 0;
+            while index < self.claims.len() {
+                match self.claims[index].0.poll_unpin(cx) {
+                    Poll::Pending => index += 1,
+                    Poll::Ready(result) => {
+                        self.claims.swap_remove(index);
+                        match result {
+                            Err(error) => return Poll::Ready(Some(Err(self.fail(error)))),
+                            Ok(tasks) => {
+                                drained |= tasks.is_empty();
+                                self.buffer.extend(tasks);
+                            }
                         }
-                        self.buffer.extend(tasks);
-                        continue;
                     }
                 }
+            }
+            if !self.buffer.is_empty() {
+                continue;
+            }
+            if drained || self.claims.len() >= CLAIMS_IN_FLIGHT {
+                // Parked until a claim arrives or apalis is woken: a
+                // notification, the poll interval, or a job finishing.
+                return Poll::Pending;
             }
             self.drain_events(cx);
             let Some(count) = self.demand(cx) else {
@@ -387,13 +406,16 @@ impl Backend for QueueStorage {
             let name = name.to_owned();
             // Polled on the worker's own task, which waits for it anyway: a
             // spawned claim cost each pickup a wake-up across threads.
-            self.claim = Some(BoxSyncFuture::new(Box::pin(async move {
-                claim(&pool, &config, &name, count).await
-            })));
+            self.claims.push((
+                BoxSyncFuture::new(Box::pin(async move {
+                    claim(&pool, &config, &name, count).await
+                })),
+                count,
+            ));
         }
     }
 
-    /// Finishes the claim in flight, hands unstarted jobs back to the queue
+    /// Finishes the claims in flight, hands unstarted jobs back to the queue
     /// and settles every event before the worker stops.
     fn poll_close(
         &mut self,
@@ -401,15 +423,19 @@ impl Backend for QueueStorage {
         worker: &WorkerContext,
     ) -> Poll<Result<(), Error>> {
         self.top_up = None;
-        if let Some(claim) = self.claim.as_mut() {
-            match claim.poll_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
+        let mut index = 0;
+        while index < self.claims.len() {
+            match self.claims[index].0.poll_unpin(cx) {
+                Poll::Pending => index += 1,
                 Poll::Ready(result) => {
-                    self.claim = None;
+                    self.claims.swap_remove(index);
                     // A failed claim claimed nothing (one statement).
                     self.buffer.extend(result.unwrap_or_default());
                 }
             }
+        }
+        if !self.claims.is_empty() {
+            return Poll::Pending;
         }
         if !self.buffer.is_empty() && self.hand_back.is_none() {
             let tasks: Vec<PgTask> = self.buffer.drain(..).collect();

@@ -12,10 +12,11 @@ use apalis::prelude::{
     AbortError, Attempt, BackendExt as _, BoxDynError, Data, MetadataStore, Monitor,
     ParallelizeExt as _, Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
 };
-use apalis_postgres::{Config, PgPool, Pubsub};
+use apalis_postgres::{Config, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    wakeups::Wakeups,
     Error, Job, JobContext, Registry, Schedule,
     admin::{self, Retention},
     cron,
@@ -35,12 +36,14 @@ use crate::{
 pub struct WorkerConfig {
     /// Jobs this process runs at once, per job type. The default suits short
     /// jobs (throughput needs many slots, since each claim and settle is a
-    /// round trip); only 4 per type get a database connection at once.
+    /// round trip); running jobs of every type share at most 8 database
+    /// connections, and one that needs a connection waits for it.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Most jobs one claim takes (default: the concurrency). A claim never
-    /// takes more than the free slots, so a worker holds no job it cannot
-    /// start at once; a smaller cap spreads a burst over more workers.
+    /// Most jobs a worker claims at a time (default: the concurrency), in
+    /// two claims in flight of half as many each. A claim never takes more
+    /// than the free slots, so a worker holds no job it cannot start at
+    /// once; a smaller cap spreads a burst over more workers.
     #[arg(long, env = "WORKER_CLAIM_BATCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub claim_batch: Option<u16>,
     /// Seconds between queue polls, on top of LISTEN/NOTIFY wake-ups; picks up
@@ -123,17 +126,17 @@ impl WorkerConfig {
     /// many mostly idle queues stay within a small Postgres's connection
     /// limit (measured: per-queue pools of 6 put three test workers of five
     /// queues over Postgres's default 100, and their heartbeats failed). The
-    /// queue's listener and bookkeeping use a small pool of their own, built
-    /// from this one.
+    /// queues' bookkeeping and the process's listener use a small pool of
+    /// their own, built from this one.
     pub fn connections_needed<C>(&self, _registry: &Registry<C>) -> u32 {
         u32::from(self.concurrency).min(JOB_CONNECTIONS) + 3
     }
 
-    /// The pool for the queue's own bookkeeping (claims, start and finish
-    /// marks, heartbeats): a small lazy twin of `pool` (three connections per
-    /// queue: its listener, and its claim and settle, which run side by side;
-    /// a heartbeat takes whichever is free) with session settings for that
-    /// work alone:
+    /// The pool for the queues' own bookkeeping (claims, start and finish
+    /// marks, heartbeats) and the process's listener: a small lazy twin of
+    /// `pool` (two connections per queue, for its claim and settle, which
+    /// run side by side, and one for the listener; a heartbeat takes
+    /// whichever is free) with session settings for that work alone:
     ///
     /// - `plan_cache_mode=force_generic_plan`: bookkeeping is a few statements
     ///   repeated with other ids, and a custom plan re-plans on every call
@@ -154,7 +157,7 @@ impl WorkerConfig {
         pool.options()
             .clone()
             .min_connections(0)
-            .max_connections(queues * 3)
+            .max_connections(queues * 2 + 1)
             .connect_lazy_with(connect)
     }
 }
@@ -169,7 +172,7 @@ fn queue_count<C>(registry: &Registry<C>) -> u32 {
 
 /// The worker's defaults, written once: the command line's and [`Default`]'s.
 mod defaults {
-    pub(super) const CONCURRENCY: u16 = 64;
+    pub(super) const CONCURRENCY: u16 = 128;
     pub(super) const POLL_INTERVAL: &str = "1";
     pub(super) const LEASE: &str = "30";
     pub(super) const SHUTDOWN_GRACE: &str = "25";
@@ -253,6 +256,7 @@ fn queue_config<J: Job>(config: &WorkerConfig) -> Config {
 pub(crate) struct WorkerParts<C> {
     pool: PgPool,
     bookkeeping: PgPool,
+    wakeups: Wakeups,
     config: WorkerConfig,
     generation: usize,
     activity: Activity,
@@ -269,6 +273,7 @@ impl<C> WorkerParts<C> {
         WorkerParts {
             pool: self.pool.clone(),
             bookkeeping: self.bookkeeping.clone(),
+            wakeups: self.wakeups.clone(),
             config: self.config.clone(),
             generation: self.generation,
             activity: self.activity.clone(),
@@ -293,27 +298,27 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
     let WorkerParts {
         pool,
         bookkeeping,
+        wakeups,
         config,
         generation,
         activity,
         context,
     } = parts;
-    let (pool, bookkeeping, config, generation, activity, context) = (
+    let (pool, bookkeeping, wakeups, config, generation, activity, context) = (
         EnginePool(pool.clone()),
         bookkeeping.clone(),
+        wakeups.clone(),
         config.clone(),
         *generation,
         activity.clone(),
         context.clone(),
     );
     monitor.register(move |restarts: usize| {
-        // LISTEN/NOTIFY wakes us within milliseconds of a commit; the interval
-        // catches what sends no notification (retries, delayed jobs).
+        // LISTEN/NOTIFY wakes us within milliseconds of a commit (the
+        // process's one listener, `wakeups`); the interval catches what sends
+        // no notification.
         let wake_up = Strategy::new()
-            .stream(Coalesced(Pubsub::new(
-                bookkeeping.clone(),
-                J::NAME.to_owned(),
-            )))
+            .stream(wakeups.subscribe(J::NAME))
             .interval(config.poll_interval);
         let backend = QueueStorage::new(
             &bookkeeping,
@@ -343,38 +348,6 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
 /// pool: additions must survive a crash as the job's own writes do).
 #[derive(Debug, Clone)]
 struct EnginePool(PgPool);
-
-/// A stream of wake-ups that yields one item for every burst of its inner
-/// stream's items. apalis's poll strategy takes one item per poll of the
-/// worker, and a busy worker is polled less often than jobs are inserted
-/// (one notification each): leftover notifications then kept the listener
-/// from registering a waker, so the next insert woke nobody, and the poll
-/// interval (polled only when the stream is pending) was starved too; jobs
-/// waited for the next heartbeat. Draining every ready item leaves the
-/// inner stream pending, its waker registered.
-struct Coalesced<S>(S);
-
-impl<S: futures::Stream + Unpin> futures::Stream for Coalesced<S> {
-    type Item = ();
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<()>> {
-        use futures::StreamExt as _;
-        use std::task::Poll;
-        let mut woken = false;
-        loop {
-            match self.0.poll_next_unpin(cx) {
-                Poll::Ready(Some(_)) => woken = true,
-                // The end is reported at the next poll, after this burst.
-                Poll::Ready(None) => return Poll::Ready(woken.then_some(())),
-                Poll::Pending if woken => return Poll::Ready(Some(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
 
 /// The handler of every job type: decodes the stored JSON (a row nobody can
 /// decode fails only its own job, dead with the reason) and runs it. A
@@ -617,6 +590,8 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
         "worker started"
     );
     let bookkeeping = config.bookkeeping_pool(&pool, queue_count(&registry));
+    let stop_listening = CancellationToken::new();
+    let wakeups = Wakeups::listen(bookkeeping.clone(), stop_listening.clone());
     let max_timeout = registry
         .jobs
         .iter()
@@ -658,6 +633,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
             let parts = WorkerParts {
                 pool: pool.clone(),
                 bookkeeping: bookkeeping.clone(),
+                wakeups: wakeups.clone(),
                 config: config.clone(),
                 generation: generation * 1000,
                 activity: activity.clone(),
@@ -707,6 +683,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
     maintenance.abort();
     scheduler.abort();
     waker.abort();
+    stop_listening.cancel();
     health.set(WorkerState::Stopped);
     if result.is_ok() {
         tracing::info!("worker stopped");

@@ -512,8 +512,9 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
     let mut worker = Process::started_worker(&env).await?;
     // A worker claims only for free slots and starts what it claimed at once,
     // so jobs are claimed but unstarted only while a claim is on its way back
-    // when the worker stops. Hold that moment open: a claim's foreign-key
-    // check on the claiming worker's row waits while we lock that row.
+    // when the worker stops. Hold that moment open: a claim share-locks the
+    // claiming worker's row first (`apalis.get_jobs`), so it waits while we
+    // lock that row.
     let mut holder = sqlx::PgConnection::connect_with(&migrations::parse_url(&db.url)?).await?;
     sqlx::query("begin").execute(&mut holder).await?;
     sqlx::query("select 1 from apalis.workers where worker_type = 'probe' for update")
