@@ -165,7 +165,7 @@ impl futures::Stream for Wakeup {
 
 #[cfg(test)]
 mod tests {
-    use futures::StreamExt as _;
+    use futures::{Stream as _, StreamExt as _};
 
     use super::*;
 

@@ -16,7 +16,6 @@ use apalis_postgres::{Config, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    wakeups::Wakeups,
     Error, Job, JobContext, Registry, Schedule,
     admin::{self, Retention},
     cron,
@@ -26,6 +25,7 @@ use crate::{
     job_span::JobSpanLayer,
     queries,
     storage::QueueStorage,
+    wakeups::Wakeups,
     workflow::{StepOf, WORKFLOW_ID_KEY, WORKFLOW_STEP_KEY},
 };
 

@@ -379,3 +379,42 @@ async fn four_workers_start_forty_one_second_jobs_at_once_holding_none_back() ->
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_worker_process_listens_on_one_connection_for_all_its_queues() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_POLL_INTERVAL", "3600"),
+    ];
+    let worker = Process::started_worker(&env).await?;
+    let queues = jobs::registry().queues().len();
+    assert!(queues > 1, "the tests' registry has several queues");
+    let listening = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and query ilike 'listen%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    assert_eq!(
+        listening().await?,
+        1,
+        "one LISTEN connection wakes all {queues} queues"
+    );
+    // And it wakes them: a job starts at once, though the poll interval
+    // (the fallback) is an hour.
+    let ids = enqueue_probes(
+        &db.pool,
+        [Probe {
+            key: "woken".into(),
+            behaviour: Behaviour::Succeed,
+        }],
+    )
+    .await?;
+    db.drain_queue(Duration::from_secs(10)).await?;
+    assert_eq!(ids.len(), 1);
+    worker.terminate(Duration::from_secs(30)).await?;
+    Ok(())
+}

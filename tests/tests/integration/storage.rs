@@ -250,3 +250,71 @@ async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> an
     assert_eq!(rows().await?, before, "no row changed");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
+    listener.listen("apalis::job::insert").await?;
+    // 500 due jobs of two queues and 50 delayed ones, in one statement.
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         select apalis.generate_ulid(), case when n % 2 = 0 then 'probe' else 'trim_visits' end,
+                '\\x7b7d', 'Pending', 0, 3,
+                case when n > 500 then now() + interval '1 hour' else now() end
+         from generate_series(1, 550) as n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut queues = Vec::new();
+    while let Ok(notification) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await
+    {
+        let payload: Value = serde_json::from_str(notification?.payload())?;
+        queues.push(payload["job_type"].as_str().unwrap_or_default().to_owned());
+    }
+    queues.sort();
+    assert_eq!(
+        queues,
+        ["probe", "trim_visits"],
+        "one wake-up per queue with due jobs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let pending: String = sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         values (apalis.generate_ulid(), 'probe', '\\x7b7d', 'Pending', 0, 3, now() - interval '1 second')
+         returning id",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    // No foreign key checks lock_by any more (a cost on every claimed row):
+    // the claim checks its worker's row once, so that every claimed job
+    // names a worker that recovery can find.
+    let claimed = sqlx::query("select id from apalis.get_jobs('nobody', 'probe', 5)")
+        .fetch_all(&db.pool)
+        .await;
+    let error = claimed.expect_err("an unregistered worker's claim fails");
+    assert!(
+        error.to_string().contains("is not registered"),
+        "the reason is given: {error}"
+    );
+    let (status, lock_by): (String, Option<String>) =
+        sqlx::query_as("select status, lock_by from apalis.jobs where id = $1")
+            .bind(&pending)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!((status.as_str(), lock_by), ("Pending", None));
+    // Registered, the same claim takes it.
+    jobs_of(&db, "somebody", "Done", 0).await?;
+    let ids: Vec<String> =
+        sqlx::query_scalar("select id from apalis.get_jobs('somebody', 'probe', 5)")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(ids, [pending]);
+    Ok(())
+}
