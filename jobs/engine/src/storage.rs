@@ -103,6 +103,9 @@ const CLAIMS_IN_FLIGHT: usize = 2;
 /// locked in different orders by the two statements), and were no faster.
 const SETTLES_IN_FLIGHT: usize = 1;
 
+/// A claim in flight: the tasks it claimed.
+type Claim = BoxSyncFuture<Result<Vec<PgTask>, Error>>;
+
 /// A queue's backend for apalis workers. Build it with [`QueueStorage::new`];
 /// see the module documentation for what it does.
 #[derive(Debug)]
@@ -120,7 +123,7 @@ pub struct QueueStorage {
     heartbeat_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     heartbeat: Option<BoxSyncFuture<Result<(), Error>>>,
     /// Claims in flight, each with the number of jobs it asked for.
-    claims: Vec<(BoxSyncFuture<Result<Vec<PgTask>, Error>>, usize)>,
+    claims: Vec<(Claim, usize)>,
     /// Claimed jobs not yet handed to the worker (only for slots that were
     /// free).
     buffer: VecDeque<PgTask>,
