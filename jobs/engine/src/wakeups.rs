@@ -191,7 +191,7 @@ mod tests {
         drop(trims);
         wakeups.wake(Some("trims"));
         assert!(
-            wakeups.subscribers.lock().unwrap()["trims"].is_empty(),
+            wakeups.subscribers.lock().expect("not poisoned")["trims"].is_empty(),
             "a dropped stream is forgotten"
         );
     }
