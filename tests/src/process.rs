@@ -167,11 +167,18 @@ impl Process {
         // The last occurrence wins, as in the child's environment.
         let setting = |key: &str| env.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
         let url = setting("DATABASE_URL").unwrap_or("postgres://localhost/visitme");
-        // Every queue of the registry (the tests' builds have the probe job).
-        let queues = i64::try_from(jobs::registry().queues().len())?;
         let pid = self.pid().context("worker already reaped")?;
-        self.wait_for_line("worker started", Duration::from_secs(60))
+        let started = self
+            .wait_for_line("worker started", Duration::from_secs(60))
             .await?;
+        // Every queue the process names in that line (`queues="a, b"`: an
+        // older build's, for the bench's baseline), else every queue of this
+        // build's registry (the tests' builds have the probe job).
+        let queues = match started.split_once("queues=\"") {
+            Some((_, rest)) => rest.split('"').next().unwrap_or("").split(", ").count(),
+            None => jobs::registry().queues().len(),
+        };
+        let queues = i64::try_from(queues)?;
         let db = sqlx::PgPool::connect_with(migrations::parse_url(url)?).await?;
         // Worker names end `-<pid>-<start ms>-<generation>` (jobs::worker::worker_name).
         let pattern = format!("-{pid}-[0-9]+-[0-9]+$");
