@@ -9,8 +9,8 @@ use std::{
 };
 
 use apalis::prelude::{
-    AbortError, Attempt, BackendExt as _, BoxDynError, Data, MetadataStore, Monitor,
-    ParallelizeExt as _, Strategy, TaskId, WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
+    AbortError, Attempt, BoxDynError, Data, MetadataStore, Monitor, ParallelizeExt as _, TaskId,
+    WorkerBuilder, WorkerBuilderExt as _, WorkerContext,
 };
 use apalis_postgres::{Config, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -320,16 +320,14 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
         // LISTEN/NOTIFY wakes us within milliseconds of a commit (the
         // process's one listener, `wakeups`); the interval catches what sends
         // no notification.
-        let wake_up = Strategy::new()
-            .stream(wakeups.subscribe(J::NAME))
-            .interval(config.poll_interval);
         let backend = QueueStorage::new(
             &bookkeeping,
             queue_config::<J>(&config),
             config.backoff(J::BACKOFF),
             usize::from(config.concurrency),
-        )
-        .poll_with_strategy(wake_up);
+            wakeups.subscribe(J::NAME),
+            config.poll_interval,
+        );
         WorkerBuilder::new(worker_name(J::NAME, generation + restarts))
             .backend(backend)
             .layer(DurabilityLayer::new(

@@ -513,8 +513,8 @@ async fn drain(
     // Probes only: the engine's periodic prune job may fall due meanwhile.
     let last_done: DateTime<Utc> =
         sqlx::query_scalar("select max(done_at) from apalis.jobs where job_type = 'probe'")
-        .fetch_one(&db.pool)
-        .await?;
+            .fetch_one(&db.pool)
+            .await?;
     let elapsed = (last_done - committed_at).to_std()?;
     for worker in workers {
         worker.terminate(Duration::from_secs(30)).await?;
