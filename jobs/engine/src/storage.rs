@@ -128,6 +128,9 @@ pub struct QueueStorage {
     heartbeat: Option<BoxSyncFuture<Result<(), Error>>>,
     /// Claims in flight, each with the number of jobs it asked for.
     claims: Vec<(Claim, usize)>,
+    /// Whether the last claim got every job it asked for (the queue may
+    /// hold more): the condition for a second claim in flight.
+    queue_had_more: bool,
     /// Claimed jobs not yet handed to the worker (only for slots that were
     /// free).
     buffer: VecDeque<PgTask>,
@@ -171,6 +174,7 @@ impl QueueStorage {
             heartbeat_timer: None,
             heartbeat: None,
             claims: Vec::new(),
+            queue_had_more: false,
             buffer: VecDeque::new(),
             running: 0,
             top_up: None,
@@ -423,11 +427,12 @@ impl Backend for QueueStorage {
                 match self.claims[index].0.poll_unpin(cx) {
                     Poll::Pending => index += 1,
                     Poll::Ready(result) => {
-                        self.claims.swap_remove(index);
+                        let (_, asked) = self.claims.swap_remove(index);
                         match result {
                             Err(error) => return Poll::Ready(Some(Err(self.fail(error)))),
                             Ok(tasks) => {
                                 drained |= tasks.is_empty();
+                                self.queue_had_more = tasks.len() >= asked;
                                 self.buffer.extend(tasks);
                             }
                         }
@@ -437,7 +442,11 @@ impl Backend for QueueStorage {
             if !self.buffer.is_empty() {
                 continue;
             }
-            if self.claims.len() >= CLAIMS_IN_FLIGHT {
+            // A second claim only while the queue had more than the last
+            // claim took: a parked worker that is woken claims once.
+            if self.claims.len() >= CLAIMS_IN_FLIGHT
+                || (!self.claims.is_empty() && !self.queue_had_more)
+            {
                 return Poll::Pending;
             }
             if drained && !self.woken(cx) {
