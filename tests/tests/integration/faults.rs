@@ -311,7 +311,15 @@ async fn workers_sigkilled_again_and_again_during_a_1000_job_drain_lose_nothing(
 -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
-    env.push(("DATABASE_URL", db.url.as_str()));
+    // A fixed number of slots, not the default: a kill cuts every attempt
+    // the worker runs, and with the default 128 slots three workers ran the
+    // whole remaining backlog at once, so each of the 24 kills cut a third of
+    // it and jobs used up their 3 attempts on kills alone (Killed: "gave up
+    // after 3 of 3 attempts"). 32 slots keep the kills frequent and cutting.
+    env.extend([
+        ("DATABASE_URL", db.url.as_str()),
+        ("WORKER_CONCURRENCY", "32"),
+    ]);
     let mut workers = Vec::new();
     for _ in 0..3 {
         let worker = Process::started_worker(&env).await?;
