@@ -139,7 +139,7 @@ impl WorkerConfig {
     /// claims and its settle beside the other queues' polls. Every queue
     /// registers and claims at once at start, which opens most of the pool,
     /// and the pool keeps what it opened (measured: an idle worker of five
-    /// queues held 14 connections at two per queue and one, 11 now):
+    /// queues held 14 connections in all with two per queue and one here, 12 now):
     ///
     /// - `plan_cache_mode=force_generic_plan`: bookkeeping is a few statements
     ///   repeated with other ids, and a custom plan re-plans on every call
