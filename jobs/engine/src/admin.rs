@@ -185,24 +185,27 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
     })
 }
 
-/// Kills pending jobs of queues no worker of this build handles (a typo, or a
-/// job type that was removed) once they have waited `grace`, so they end dead
-/// with the reason recorded instead of waiting forever. The grace leaves room
-/// for rolling deploys, where a new job type may be queued before the workers
-/// that know it are up. Returns how many were killed.
+/// Kills pending jobs of types that no worker of the whole fleet handles (a
+/// typo, or a job type that was removed) once they have been due for
+/// `grace` and no worker of any process has registered that type within it
+/// (see [`queries::KILL_UNHANDLED`]), so they end dead with the reason
+/// recorded instead of waiting forever. `local_queues` (the caller's own)
+/// always count as handled. Services that share a database keep each other's
+/// backlogs: a type counts as handled while any worker of it is seen. The
+/// grace leaves room for rolling deploys, where a new job type may be queued
+/// before the workers that know it are up. Returns how many were killed.
 pub async fn kill_unhandled(
     pool: &PgPool,
-    known_queues: &[&str],
+    local_queues: &[&str],
     grace: Duration,
 ) -> Result<u64, Error> {
-    let known: Vec<String> = known_queues.iter().map(|q| (*q).to_owned()).collect();
-    let killed = sqlx::query(queries::KILL_UNHANDLED)
-        .bind(&known)
+    let local: Vec<String> = local_queues.iter().map(|q| (*q).to_owned()).collect();
+    let killed: i64 = sqlx::query_scalar(queries::KILL_UNHANDLED)
+        .bind(&local)
         .bind(grace.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected();
-    Ok(killed)
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(killed).unwrap_or_default())
 }
 
 /// Returns attempts whose result can no longer arrive to the queue: rows

@@ -264,13 +264,35 @@ delete from apalis.workers w
 where w.last_seen < now() - interval '1 day'
   and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)";
 
-/// Kills pending jobs of queues not in `$1` that waited `$2` seconds.
+/// Kills pending jobs of types the whole fleet has not handled for `$2`
+/// seconds: due for that long, and no worker of any process registered or
+/// heartbeated as their type in that time (`apalis.workers`, one row per
+/// worker and job type), nor is the type among `$1` (this process's own, which
+/// may not have registered yet). Another service's workers on the same
+/// database therefore keep their backlog alive, however long it waits, while
+/// they are seen. A paused or throttled queue still has live workers, so it
+/// never looks unhandled. The reason names the types the fleet does handle.
+/// Returns how many jobs it killed.
 pub(crate) const KILL_UNHANDLED: &str = r#"
-update apalis.jobs
-set status = 'Killed', done_at = now(), unique_key = null,
-    last_result = jsonb_build_object('Err', 'no worker handles job type ' || job_type)
-where status = 'Pending' and job_type <> all($1)
-  and run_at < now() - make_interval(secs => $2)"#;
+with handled as (
+    select worker_type as job_type from apalis.workers
+    where last_seen >= now() - make_interval(secs => $2)
+    union
+    select unnest($1::text[])
+), fleet as (
+    select string_agg(job_type, ', ' order by job_type) as types from handled
+), killed as (
+    update apalis.jobs
+    set status = 'Killed', done_at = now(), unique_key = null,
+        last_result = jsonb_build_object('Err', format(
+            'no worker handles job type %s: no worker registered it in the last %s s (the workers seen handle: %s)',
+            job_type, $2, (select types from fleet)))
+    where status = 'Pending'
+      and not exists (select 1 from handled where handled.job_type = jobs.job_type)
+      and run_at < now() - make_interval(secs => $2)
+    returning 1
+)
+select count(*) from killed"#;
 
 /// Returns attempts whose result can no longer arrive (`$1` job timeout,
 /// `$2` lease, in seconds): `Running` for longer than timeout + lease, or

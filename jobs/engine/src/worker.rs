@@ -83,10 +83,17 @@ pub struct WorkerConfig {
     /// seconds first, in UTC (default: every minute).
     #[arg(long, env = "JOB_PRUNE_SCHEDULE", default_value = defaults::PRUNE_SCHEDULE, value_parser = Schedule::cron)]
     pub prune_schedule: Schedule,
-    /// Seconds a job of a type no worker handles may wait before it is killed
-    /// (room for rolling deploys that add job types).
+    /// Seconds a due job of a type that no worker of any process has
+    /// registered for that long may wait before it is killed, with a reason
+    /// naming the types the fleet does handle (room for rolling deploys that
+    /// add job types). Other services' job types on the same database are
+    /// safe while their workers heartbeat.
     #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = defaults::UNKNOWN_GRACE, value_parser = parse_seconds)]
     pub unknown_grace: Duration,
+    /// Kill jobs of types nobody handles after `JOB_UNKNOWN_GRACE`
+    /// (true/false). Off: such jobs wait until some worker handles them.
+    #[arg(long, env = "JOB_KILL_UNHANDLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kill_unhandled: bool,
     /// Wait for the disk flush on the queue's own bookkeeping too (claims,
     /// start and finish marks, heartbeats; true/false). By default these commit
     /// asynchronously (`synchronous_commit=off` on those connections only),
@@ -203,6 +210,7 @@ impl Default for WorkerConfig {
             prune_schedule: Schedule::cron(defaults::PRUNE_SCHEDULE)
                 .expect("the default prune schedule parses"),
             unknown_grace: seconds(defaults::UNKNOWN_GRACE),
+            kill_unhandled: true,
             sync_bookkeeping: false,
         }
     }
@@ -782,7 +790,9 @@ async fn maintain(
                 tracing::warn!(error = %err, "checking for lost attempts failed; will retry")
             }
         }
-        if last_kill.is_some_and(|at| at.elapsed() < KILL_UNHANDLED_EVERY) {
+        if !config.kill_unhandled
+            || last_kill.is_some_and(|at| at.elapsed() < KILL_UNHANDLED_EVERY)
+        {
             continue;
         }
         last_kill = Some(Instant::now());

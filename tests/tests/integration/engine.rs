@@ -119,10 +119,129 @@ async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        db.job_outcome(&stranger).await?.1.as_deref(),
-        Some("no worker handles job type engine_test_stranger")
+    let reason = db.job_outcome(&stranger).await?.1.unwrap_or_default();
+    assert!(
+        reason.starts_with("no worker handles job type engine_test_stranger:")
+            && reason.contains("engine_test_noop"),
+        "the reason names the type and the types the fleet handles: {reason}"
     );
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
+
+/// Inserts `count` pending jobs of `job_type` that have been due for two
+/// hours (past the default grace of one); returns their ids.
+async fn long_due_jobs(db: &TestDb, job_type: &str, count: i64) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, max_attempts, run_at)
+         select apalis.generate_ulid(), $1, '\\x6e756c6c', 'Pending', 3, now() - interval '2 hours'
+         from generate_series(1, $2)
+         returning id",
+    )
+    .bind(job_type)
+    .bind(count)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// Waits until every job of `ids` has `status`.
+async fn wait_for_all(db: &TestDb, ids: &[String], status: &str) -> anyhow::Result<()> {
+    for id in ids {
+        db.wait_for_status(id, status, Duration::from_secs(30))
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // The other service: its run registers its worker, then stops (down, but
+    // seen within the grace).
+    let (other, other_run) = start(
+        &db,
+        Registry::new().register::<FailsOnce>(),
+        fast_worker_config(),
+    );
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>(
+        "select count(*) from apalis.workers where worker_type = $1",
+    )
+    .bind(FailsOnce::NAME)
+    .fetch_one(&db.pool)
+    .await?
+        == 0
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < give_up, "the other run never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.cancel();
+    other_run.await??;
+    // Its backlog has been due for two hours, longer than the grace.
+    let theirs = long_due_jobs(&db, FailsOnce::NAME, 5).await?;
+    // A type whose worker was last seen two hours ago, and one nobody ever ran.
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ('gone@host-1-1-0', 'engine_test_retired', 'PgStorage', '', now() - interval '2 hours')",
+    )
+    .execute(&db.pool)
+    .await?;
+    let retired = long_due_jobs(&db, "engine_test_retired", 2).await?;
+    let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
+
+    // This service's run, with the default grace (an hour).
+    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), fast_worker_config());
+    wait_for_all(&db, &stranger, "Killed").await?;
+    wait_for_all(&db, &retired, "Killed").await?;
+    for id in &theirs {
+        assert_eq!(
+            db.job_outcome(id).await?,
+            ("Pending".to_owned(), None),
+            "the other service's job {id} is left alone"
+        );
+    }
+    let reason = db.job_outcome(&stranger[0]).await?.1.unwrap_or_default();
+    assert!(
+        reason.contains("engine_test_stranger")
+            && reason.contains("engine_test_noop")
+            && reason.contains(FailsOnce::NAME)
+            && !reason.contains("engine_test_retired,"),
+        "the reason names the types the fleet handles: {reason}"
+    );
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_unknown_type_reaper_can_be_turned_off() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
+    // An attempt lost long ago: the upkeep round that returns it is the one
+    // that would also have killed the stranger.
+    let mut tx = db.pool.begin().await?;
+    let lost = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
+    tx.commit().await?;
+    sqlx::query(
+        "update apalis.jobs set status = 'Running', lock_by = 'gone', lock_at = now() - interval '1 day',
+                                attempts = 0
+         where id = $1",
+    )
+    .bind(&lost)
+    .execute(&db.pool)
+    .await?;
+    let config = durable_jobs::WorkerConfig {
+        unknown_grace: Duration::ZERO,
+        kill_unhandled: false,
+        ..fast_worker_config()
+    };
+    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), config);
+    db.wait_for_status(&lost, "Done", Duration::from_secs(30))
+        .await?;
+    // The reaper would have run right after that round; give it time to.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(db.job_outcome(&stranger[0]).await?.0, "Pending");
     shutdown.cancel();
     worker.await??;
     Ok(())

@@ -286,3 +286,47 @@ async fn a_job_of_a_type_no_worker_handles_dies_with_the_reason_after_its_grace(
     assert_eq!(done, 1);
     app.stop().await
 }
+
+#[tokio::test]
+async fn visitmes_worker_keeps_another_services_backlog_while_its_workers_are_seen()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // A mailer on the same database: its worker was seen ten minutes ago
+    // (within the hour's grace); its five invoices have waited two hours.
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ('send_invoice@mailer-1-1-0', 'send_invoice', 'PgStorage', '', now() - interval '10 minutes')",
+    )
+    .execute(&db.pool)
+    .await?;
+    let long_due = |job_type: &'static str, count: i64| {
+        sqlx::query_scalar::<_, String>(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+             select apalis.generate_ulid(), $1, convert_to('{}', 'UTF8'), 'Pending', 0, 3, now() - interval '2 hours'
+             from generate_series(1, $2) returning id",
+        )
+        .bind(job_type)
+        .bind(count)
+        .fetch_all(&db.pool)
+    };
+    let invoices = long_due("send_invoice", 5).await?;
+    // A type nobody has registered: it dies, which shows the reaper ran.
+    let mystery = long_due("mystery", 1).await?;
+    let mut env = vec![("DATABASE_URL", db.url.as_str())];
+    env.extend(tests::fast_worker_env());
+    let worker = Process::started_worker(&env).await?;
+    db.wait_for_status(&mystery[0], "Killed", Duration::from_secs(30))
+        .await?;
+    for id in &invoices {
+        assert_eq!(db.job_outcome(id).await?, ("Pending".to_owned(), None), "{id}");
+    }
+    let reason = db.job_outcome(&mystery[0]).await?.1.unwrap_or_default();
+    assert!(
+        reason.contains("no worker handles job type mystery")
+            && reason.contains("send_invoice")
+            && reason.contains("trim_visits"),
+        "{reason}"
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
