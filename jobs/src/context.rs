@@ -23,8 +23,22 @@ pub struct JobSettings {
     /// runs as a workflow of chunk steps of this size (by id range, each
     /// its own short transaction) and a summary step, so a backlog of a
     /// million visits never becomes one huge DELETE.
-    #[arg(long, env = "TRIM_CHUNK", default_value_t = JobSettings::DEFAULT_TRIM_CHUNK)]
+    #[arg(long, env = "TRIM_CHUNK", default_value_t = JobSettings::DEFAULT_TRIM_CHUNK, value_parser = parse_trim_chunk)]
     pub trim_chunk: NonZeroU32,
+}
+
+/// The most visits one chunk may delete: a chunk is one transaction, and its
+/// record of the deleted ids is one row.
+const MAX_TRIM_CHUNK: u32 = 100_000;
+
+fn parse_trim_chunk(value: &str) -> Result<NonZeroU32, String> {
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|chunk| *chunk <= MAX_TRIM_CHUNK)
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("must be a whole number from 1 to {MAX_TRIM_CHUNK}"))
 }
 
 impl JobSettings {

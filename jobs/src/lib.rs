@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cli;
 mod context;
 #[cfg(feature = "probes")]
 pub mod probe;

@@ -92,7 +92,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli: Cli = jobs::cli::parse("worker");
+    if let Err(err) = cli.worker.check() {
+        jobs::cli::refuse("worker", &err.to_string());
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return observability::exit_code("worker", Err(anyhow::Error::from(err))),

@@ -6,7 +6,7 @@ use clap::{ArgAction, Parser};
 
 pub use crate::routes::visits::VisitorIp;
 pub use crate::serve::HttpConfig;
-use crate::{Error, routes::admin::MIN_TOKEN_CHARS, serve::parse_seconds};
+use crate::{Error, routes::admin::MIN_TOKEN_CHARS, serve::ranges};
 use jobs::WorkerConfig;
 
 /// Serves the VisitMe page: records each visit, lists the 10 newest, and
@@ -61,7 +61,7 @@ pub struct Config {
 
     /// Seconds between two counts of the queue depth for /metrics (scrapes
     /// in between get the last count; one count runs at a time).
-    #[arg(long, env = "METRICS_QUEUE_REFRESH", default_value = "5", value_parser = parse_seconds)]
+    #[arg(long, env = "METRICS_QUEUE_REFRESH", default_value = "5", value_parser = ranges::METRICS_REFRESH.parser())]
     pub metrics_queue_refresh: Duration,
 
     /// Jaeger's web UI, e.g. `http://localhost:16686`: the page and the jobs
@@ -88,8 +88,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Refuses settings that parse but must not run.
+    /// Refuses settings that parse but must not run, in one line that names
+    /// the variable, the value (never a secret) and what it may be.
     pub fn check(&self) -> Result<(), Error> {
+        self.worker
+            .check()
+            .map_err(|err| Error::Config(err.to_string()))?;
         if let Some(token) = self.admin_token.as_deref().filter(|t| !t.is_empty()) {
             let chars = token.chars().count();
             if chars < MIN_TOKEN_CHARS {
@@ -98,9 +102,35 @@ impl Config {
                      {MIN_TOKEN_CHARS}: a short token can be guessed (use e.g. `openssl rand -hex 32`)"
                 )));
             }
+            if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::Config(format!(
+                    "ADMIN_TOKEN holds spaces or control characters; it must be {MIN_TOKEN_CHARS} \
+                     or more printable characters without spaces (use e.g. `openssl rand -hex 32`)"
+                )));
+            }
         }
-        Ok(())
+        if let Some(jaeger) = &self.jaeger_ui_url {
+            check_jaeger_url(jaeger)?;
+        }
+        self.http.check_file_descriptors()
     }
+}
+
+/// `JAEGER_UI_URL` becomes a link on the pages: only an `http`/`https` URL
+/// with a host (not `javascript:`, `data:`, or a relative path).
+fn check_jaeger_url(value: &str) -> Result<(), Error> {
+    let refuse = || {
+        Error::Config(format!(
+            "invalid JAEGER_UI_URL={:?}: it must be an http:// or https:// URL with a host, \
+             e.g. http://localhost:16686",
+            value.escape_debug().to_string()
+        ))
+    };
+    let url = url::Url::parse(value).map_err(|_| refuse())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(refuse());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

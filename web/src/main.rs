@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
 use migrations::PoolSettings;
 use tokio::net::TcpListener;
 use web::{AppState, Config};
@@ -20,8 +19,11 @@ fn main() -> std::process::ExitCode {
 const EMBEDDED_RESTART_PAUSE: Duration = Duration::from_secs(30);
 
 async fn run() -> anyhow::Result<()> {
-    let config = Config::parse();
-    config.check()?; // a short ADMIN_TOKEN: one line, exit 1, before anything else
+    // A setting that is wrong: one line naming it, exit 2, before anything else.
+    let config: Config = jobs::cli::parse("web");
+    if let Err(err) = config.check() {
+        jobs::cli::refuse("web", &err.to_string());
+    }
     let _telemetry = observability::init("visitme-web", &config.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();
 

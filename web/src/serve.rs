@@ -46,23 +46,58 @@ use tower::Service as _;
 pub struct HttpConfig {
     /// Seconds a client has to send a request's headers; also how long an
     /// idle keep-alive connection stays open. Closes slowloris connections.
-    #[arg(long = "http-header-timeout", env = "HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    #[arg(long = "http-header-timeout", env = "HTTP_HEADER_TIMEOUT", default_value = "10", value_parser = ranges::HEADER_TIMEOUT.parser())]
     pub header_timeout: Duration,
 
     /// Seconds one request may take before it is answered 503 (the handler is
     /// cancelled, its transaction rolled back).
-    #[arg(long = "http-request-timeout", env = "HTTP_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    #[arg(long = "http-request-timeout", env = "HTTP_REQUEST_TIMEOUT", default_value = "15", value_parser = ranges::REQUEST_TIMEOUT.parser())]
     pub request_timeout: Duration,
 
     /// Most connections served at once; more get an immediate 503 and are
     /// closed. Keep it below `ulimit -n` minus the database pools (each
     /// connection is a file descriptor).
-    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
     /// Seconds a shutdown waits for open connections to finish their requests.
-    #[arg(id = "http_shutdown_grace", long = "http-shutdown-grace", value_name = "SECONDS", env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = parse_seconds)]
+    #[arg(id = "http_shutdown_grace", long = "http-shutdown-grace", value_name = "SECONDS", env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = ranges::SHUTDOWN_GRACE.parser())]
     pub shutdown_grace: Duration,
+}
+
+/// File descriptors kept for everything but client connections (the
+/// database pools, the listeners, the OTLP exporter, stdio) when checking
+/// `HTTP_MAX_CONNECTIONS`. A floor, not an estimate: the check refuses caps
+/// that can never be reached; near the limit, a failing accept is logged
+/// once and retried with backoff (see [`AcceptErrors`]).
+const RESERVED_FDS: u64 = 8;
+
+impl HttpConfig {
+    /// Raises the open-file limit to its hard maximum (as Go's runtime does)
+    /// and refuses `HTTP_MAX_CONNECTIONS` above what it then leaves for
+    /// connections: past it, accepts fail with `EMFILE` instead of the cap's
+    /// clean 503.
+    pub fn check_file_descriptors(&self) -> Result<(), crate::Error> {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return Ok(()); // no limit we can read: nothing to check against
+        };
+        let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            hard
+        } else {
+            soft
+        };
+        let room = limit.saturating_sub(RESERVED_FDS);
+        if u64::from(self.max_connections) > room {
+            return Err(crate::Error::Config(format!(
+                "invalid HTTP_MAX_CONNECTIONS={}: the open-file limit (`ulimit -n`) is {limit} \
+                 and at least {RESERVED_FDS} of it are kept for the database and the process, so it must be \
+                 from 1 to {room} (lower it, or raise the limit)",
+                self.max_connections
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for HttpConfig {
@@ -76,12 +111,17 @@ impl Default for HttpConfig {
     }
 }
 
-/// `"2.5"` -> 2.5 s.
-pub(crate) fn parse_seconds(value: &str) -> Result<Duration, String> {
-    let seconds: f64 = value
-        .parse()
-        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{value:?}: {err}"))
+/// The ranges of the HTTP server's duration settings.
+pub(crate) mod ranges {
+    use durable_jobs::SecondsRange;
+
+    /// A header timeout of 0 closes every connection before its request.
+    pub(crate) const HEADER_TIMEOUT: SecondsRange = SecondsRange::new(0.1, 3600.0);
+    /// A request timeout of 0 answered every page 503 in 2 ms.
+    pub(crate) const REQUEST_TIMEOUT: SecondsRange = SecondsRange::new(0.1, 3600.0);
+    pub(crate) const SHUTDOWN_GRACE: SecondsRange = SecondsRange::new(0.0, 3600.0);
+    /// How often `/metrics` recounts the queue.
+    pub(crate) const METRICS_REFRESH: SecondsRange = SecondsRange::new(0.1, 3600.0);
 }
 
 /// What an over-the-cap connection is told before it is closed.

@@ -49,6 +49,9 @@ pub enum Error {
         /// How many times it was restarted before giving up.
         restarts: u32,
     },
+    /// A setting is outside the range it may take (see [`crate::SecondsRange`]).
+    #[error("{0}")]
+    Config(String),
     /// A workflow (or steps added to one) is not a DAG of named steps.
     #[error("invalid workflow: {0}")]
     InvalidWorkflow(String),

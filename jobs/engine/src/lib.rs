@@ -12,6 +12,7 @@ mod job_span;
 mod migrate;
 mod queries;
 mod registry;
+mod seconds;
 pub mod shutdown;
 mod storage;
 mod wakeups;
@@ -24,6 +25,7 @@ pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, Unique};
 pub use migrate::{is_migrated, migrate};
 pub use registry::Registry;
+pub use seconds::SecondsRange;
 pub use worker::{Health, WorkerConfig, WorkerState, run, run_reporting};
 pub use workflow::{OnDependencyFailure, Step, StepOf, Workflow};
 

@@ -48,35 +48,35 @@ pub struct WorkerConfig {
     pub claim_batch: Option<u16>,
     /// Seconds between queue polls, on top of LISTEN/NOTIFY wake-ups; picks up
     /// delayed and retried jobs, which send no notification.
-    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = defaults::POLL_INTERVAL, value_parser = parse_seconds)]
+    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = defaults::POLL_INTERVAL, value_parser = ranges::POLL_INTERVAL.parser())]
     pub poll_interval: Duration,
     /// Seconds after which a silent worker's jobs are handed to another worker
     /// (heartbeats run at a third of this).
-    #[arg(long, env = "JOB_LEASE", default_value = defaults::LEASE, value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_LEASE", default_value = defaults::LEASE, value_parser = ranges::LEASE.parser())]
     pub lease: Duration,
     /// Seconds a shutdown waits for running jobs before abandoning them (they
     /// are then recovered by another worker once the lease expires).
-    #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_seconds)]
+    #[arg(long, env = "WORKER_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = ranges::SHUTDOWN_GRACE.parser())]
     pub shutdown_grace: Duration,
     /// Seconds one attempt may run before it is cancelled and counted as
     /// failed, for every job type (default: each type's own, 60 s unless it
     /// says otherwise).
-    #[arg(long, env = "JOB_TIMEOUT", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_TIMEOUT", value_parser = ranges::JOB_TIMEOUT.parser())]
     pub job_timeout: Option<Duration>,
     /// Seconds before the first retry, for every job type; each further retry
     /// waits twice as long (±10 % jitter). Default: each type's own (1 s
     /// unless it says otherwise).
-    #[arg(long, env = "JOB_BACKOFF_BASE", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_BACKOFF_BASE", value_parser = ranges::BACKOFF.parser())]
     pub backoff_base: Option<Duration>,
     /// Longest wait between retries, in seconds, for every job type (default:
     /// each type's own, an hour unless it says otherwise).
-    #[arg(long, env = "JOB_BACKOFF_MAX", value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_BACKOFF_MAX", value_parser = ranges::BACKOFF.parser())]
     pub backoff_max: Option<Duration>,
     /// Seconds a done job is kept before it is pruned.
-    #[arg(long, env = "JOB_RETENTION_DONE", default_value = defaults::RETENTION_DONE, value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_RETENTION_DONE", default_value = defaults::RETENTION_DONE, value_parser = ranges::RETENTION.parser())]
     pub retention_done: Duration,
     /// Seconds a dead job is kept (visible to operators) before it is pruned.
-    #[arg(long, env = "JOB_RETENTION_DEAD", default_value = defaults::RETENTION_DEAD, value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_RETENTION_DEAD", default_value = defaults::RETENTION_DEAD, value_parser = ranges::RETENTION.parser())]
     pub retention_dead: Duration,
     /// When finished jobs are pruned: the engine's periodic `prune_jobs` job,
     /// once per tick across all workers. A cron expression of six fields,
@@ -88,7 +88,7 @@ pub struct WorkerConfig {
     /// naming the types the fleet does handle (room for rolling deploys that
     /// add job types). Other services' job types on the same database are
     /// safe while their workers heartbeat.
-    #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = defaults::UNKNOWN_GRACE, value_parser = parse_seconds)]
+    #[arg(long, env = "JOB_UNKNOWN_GRACE", default_value = defaults::UNKNOWN_GRACE, value_parser = ranges::UNKNOWN_GRACE.parser())]
     pub unknown_grace: Duration,
     /// Kill jobs of types nobody handles after `JOB_UNKNOWN_GRACE`
     /// (true/false). Off: such jobs wait until some worker handles them.
@@ -108,6 +108,59 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Refuses settings outside their ranges (the command line refuses them
+    /// while parsing; this catches a config built in code). `run` calls it
+    /// first. The message names the variable, the value and the range.
+    pub fn check(&self) -> Result<(), Error> {
+        let durations = [
+            (
+                "WORKER_POLL_INTERVAL",
+                ranges::POLL_INTERVAL,
+                Some(self.poll_interval),
+            ),
+            ("JOB_LEASE", ranges::LEASE, Some(self.lease)),
+            (
+                "WORKER_SHUTDOWN_GRACE",
+                ranges::SHUTDOWN_GRACE,
+                Some(self.shutdown_grace),
+            ),
+            ("JOB_TIMEOUT", ranges::JOB_TIMEOUT, self.job_timeout),
+            ("JOB_BACKOFF_BASE", ranges::BACKOFF, self.backoff_base),
+            ("JOB_BACKOFF_MAX", ranges::BACKOFF, self.backoff_max),
+            (
+                "JOB_RETENTION_DONE",
+                ranges::RETENTION,
+                Some(self.retention_done),
+            ),
+            (
+                "JOB_RETENTION_DEAD",
+                ranges::RETENTION,
+                Some(self.retention_dead),
+            ),
+            (
+                "JOB_UNKNOWN_GRACE",
+                ranges::UNKNOWN_GRACE,
+                Some(self.unknown_grace),
+            ),
+        ];
+        for (setting, range, value) in durations {
+            if let Some(value) = value {
+                range.check(setting, value).map_err(Error::Config)?;
+            }
+        }
+        if self.concurrency == 0 {
+            return Err(Error::Config(
+                "WORKER_CONCURRENCY=0 is out of range: it must be from 1 to 65535".to_owned(),
+            ));
+        }
+        if self.claim_batch == Some(0) {
+            return Err(Error::Config(
+                "WORKER_CLAIM_BATCH=0 is out of range: it must be from 1 to 65535".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The retry backoff of a job type that declares `declared`.
     pub fn backoff(&self, declared: Backoff) -> Backoff {
         Backoff {
@@ -221,6 +274,25 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{value:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("{value:?}: {err}"))
+}
+
+/// The range of each duration setting: wide enough for any real use, narrow
+/// enough that the runtime's timers and Postgres's intervals and timestamps
+/// hold (a year is about 3.2e7 s; a timestamp overflows near 9e12 s from now).
+mod ranges {
+    use crate::SecondsRange;
+
+    /// Polls need a pause: 0 panicked the timer.
+    pub(super) const POLL_INTERVAL: SecondsRange = SecondsRange::new(0.01, 3600.0);
+    /// Heartbeats run at a third of the lease: under a second, a busy
+    /// worker's heartbeat misses it, and others take its jobs.
+    pub(super) const LEASE: SecondsRange = SecondsRange::new(1.0, 86_400.0);
+    pub(super) const SHUTDOWN_GRACE: SecondsRange = SecondsRange::new(0.0, 86_400.0);
+    /// An attempt needs some time: 0 failed every attempt.
+    pub(super) const JOB_TIMEOUT: SecondsRange = SecondsRange::new(0.001, 7.0 * 86_400.0);
+    pub(super) const BACKOFF: SecondsRange = SecondsRange::new(0.0, 30.0 * 86_400.0);
+    pub(super) const RETENTION: SecondsRange = SecondsRange::new(0.0, 10.0 * 365.0 * 86_400.0);
+    pub(super) const UNKNOWN_GRACE: SecondsRange = SecondsRange::new(0.0, 365.0 * 86_400.0);
 }
 
 /// How often the worker is restarted after dying on its own (lost database,
@@ -590,6 +662,7 @@ pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
     shutdown: CancellationToken,
     health: &Health,
 ) -> Result<(), Error> {
+    config.check()?;
     let queues = registry.queues();
     tracing::info!(
         queues = queues.join(", "),
@@ -790,8 +863,7 @@ async fn maintain(
                 tracing::warn!(error = %err, "checking for lost attempts failed; will retry")
             }
         }
-        if !config.kill_unhandled
-            || last_kill.is_some_and(|at| at.elapsed() < KILL_UNHANDLED_EVERY)
+        if !config.kill_unhandled || last_kill.is_some_and(|at| at.elapsed() < KILL_UNHANDLED_EVERY)
         {
             continue;
         }

@@ -165,15 +165,16 @@ async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> an
         fast_worker_config(),
     );
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>(
-        "select count(*) from apalis.workers where worker_type = $1",
-    )
-    .bind(FailsOnce::NAME)
-    .fetch_one(&db.pool)
-    .await?
+    while sqlx::query_scalar::<_, i64>("select count(*) from apalis.workers where worker_type = $1")
+        .bind(FailsOnce::NAME)
+        .fetch_one(&db.pool)
+        .await?
         == 0
     {
-        anyhow::ensure!(tokio::time::Instant::now() < give_up, "the other run never registered");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "the other run never registered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     other.cancel();
@@ -191,7 +192,11 @@ async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> an
     let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
 
     // This service's run, with the default grace (an hour).
-    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), fast_worker_config());
+    let (shutdown, worker) = start(
+        &db,
+        Registry::new().register::<Noop>(),
+        fast_worker_config(),
+    );
     wait_for_all(&db, &stranger, "Killed").await?;
     wait_for_all(&db, &retired, "Killed").await?;
     for id in &theirs {

@@ -13,6 +13,7 @@ mod readability;
 mod recovery;
 mod schedules;
 mod security;
+mod settings;
 mod storage;
 mod telemetry;
 mod trim_rule;

@@ -318,7 +318,11 @@ async fn visitmes_worker_keeps_another_services_backlog_while_its_workers_are_se
     db.wait_for_status(&mystery[0], "Killed", Duration::from_secs(30))
         .await?;
     for id in &invoices {
-        assert_eq!(db.job_outcome(id).await?, ("Pending".to_owned(), None), "{id}");
+        assert_eq!(
+            db.job_outcome(id).await?,
+            ("Pending".to_owned(), None),
+            "{id}"
+        );
     }
     let reason = db.job_outcome(&mystery[0]).await?.1.unwrap_or_default();
     assert!(
