@@ -14,6 +14,14 @@ select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_
        done_at, priority, idempotency_key, metadata
 from apalis.get_jobs($1, $2, $3)";
 
+/// The claim of [`CLAIM`], row by row, ending each row that cannot be
+/// updated alone (see the engine's migration `…0006_claim_isolates_bad_rows`):
+/// for when the batch claim failed on an integrity violation.
+pub(crate) const CLAIM_ISOLATING_BAD_ROWS: &str = "
+select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_by,
+       done_at, priority, idempotency_key, metadata
+from apalis.claim_isolating_bad_rows($1, $2, $3)";
+
 /// Ends claimed rows that cannot be run: `$1` ids, `$2` reasons, `$3` the claimer.
 pub(crate) const KILL_REJECTED: &str = "
 update apalis.jobs as jobs

@@ -697,12 +697,26 @@ pub async fn claim(
     worker: &str,
     count: usize,
 ) -> Result<Vec<PgTask>, Error> {
-    let rows = sqlx::query(queries::CLAIM)
-        .bind(worker)
-        .bind(config.queue.as_ref())
-        .bind(i32::try_from(count).unwrap_or(i32::MAX))
-        .fetch_all(pool)
-        .await?;
+    let claim = |statement| {
+        sqlx::query(statement)
+            .bind(worker)
+            .bind(config.queue.as_ref())
+            .bind(i32::try_from(count).unwrap_or(i32::MAX))
+            .fetch_all(pool)
+    };
+    let rows = match claim(queries::CLAIM).await {
+        Ok(rows) => rows,
+        // One row that breaks a constraint (one added NOT VALID over it)
+        // fails the batch's UPDATE: claim row by row, ending such rows.
+        Err(sqlx::Error::Database(error))
+            if is_integrity_violation(&*error)
+                && !error.message().contains("is not registered") =>
+        {
+            tracing::warn!(queue = %config.queue, error = %error, "the claim failed on a job row that breaks a constraint; claiming row by row");
+            claim(queries::CLAIM_ISOLATING_BAD_ROWS).await?
+        }
+        Err(error) => return Err(error.into()),
+    };
     let mut tasks = Vec::with_capacity(rows.len());
     let (mut rejected_ids, mut reasons) = (Vec::new(), Vec::new());
     for row in &rows {
@@ -727,6 +741,12 @@ pub async fn claim(
             .await?;
     }
     Ok(tasks)
+}
+
+/// Whether `error` is an integrity violation (SQLSTATE class 23): a check,
+/// not-null, unique, exclusion or foreign-key constraint.
+fn is_integrity_violation(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.code().is_some_and(|code| code.starts_with("23"))
 }
 
 /// One claimed row as a task, or why it cannot be one. Every column is read on

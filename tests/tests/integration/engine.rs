@@ -463,3 +463,75 @@ async fn a_dead_job_retried_by_an_operator_runs_at_once() -> anyhow::Result<()> 
     worker.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_row_that_breaks_a_constraint_ends_alone_and_its_queue_keeps_running()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let mut tx = db.pool.begin().await?;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(durable_jobs::enqueue(&mut tx, &Noop).await?.to_string());
+    }
+    tx.commit().await?;
+    let (unchangeable, unclaimable, good) = (&ids[0], &ids[1], &ids[2..]);
+    // Every new version of this row breaks a check added NOT VALID over it:
+    // it cannot be claimed, nor marked dead.
+    sqlx::query("update apalis.jobs set max_attempts = 100, run_at = now() - interval '1 minute' where id = $1")
+        .bind(unchangeable)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("alter table apalis.jobs add constraint at_most_25_attempts check (max_attempts <= 25) not valid")
+        .execute(&db.pool)
+        .await?;
+    // This one breaks a check only once claimed (and comes first: higher priority).
+    sqlx::query("update apalis.jobs set priority = 5 where id = $1")
+        .bind(unclaimable)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "alter table apalis.jobs add constraint no_claimed_priority_5
+         check (priority <> 5 or status <> 'Queued')",
+    )
+    .execute(&db.pool)
+    .await?;
+
+    let (shutdown, worker) = start(
+        &db,
+        Registry::new().register::<Noop>(),
+        fast_worker_config(),
+    );
+    for id in good {
+        db.wait_for_status(id, "Done", Duration::from_secs(20))
+            .await?;
+    }
+    let (status, reason) = db.job_outcome(unclaimable).await?;
+    assert_eq!(status, "Killed");
+    let reason = reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("job row cannot be claimed") && reason.contains("no_claimed_priority_5"),
+        "{reason}"
+    );
+    let quarantined: (i64, String) = sqlx::query_as(
+        "select (select count(*) from apalis.jobs where id = $1),
+                (select reason from apalis.quarantined_jobs where id = $1)",
+    )
+    .bind(unchangeable)
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(quarantined.0, 0, "moved out of the queue");
+    assert!(
+        quarantined.1.contains("at_most_25_attempts"),
+        "{}",
+        quarantined.1
+    );
+    // New jobs of the queue still run.
+    let mut tx = db.pool.begin().await?;
+    let later = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
+    tx.commit().await?;
+    db.wait_for_status(&later, "Done", Duration::from_secs(20))
+        .await?;
+    shutdown.cancel();
+    worker.await??;
+    Ok(())
+}
