@@ -205,7 +205,9 @@ impl TrimVisits {
         if !claim(&mut tx, job_id).await? {
             // Another attempt of this job recorded its run first.
             tx.rollback().await?;
-            return Ok(self.finish(pool, job_id, recorded(pool, job_id).await?).await?);
+            return Ok(self
+                .finish(pool, job_id, recorded(pool, job_id).await?)
+                .await?);
         }
         let id = workflow.enqueue(&mut tx).await?;
         let plan = TrimPlan {
@@ -420,8 +422,8 @@ async fn delete_once(pool: &PgPool, job_id: &str, target: Target) -> Result<Reco
     }
     let ids = target.delete(&mut tx).await?;
     if ids.is_empty() {
-        // Nothing to remember (most page views' trims): a re-run deletes
-        // nothing either, and the table keeps only trims that deleted.
+        // Nothing older than the threshold: nothing to remember, as a
+        // re-run deletes nothing either; the table keeps only trims that deleted.
         tx.rollback().await?;
         return Ok(Record {
             ids,
@@ -429,13 +431,14 @@ async fn delete_once(pool: &PgPool, job_id: &str, target: Target) -> Result<Reco
             plan: None,
         });
     }
-    sqlx::query("update trim_deletions set deleted = $2, ids = $3 where job_id = $1")
-        .bind(job_id)
-        .bind(i32::try_from(ids.len()).unwrap_or(i32::MAX))
-        .bind(&ids)
-        .execute(&mut *tx)
-        .instrument(observability::db_span("UPDATE", "trim_deletions"))
-        .await?;
+    sqlx::query(
+        "update trim_deletions set ids = $2, deleted = cardinality($2::bigint[]) where job_id = $1",
+    )
+    .bind(job_id)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .instrument(observability::db_span("UPDATE", "trim_deletions"))
+    .await?;
     tx.commit().await?;
     Ok(Record {
         ids,

@@ -118,7 +118,11 @@ impl PrivateCluster {
             let _ = kill(child, Signal::SIGKILL);
         }
         let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        while children.iter().chain([&postmaster]).any(|&pid| is_alive(pid)) {
+        while children
+            .iter()
+            .chain([&postmaster])
+            .any(|&pid| is_alive(pid))
+        {
             if std::time::Instant::now() >= give_up {
                 bail!("the server's processes outlived SIGKILL by 10 s");
             }

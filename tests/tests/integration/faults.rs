@@ -681,7 +681,11 @@ async fn assert_exact_trim(
         &never_logged[..never_logged.len().min(5)]
     );
     assert_eq!(left, 0, "every old visit was deleted");
-    assert_eq!(reported, [OLD_VISITS], "the stored total is the rows deleted");
+    assert_eq!(
+        reported,
+        [OLD_VISITS],
+        "the stored total is the rows deleted"
+    );
     assert!(
         !summaries.is_empty() && summaries.iter().all(|&n| n == OLD_VISITS),
         "every summary line has the total: {summaries:?}"
@@ -702,7 +706,9 @@ fn pid_of_worker(name: &str) -> Option<u32> {
 /// The number right after `prefix` in `line`.
 fn number_after(line: &str, prefix: &str) -> Option<i64> {
     let rest = &line[line.find(prefix)? + prefix.len()..];
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     rest[..digits].parse().ok()
 }
 
@@ -853,7 +859,10 @@ async fn a_large_trim_through_a_postgres_crash_reports_and_logs_every_deleted_vi
             .fetch_one(&db)
             .await?;
         }
-        anyhow::ensure!(Instant::now() < give_up, "the trim did not finish after the crash");
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "the trim did not finish after the crash"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let lines = all_output(workers, Vec::new()).await?;

@@ -100,7 +100,10 @@ async fn a_rerun_of_the_same_trim_job_reports_what_the_first_run_deleted() -> an
     let first = job.perform(&db.pool, "lost-ack").await?;
     let again = job.perform(&db.pool, "lost-ack").await?;
     assert_eq!(first.deleted, 5);
-    assert_eq!(again, first, "the re-run reports what the first run deleted");
+    assert_eq!(
+        again, first,
+        "the re-run reports what the first run deleted"
+    );
     let logged: bool = sqlx::query_scalar(
         "select logged_at is not null from trim_deletions where job_id = 'lost-ack'",
     )
