@@ -1,8 +1,13 @@
 //! `TrimVisits`: delete every visit older than a threshold.
 //!
-//! **Running it twice is harmless**: the second run finds nothing older than the
-//! threshold and deletes nothing. Delivery is at-least-once (a crashed worker's
-//! job runs again), so this idempotence is what makes retries safe.
+//! **Running it twice is harmless, and reports the same**: delivery is
+//! at-least-once (a job whose acknowledgement was lost, to a killed worker or
+//! a Postgres crash, runs again under the same job id), so every step that
+//! deletes commits its DELETE with a row of `trim_deletions` recording the ids
+//! it deleted, in one transaction. A re-run finds that row, deletes nothing
+//! and reports the recorded count, and logs the recorded ids unless the row
+//! says their log lines were written: the total is exact and every deleted id
+//! is logged at least once.
 //!
 //! A trim of more than `TRIM_CHUNK` visits (a backlog after days without a
 //! worker) runs as a workflow instead of one huge DELETE: `TrimVisits` plans
@@ -11,12 +16,12 @@
 //! Module 7 summary once, with the total. The plan is keyed by the planning
 //! job's id, so a re-run of `TrimVisits` plans it once.
 
-use std::time::Duration;
+use std::{io::Write as _, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use durable_jobs::{Job, JobError, Merge, Unique, Workflow};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgExecutor, PgPool, types::Json};
 use tracing::Instrument as _;
 
 use crate::JobContext;
@@ -58,6 +63,7 @@ impl Job for TrimVisits {
     ) -> Result<TrimOutcome, JobError> {
         tracing::debug!(job.id = job.id(), job.attempt = job.attempt(), older_than = %self.older_than, "trimming visits");
         let context = job.context();
+        prune_records(&context.pool).await?;
         let chunk = i64::from(context.settings.trim_chunk.get());
         let old: i64 = sqlx::query_scalar(
             "select count(*) from (select 1 from visits where created_at < $1 limit $2) as old",
@@ -104,22 +110,48 @@ pub struct TrimPlan {
 pub const SUMMARY_IDS: usize = 100;
 
 impl TrimVisits {
-    /// Deletes the visits older than the threshold and returns their ids, oldest first.
-    pub async fn delete_older(&self, pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    /// Deletes the visits older than the threshold and returns their ids,
+    /// oldest first (no record: see [`TrimVisits::perform`]).
+    pub async fn delete_older(
+        &self,
+        executor: impl PgExecutor<'_>,
+    ) -> Result<Vec<i64>, sqlx::Error> {
         let mut ids: Vec<i64> =
             sqlx::query_scalar("delete from visits where created_at < $1 returning id")
                 .bind(self.older_than)
-                .fetch_all(pool)
+                .fetch_all(executor)
                 .instrument(observability::db_span("DELETE", "visits"))
                 .await?;
         ids.sort_unstable();
         Ok(ids)
     }
 
-    /// Runs the job: deletes, then logs one record per deleted visit and a summary.
+    /// Runs the job as job `job_id`: deletes (recording the ids in
+    /// `trim_deletions`, in the DELETE's transaction), then logs one record
+    /// per deleted visit and a summary. A re-run under the same id deletes
+    /// nothing and returns, and logs, what the first run recorded.
     pub async fn perform(&self, pool: &PgPool, job_id: &str) -> Result<TrimOutcome, sqlx::Error> {
-        let ids = self.delete_older(pool).await?;
-        log_deleted(job_id, &ids);
+        let record = delete_once(pool, job_id, Target::Older(*self)).await?;
+        self.finish(pool, job_id, record).await
+    }
+
+    /// The outcome of a recorded run: the plan, or the deletion (its ids
+    /// logged unless they were, and the summary).
+    async fn finish(
+        &self,
+        pool: &PgPool,
+        job_id: &str,
+        record: Record,
+    ) -> Result<TrimOutcome, sqlx::Error> {
+        if let Some(plan) = record.plan {
+            return Ok(TrimOutcome {
+                deleted: 0,
+                ids: Vec::new(),
+                planned: Some(plan),
+            });
+        }
+        log_once(pool, job_id, &record).await?;
+        let ids = record.ids;
         log_summary(job_id, self.older_than, ids.len(), &ids);
         Ok(TrimOutcome {
             deleted: ids.len(),
@@ -170,7 +202,25 @@ impl TrimVisits {
             names,
         );
         let mut tx = pool.begin().await?;
+        if !claim(&mut tx, job_id).await? {
+            // Another attempt of this job recorded its run first.
+            tx.rollback().await?;
+            return Ok(self
+                .finish(pool, job_id, recorded(pool, job_id).await?)
+                .await?);
+        }
         let id = workflow.enqueue(&mut tx).await?;
+        let plan = TrimPlan {
+            workflow: id.to_string(),
+            chunks: ranges.len(),
+            visits,
+        };
+        sqlx::query("update trim_deletions set plan = $2 where job_id = $1")
+            .bind(job_id)
+            .bind(Json(&plan))
+            .execute(&mut *tx)
+            .instrument(observability::db_span("UPDATE", "trim_deletions"))
+            .await?;
         tx.commit().await?;
         tracing::info!(
             job.id = %job_id,
@@ -184,20 +234,19 @@ impl TrimVisits {
         Ok(TrimOutcome {
             deleted: 0,
             ids: Vec::new(),
-            planned: Some(TrimPlan {
-                workflow: id.to_string(),
-                chunks: ranges.len(),
-                visits,
-            }),
+            planned: Some(plan),
         })
     }
 }
 
 /// One chunk of a large trim: deletes the visits older than the threshold
 /// whose ids are in `first_id..=last_id` (at most `TRIM_CHUNK`: the plan cut
-/// the ranges so), in one short transaction, and logs each id.
+/// the ranges so), in one short transaction with its `trim_deletions` row,
+/// and logs each id.
 ///
-/// **Running it twice is harmless**: the second run deletes nothing.
+/// **Running it twice is harmless**: the second run deletes nothing and
+/// returns the recorded count (logging the ids if their lines were not
+/// marked written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimChunk {
     /// The trim's threshold.
@@ -227,26 +276,18 @@ impl Job for TrimChunk {
         self,
         job: durable_jobs::JobContext<'_, JobContext>,
     ) -> Result<ChunkOutcome, JobError> {
-        let mut ids: Vec<i64> = sqlx::query_scalar(
-            "delete from visits where id between $1 and $2 and created_at < $3 returning id",
-        )
-        .bind(self.first_id)
-        .bind(self.last_id)
-        .bind(self.older_than)
-        .fetch_all(&job.context().pool)
-        .instrument(observability::db_span("DELETE", "visits"))
-        .await?;
-        ids.sort_unstable();
-        log_deleted(job.id(), &ids);
+        let pool = &job.context().pool;
+        let record = delete_once(pool, job.id(), Target::Range(self)).await?;
+        log_once(pool, job.id(), &record).await?;
         Ok(ChunkOutcome {
-            deleted: ids.len(),
-            first_ids: ids.into_iter().take(SUMMARY_IDS).collect(),
+            deleted: record.ids.len(),
+            first_ids: record.ids.into_iter().take(SUMMARY_IDS).collect(),
         })
     }
 }
 
 /// The fan-in of a large trim: logs the Module 7 summary once, with the total
-/// of every chunk. Running it twice logs the summary twice (nothing else).
+/// of every chunk (their recorded counts, so exact after any re-run). Running it twice logs the summary twice (nothing else).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimSummary {
     /// The trim's threshold.
@@ -277,6 +318,158 @@ impl Job for TrimSummary {
             planned: None,
         })
     }
+}
+
+/// How long a `trim_deletions` row is kept. Only a re-run of its own job reads
+/// it, and a job's re-runs (lease recovery, retries with backoff: seconds to
+/// minutes, five attempts at most) are long over after a week; the summary
+/// reads the chunks' stored results, not these rows.
+pub const RECORD_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Keeps `trim_deletions` bounded: deletes rows older than [`RECORD_RETENTION`].
+async fn prune_records(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("delete from trim_deletions where recorded_at < now() - $1::interval")
+        .bind(RECORD_RETENTION)
+        .execute(pool)
+        .instrument(observability::db_span("DELETE", "trim_deletions"))
+        .await?;
+    Ok(())
+}
+
+/// What a trim job deleted or planned, as `trim_deletions` recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    /// The ids deleted, ascending.
+    ids: Vec<i64>,
+    /// Whether every id's log line was written.
+    logged: bool,
+    /// The workflow a planning run enqueued.
+    plan: Option<TrimPlan>,
+}
+
+/// What a recorded delete deletes.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// Every visit older than the threshold (the small trim).
+    Older(TrimVisits),
+    /// A chunk's id range.
+    Range(TrimChunk),
+}
+
+impl Target {
+    async fn delete(self, conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Error> {
+        match self {
+            Self::Older(trim) => trim.delete_older(conn).await,
+            Self::Range(chunk) => {
+                let mut ids: Vec<i64> = sqlx::query_scalar(
+                    "delete from visits where id between $1 and $2 and created_at < $3 returning id",
+                )
+                .bind(chunk.first_id)
+                .bind(chunk.last_id)
+                .bind(chunk.older_than)
+                .fetch_all(conn)
+                .instrument(observability::db_span("DELETE", "visits"))
+                .await?;
+                ids.sort_unstable();
+                Ok(ids)
+            }
+        }
+    }
+}
+
+/// Claims job `job_id`'s `trim_deletions` row in `tx`; false if it exists.
+///
+/// Two attempts of one job can run at once (a lease expired under a slow
+/// one): the second's insert waits on the first's uncommitted row until that
+/// transaction ends, then finds it committed (false), or takes over if the
+/// first rolled back.
+async fn claim(tx: &mut PgConnection, job_id: &str) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "insert into trim_deletions (job_id) values ($1) on conflict (job_id) do nothing",
+    )
+    .bind(job_id)
+    .execute(tx)
+    .instrument(observability::db_span("INSERT", "trim_deletions"))
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Job `job_id`'s committed row.
+async fn recorded(pool: &PgPool, job_id: &str) -> Result<Record, sqlx::Error> {
+    let (ids, logged, plan): (Vec<i64>, bool, Option<Json<TrimPlan>>) = sqlx::query_as(
+        "select ids, logged_at is not null, plan from trim_deletions where job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(pool)
+    .instrument(observability::db_span("SELECT", "trim_deletions"))
+    .await?;
+    Ok(Record {
+        ids,
+        logged,
+        plan: plan.map(|Json(plan)| plan),
+    })
+}
+
+/// Deletes `target` once for job `job_id`: the DELETE and the row recording
+/// its ids commit together, and a job that has a row deletes nothing and
+/// gets the row.
+async fn delete_once(pool: &PgPool, job_id: &str, target: Target) -> Result<Record, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !claim(&mut tx, job_id).await? {
+        tx.rollback().await?;
+        return recorded(pool, job_id).await;
+    }
+    let ids = target.delete(&mut tx).await?;
+    if ids.is_empty() {
+        // Nothing older than the threshold: nothing to remember, as a
+        // re-run deletes nothing either; the table keeps only trims that deleted.
+        tx.rollback().await?;
+        return Ok(Record {
+            ids,
+            logged: true,
+            plan: None,
+        });
+    }
+    sqlx::query(
+        "update trim_deletions set ids = $2, deleted = cardinality($2::bigint[]) where job_id = $1",
+    )
+    .bind(job_id)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .instrument(observability::db_span("UPDATE", "trim_deletions"))
+    .await?;
+    tx.commit().await?;
+    Ok(Record {
+        ids,
+        logged: false,
+        plan: None,
+    })
+}
+
+/// Logs the record's ids unless its row says they were, then marks them
+/// logged: only once the lines are written, so a kill in between logs them
+/// again (at least once) rather than never.
+async fn log_once(pool: &PgPool, job_id: &str, record: &Record) -> Result<(), sqlx::Error> {
+    if record.logged {
+        return Ok(());
+    }
+    log_deleted(job_id, &record.ids);
+    // The stdout layer (observability::init) writes each line with one
+    // blocking write to std's line-buffered stdout, so a logged line is
+    // already in the pipe; the flush makes that explicit. If stdout is
+    // broken, the row stays unmarked.
+    if std::io::stdout().flush().is_err() {
+        return Ok(());
+    }
+    sqlx::query(
+        "update trim_deletions set logged_at = now() where job_id = $1 and logged_at is null",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .instrument(observability::db_span("UPDATE", "trim_deletions"))
+    .await?;
+    Ok(())
 }
 
 /// One log record per deleted visit (the trace's event per id).

@@ -5,9 +5,14 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 /// A running cluster; stopped and deleted on drop.
 #[derive(Debug)]
@@ -92,6 +97,52 @@ impl PrivateCluster {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
+    /// Crashes the server: SIGKILLs the postmaster (its pid from
+    /// `data/postmaster.pid`) and every process it forked, as a power cut
+    /// would end them, so that [`PrivateCluster::resume`] runs crash recovery.
+    /// Returns once they are all gone.
+    pub fn crash(&self) -> anyhow::Result<()> {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let postmaster: i32 = std::fs::read_to_string(&pid_file)?
+            .lines()
+            .next()
+            .context("empty postmaster.pid")?
+            .trim()
+            .parse()?;
+        let postmaster = Pid::from_raw(postmaster);
+        // Stopped, it forks no new backend between the listing and the kill.
+        kill(postmaster, Signal::SIGSTOP)?;
+        let children = children_of(postmaster)?;
+        kill(postmaster, Signal::SIGKILL)?;
+        for &child in &children {
+            let _ = kill(child, Signal::SIGKILL);
+        }
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        while children
+            .iter()
+            .chain([&postmaster])
+            .any(|&pid| is_alive(pid))
+        {
+            if std::time::Instant::now() >= give_up {
+                bail!("the server's processes outlived SIGKILL by 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A killed postmaster left unreaped (a zombie: no init reaps orphans
+        // in some containers) still answers kill(pid, 0), which the next
+        // postmaster reads as "another server is running" from its lock
+        // files (the data directory's and the socket's). After a real crash
+        // that pid is gone, so the lock files are stale.
+        if Path::new(&format!("/proc/{postmaster}")).exists() {
+            std::fs::remove_file(&pid_file)?;
+            let socket_lock = self.dir.join(format!(".s.PGSQL.{}.lock", self.port));
+            if socket_lock.exists() {
+                std::fs::remove_file(socket_lock)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the server again (and the first time).
     pub fn resume(&self) -> anyhow::Result<()> {
         let options = format!(
@@ -99,7 +150,7 @@ impl PrivateCluster {
             self.port,
             self.dir.display()
         );
-        let log = self.dir.join("server.log").display().to_string();
+        let log = self.dir.join("server.log");
         self.run(
             "pg_ctl",
             &[
@@ -108,17 +159,55 @@ impl PrivateCluster {
                 "-o",
                 &options,
                 "-l",
-                &log,
+                &log.display().to_string(),
                 "-w",
                 "start",
             ],
         )
+        .map_err(|err| {
+            // pg_ctl only says "examine the log output": the log goes away with the cluster.
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            err.context(format!("server log:\n{}", tail.join("\n")))
+        })
     }
 
     /// The cluster's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The processes whose parent is `parent` (from `/proc/<pid>/stat`).
+fn children_of(parent: Pid) -> anyhow::Result<Vec<Pid>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Some((_, ppid)) = stat(pid)
+            && ppid == parent.as_raw()
+        {
+            children.push(Pid::from_raw(pid));
+        }
+    }
+    Ok(children)
+}
+
+/// `(state, parent pid)` of process `pid`, if it exists.
+fn stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` still runs (a zombie has ended).
+fn is_alive(pid: Pid) -> bool {
+    stat(pid.as_raw()).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
 impl Drop for PrivateCluster {

@@ -381,6 +381,19 @@ impl Process {
         Ok((status, self.output()))
     }
 
+    /// Waits (with a deadline) for the process to exit, by itself or by a
+    /// signal sent before, then for the end of its output, and returns
+    /// everything it printed (a SIGKILLed worker's last lines included).
+    pub async fn output_after_exit(mut self, deadline: Duration) -> anyhow::Result<Vec<String>> {
+        self.wait(deadline).await?;
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(deadline, reader)
+                .await
+                .with_context(|| format!("{}'s output did not end after its exit", self.name))??;
+        }
+        Ok(self.output())
+    }
+
     /// Waits (with a deadline) for the process to exit by itself.
     pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(deadline, self.child.wait()).await {

@@ -87,6 +87,73 @@ async fn running_the_same_trim_twice_is_harmless() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_rerun_of_the_same_trim_job_reports_what_the_first_run_deleted() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let old = "insert into visits (visitor, created_at)
+               select 'old', now() - interval '1 hour' from generate_series(1, 5)";
+    sqlx::query(old).execute(&db.pool).await?;
+    let job = TrimVisits {
+        older_than: Utc::now(),
+    };
+    // A re-run (same job id: its acknowledgement was lost) deletes nothing
+    // and reports the recorded deletion, not 0.
+    let first = job.perform(&db.pool, "lost-ack").await?;
+    let again = job.perform(&db.pool, "lost-ack").await?;
+    assert_eq!(first.deleted, 5);
+    assert_eq!(
+        again, first,
+        "the re-run reports what the first run deleted"
+    );
+    let logged: bool = sqlx::query_scalar(
+        "select logged_at is not null from trim_deletions where job_id = 'lost-ack'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(logged, "the record says its ids were logged");
+
+    // Two attempts at once (a lease expired under the first): one deletes,
+    // both report it.
+    sqlx::query(old).execute(&db.pool).await?;
+    let (one, other) = tokio::join!(
+        job.perform(&db.pool, "two-attempts"),
+        job.perform(&db.pool, "two-attempts")
+    );
+    let (one, other) = (one?, other?);
+    assert_eq!(one.deleted, 5);
+    assert_eq!(one, other, "both attempts report the one deletion");
+    assert!(db.visit_ids().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_trim_job_prunes_deletion_records_older_than_a_week() -> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    sqlx::query(
+        "insert into trim_deletions (job_id, deleted, ids, recorded_at) values
+             ('eight-days', 1, '{1}', now() - interval '8 days'),
+             ('six-days', 1, '{2}', now() - interval '6 days')",
+    )
+    .execute(&app.db.pool)
+    .await?;
+    app.start_worker();
+    let mut tx = app.db.pool.begin().await?;
+    jobs::enqueue(
+        &mut tx,
+        &TrimVisits {
+            older_than: Utc::now(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+    let kept: Vec<String> = sqlx::query_scalar("select job_id from trim_deletions order by job_id")
+        .fetch_all(&app.db.pool)
+        .await?;
+    assert_eq!(kept, ["six-days"], "records past the retention are pruned");
+    app.stop().await
+}
+
+#[tokio::test]
 async fn trim_older_than_every_visit_deletes_nothing() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     for n in 1..=3 {
