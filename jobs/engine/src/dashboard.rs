@@ -189,6 +189,13 @@ async fn overview(
     Query(query): Query<NoticeQuery>,
     Query(list): Query<ListQuery>,
 ) -> Response {
+    if holds_nul([
+        list.queue.as_deref(),
+        list.state.as_deref(),
+        list.before.as_deref(),
+    ]) {
+        return bad_request(&dashboard);
+    }
     let pool = &dashboard.pool;
     let filter = list.filter();
     let loaded = async {
@@ -262,6 +269,9 @@ async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
         return refused;
     }
@@ -305,6 +315,29 @@ async fn act(
 /// The overview's path: the prefix itself (`/` when mounted at the root).
 fn overview_path(prefix: &str) -> &str {
     if prefix.is_empty() { "/" } else { prefix }
+}
+
+/// Whether any of `values` holds a NUL byte. Postgres refuses NUL in text, so
+/// such an id or filter can match nothing; checked before any query, so that
+/// it is answered 400 as the bad input it is, not 503 with an error logged.
+fn holds_nul<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> bool {
+    values
+        .into_iter()
+        .flatten()
+        .any(|value| value.contains('\0'))
+}
+
+/// A 400 page for input no job or workflow can match; nothing is logged
+/// (anyone can send it).
+fn bad_request(dashboard: &Dashboard) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        (dashboard.layout)(
+            "Bad request",
+            html! { h1 { "Bad request" } p { "That id or filter cannot name a job (it holds a NUL byte)." } },
+        ),
+    )
+        .into_response()
 }
 
 /// A 503 page; the error is logged here, never shown.
@@ -563,6 +596,9 @@ async fn job_page(
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     let loaded = async {
         let job = admin::job(&dashboard.pool, &id).await?;
         let errors = match &job {
@@ -709,6 +745,9 @@ async fn workflow_page(
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     let workflow = match admin::workflow(&dashboard.pool, &id).await {
         Ok(Some(workflow)) => workflow,
         Ok(None) => {
@@ -799,6 +838,9 @@ async fn cancel_workflow(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
         return refused;
     }
