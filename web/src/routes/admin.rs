@@ -309,17 +309,55 @@ fn forbidden() -> Response {
         .into_response()
 }
 
-/// A cross-site POST: an `Origin` that is not this host.
-fn cross_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+/// A cross-site POST: an `Origin` whose scheme, host or port is not ours.
+/// Our scheme is `http` (what `web` speaks) unless our own TLS proxy says
+/// `https` ([`over_https`]): comparing hosts alone let `https://<our host>`,
+/// another origin to a browser, pass on plain HTTP.
+fn cross_origin(headers: &HeaderMap, trust_proxy: bool) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return false; // older browsers and non-browser clients; CSRF token and SameSite still apply
     };
-    let host = headers
+    let scheme = if over_https(headers, trust_proxy) {
+        "https"
+    } else {
+        "http"
+    };
+    let ours = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-    origin_host != host
+        .and_then(|host| origin_parts(scheme, host));
+    let theirs = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .and_then(|(scheme, authority)| origin_parts(scheme, authority));
+    // `Origin: null`, an unparsable one, or no Host to compare with: not ours.
+    ours.is_none() || ours != theirs
+}
+
+/// `(scheme, host, port)` of an origin, lower-cased, the port defaulted by
+/// the scheme (`https://a` is `https://a:443`); `None` unless http(s) with
+/// a bare `host[:port]` (an origin has no path or user).
+fn origin_parts(scheme: &str, authority: &str) -> Option<(String, String, u16)> {
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    // `[v6]:port`, `[v6]`, `name:port` or `name`.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None => default_port,
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
 }
 
 /// Whether the browser reached us over HTTPS. `web` speaks plain HTTP, so
@@ -374,7 +412,7 @@ async fn guard(
     match authenticate(auth, client, headers) {
         Err(refusal) => return refusal.into_response(None),
         Ok(Credential::Cookie) => {
-            if request.method() == Method::POST && cross_origin(headers) {
+            if request.method() == Method::POST && cross_origin(headers, state.trust_proxy) {
                 tracing::warn!("admin action refused: cross-origin post");
                 return forbidden();
             }
@@ -400,7 +438,7 @@ async fn login(
     let Some(auth) = state.admin.as_deref() else {
         return disabled();
     };
-    if cross_origin(&headers) {
+    if cross_origin(&headers, state.trust_proxy) {
         tracing::warn!("admin login refused: cross-origin post");
         return forbidden();
     }
@@ -420,7 +458,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let Some(auth) = state.admin.as_deref() else {
         return disabled();
     };
-    if cross_origin(&headers) {
+    if cross_origin(&headers, state.trust_proxy) {
         tracing::warn!("admin sign-out refused: cross-origin post");
         return forbidden();
     }
@@ -454,6 +492,22 @@ mod tests {
         assert!(!constant_time_eq("secret", "secret2"));
         assert!(!constant_time_eq("", "x"));
         assert!(constant_time_eq("", ""));
+    }
+
+    #[test]
+    fn origins_match_on_scheme_host_and_port() {
+        let parts = |scheme, authority| origin_parts(scheme, authority);
+        assert_eq!(parts("https", "A.example"), parts("HTTPS", "a.example:443"));
+        assert_ne!(parts("https", "a.example"), parts("http", "a.example"));
+        assert_ne!(parts("http", "a.example:8080"), parts("http", "a.example"));
+        assert_eq!(parts("http", "[::1]:8080"), parts("http", "[::1]:8080"));
+        assert_eq!(
+            parts("http", "[::1]"),
+            Some(("http".into(), "[::1]".into(), 80))
+        );
+        assert_eq!(parts("http", "a.example/x"), None);
+        assert_eq!(parts("ftp", "a.example"), None);
+        assert_eq!(parts("http", "a.example:x"), None);
     }
 
     #[test]
