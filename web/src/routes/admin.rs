@@ -8,7 +8,8 @@
 //! client address ([`FailedLogins`]): the 11th in a minute gets 429 without
 //! the token being checked. Every POST (login, sign-out, actions) from a
 //! browser must come from our own origin; actions with the cookie must also
-//! carry the page's CSRF token. Without `ADMIN_TOKEN` the dashboard is
+//! carry their session's CSRF token (one per session, random, gone with the
+//! session; compared in constant time by the dashboard). Without `ADMIN_TOKEN` the dashboard is
 //! disabled, never open.
 
 use std::{
@@ -55,15 +56,23 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Most client addresses tracked by [`FailedLogins`].
 const MAX_TRACKED_CLIENTS: usize = 10_000;
 
-/// The dashboard's secrets: the operator's token, open sessions, the CSRF
-/// token, and the failed-login counts.
+/// The dashboard's secrets: the operator's token, open sessions (each with
+/// its own CSRF token), and the failed-login counts.
 pub struct AdminAuth {
     token: String,
-    csrf: String,
     session_lifetime: Duration,
-    /// Open sessions and when each was opened, oldest first.
-    sessions: Mutex<Vec<(String, Instant)>>,
+    /// Open sessions, oldest first.
+    sessions: Mutex<Vec<Session>>,
     failed: FailedLogins,
+}
+
+/// One login: its cookie value, the CSRF token its forms carry (random, so
+/// it cannot be derived from anything else, and gone when the session is
+/// revoked or expires), and when it was opened.
+struct Session {
+    value: String,
+    csrf: String,
+    opened: Instant,
 }
 
 impl std::fmt::Debug for AdminAuth {
@@ -73,11 +82,10 @@ impl std::fmt::Debug for AdminAuth {
 }
 
 impl AdminAuth {
-    /// Credentials for `token`, with a fresh CSRF token and no session.
+    /// Credentials for `token`, with no session.
     pub fn new(token: &str) -> Self {
         Self {
             token: token.to_owned(),
-            csrf: random_hex(),
             session_lifetime: SESSION_LIFETIME,
             sessions: Mutex::default(),
             failed: FailedLogins::new(MAX_FAILURES, FAILURE_WINDOW),
@@ -90,33 +98,39 @@ impl AdminAuth {
         self
     }
 
-    /// The CSRF token forms must carry.
-    pub fn csrf(&self) -> &str {
-        &self.csrf
-    }
-
     fn open_session(&self) -> String {
         let value = random_hex();
         let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-        sessions.retain(|(_, opened)| opened.elapsed() < self.session_lifetime);
+        sessions.retain(|session| session.opened.elapsed() < self.session_lifetime);
         if sessions.len() >= MAX_SESSIONS {
             sessions.remove(0);
         }
-        sessions.push((value.clone(), Instant::now()));
+        sessions.push(Session {
+            value: value.clone(),
+            csrf: random_hex(),
+            opened: Instant::now(),
+        });
         value
     }
 
-    fn session_is_open(&self, value: &str) -> bool {
+    /// The CSRF token of the open session `value`, if it is one.
+    fn session_csrf(&self, value: &str) -> Option<String> {
         let sessions = self.sessions.lock().expect("sessions lock poisoned");
         // Every open session is compared, in constant time each.
-        sessions.iter().fold(false, |found, (open, opened)| {
-            found | (constant_time_eq(open, value) && opened.elapsed() < self.session_lifetime)
+        sessions.iter().fold(None, |found, session| {
+            let open = constant_time_eq(&session.value, value)
+                && session.opened.elapsed() < self.session_lifetime;
+            if open {
+                Some(session.csrf.clone())
+            } else {
+                found
+            }
         })
     }
 
     fn close_session(&self, value: &str) {
         let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-        sessions.retain(|(open, _)| !constant_time_eq(open, value));
+        sessions.retain(|session| !constant_time_eq(&session.value, value));
     }
 }
 
@@ -201,10 +215,13 @@ impl FailedLogins {
 }
 
 /// How a request proved it may use the dashboard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Credential {
     Bearer,
-    Cookie,
+    /// A session cookie, with that session's CSRF token.
+    Cookie {
+        csrf: String,
+    },
 }
 
 /// The session cookie's value, parsed by the `cookie` crate.
@@ -248,10 +265,10 @@ fn authenticate(
     if let Some(token) = bearer {
         return check_token(auth, client, token.trim()).map(|()| Credential::Bearer);
     }
-    match session_cookie(headers) {
-        Some(value) if auth.session_is_open(&value) => Ok(Credential::Cookie),
-        _ => Err(Refusal::Wrong),
-    }
+    session_cookie(headers)
+        .and_then(|value| auth.session_csrf(&value))
+        .map(|csrf| Credential::Cookie { csrf })
+        .ok_or(Refusal::Wrong)
 }
 
 /// Why a token was refused.
@@ -411,13 +428,12 @@ async fn guard(
     let client = client_ip(peer, headers, state.trust_proxy);
     match authenticate(auth, client, headers) {
         Err(refusal) => return refusal.into_response(None),
-        Ok(Credential::Cookie) => {
+        Ok(Credential::Cookie { csrf }) => {
             if request.method() == Method::POST && cross_origin(headers, state.trust_proxy) {
                 tracing::warn!("admin action refused: cross-origin post");
                 return forbidden();
             }
-            let csrf = Csrf(auth.csrf().to_owned());
-            request.extensions_mut().insert(csrf);
+            request.extensions_mut().insert(Csrf(csrf));
         }
         Ok(Credential::Bearer) => {}
     }
