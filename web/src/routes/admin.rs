@@ -153,12 +153,55 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
 /// counted per /64, the block one subscriber usually gets. Memory is bounded:
 /// at most [`MAX_TRACKED_CLIENTS`] addresses, expired ones dropped first, then
 /// the oldest.
+///
+/// Refusals are logged at most once per address and window, with how many
+/// there were since its previous line: a flood of guesses (20,000 wrote
+/// 2.3 MB of WARN lines, one each) cannot flood the log.
 #[derive(Debug)]
 pub struct FailedLogins {
     max: u32,
     window: Duration,
-    /// Failures and when the window of each address started.
-    seen: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    seen: Mutex<HashMap<IpAddr, Tracked>>,
+}
+
+/// What [`FailedLogins`] knows of one address.
+#[derive(Debug)]
+struct Tracked {
+    /// Failures in the window that started at `since`.
+    failures: u32,
+    since: Instant,
+    /// Refusals not yet in a log line.
+    unlogged: u64,
+    /// When its last log line was written.
+    logged_at: Option<Instant>,
+}
+
+impl Tracked {
+    fn new() -> Self {
+        Self {
+            failures: 0,
+            since: Instant::now(),
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+
+    /// Counts a refusal of `key`; logs it with the ones before it unless
+    /// this address had a line less than `window` ago.
+    fn refused(&mut self, key: IpAddr, window: Duration, reason: &'static str) {
+        self.unlogged += 1;
+        if self.logged_at.is_some_and(|at| at.elapsed() < window) {
+            return;
+        }
+        tracing::warn!(
+            client.address = %key,
+            refused = self.unlogged,
+            reason,
+            "admin login refused (count since this address's previous line; at most one line a minute each)"
+        );
+        self.unlogged = 0;
+        self.logged_at = Some(Instant::now());
+    }
 }
 
 impl FailedLogins {
@@ -182,28 +225,40 @@ impl FailedLogins {
     /// counting under one lock means concurrent guesses cannot slip past the
     /// limit between the check and the count.
     fn attempt(&self, ip: IpAddr) -> Result<(), Duration> {
+        let key = Self::key(ip);
         let mut seen = self.seen.lock().expect("limiter lock poisoned");
-        if let Some(&(failures, since)) = seen.get(&Self::key(ip))
-            && failures >= self.max
-            && since.elapsed() < self.window
+        if let Some(tracked) = seen.get_mut(&key)
+            && tracked.failures >= self.max
+            && tracked.since.elapsed() < self.window
         {
-            return Err(self.window.saturating_sub(since.elapsed()));
+            tracked.refused(key, self.window, "too many wrong tokens from this address");
+            return Err(self.window.saturating_sub(tracked.since.elapsed()));
         }
-        if seen.len() >= MAX_TRACKED_CLIENTS {
-            seen.retain(|_, (_, since)| since.elapsed() < self.window);
+        if seen.len() >= MAX_TRACKED_CLIENTS && !seen.contains_key(&key) {
+            seen.retain(|_, tracked| tracked.since.elapsed() < self.window);
             if seen.len() >= MAX_TRACKED_CLIENTS {
-                let oldest = seen.iter().min_by_key(|(_, (_, since))| *since);
+                let oldest = seen.iter().min_by_key(|(_, tracked)| tracked.since);
                 if let Some(oldest) = oldest.map(|(ip, _)| *ip) {
                     seen.remove(&oldest);
                 }
             }
         }
-        let entry = seen.entry(Self::key(ip)).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= self.window {
-            *entry = (0, Instant::now());
+        let tracked = seen.entry(key).or_insert_with(Tracked::new);
+        if tracked.since.elapsed() >= self.window {
+            tracked.failures = 0;
+            tracked.since = Instant::now();
         }
-        entry.0 += 1;
+        tracked.failures += 1;
         Ok(())
+    }
+
+    /// Notes that the attempt from `ip` brought a wrong token.
+    fn wrong(&self, ip: IpAddr) {
+        let key = Self::key(ip);
+        let mut seen = self.seen.lock().expect("limiter lock poisoned");
+        if let Some(tracked) = seen.get_mut(&key) {
+            tracked.refused(key, self.window, "wrong token");
+        }
     }
 
     fn succeeded(&self, ip: IpAddr) {
@@ -293,7 +348,7 @@ fn check_token(auth: &AdminAuth, client: IpAddr, token: &str) -> Result<(), Refu
         auth.failed.succeeded(client);
         Ok(())
     } else {
-        tracing::warn!(client.address = %client, "admin login refused: wrong token");
+        auth.failed.wrong(client);
         Err(Refusal::Wrong)
     }
 }
@@ -303,7 +358,6 @@ fn unauthorized(message: Option<&str>) -> Response {
 }
 
 fn too_many_failures(wait: Duration) -> Response {
-    tracing::warn!("admin login refused: too many wrong tokens from this address");
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut response = (
         StatusCode::TOO_MANY_REQUESTS,
