@@ -188,6 +188,8 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() -> anyhow
         .env("EMBEDDED_WORKER", "false")
         // Above the descriptor limit on purpose: accept() itself fails.
         .env("HTTP_MAX_CONNECTIONS", "500")
+        // All from one client (the test), which must not be stopped first.
+        .env("HTTP_MAX_CONNECTIONS_PER_CLIENT", "500")
         .env("HTTP_HEADER_TIMEOUT", "30")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");

@@ -214,10 +214,7 @@ impl FailedLogins {
     }
 
     fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        }
+        crate::serve::client_key(ip)
     }
 
     /// Counts an attempt from `ip` as a failure until [`Self::succeeded`]
