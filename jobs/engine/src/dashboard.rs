@@ -688,12 +688,21 @@ pub fn render_job(
         } @else if last_error.is_none() {
             p { "No attempt failed." }
         }
-        @if let Some(output) = job.output().filter(|o| !o.is_null()) {
+        @if job.result_is_cut() {
+            h2 { "Result" }
+            p.note #job-result-cut { (cut_note(job.last_result.as_deref().map_or(0, str::len), job.last_result_bytes.unwrap_or_default())) }
+            pre.payload #job-result { (job.last_result.as_deref().unwrap_or_default()) "…" }
+        } @else if let Some(output) = job.output().filter(|o| !o.is_null()) {
             h2 { "Result" }
             pre.payload #job-result { (serde_json::to_string_pretty(&output).unwrap_or_default()) }
         }
         h2 { "Payload" }
-        pre.payload #job-payload { (job.payload_pretty()) }
+        @if job.payload_is_cut() {
+            p.note #job-payload-cut { (cut_note(job.payload.len(), job.payload_bytes)) }
+            pre.payload #job-payload { (String::from_utf8_lossy(&job.payload)) "…" }
+        } @else {
+            pre.payload #job-payload { (job.payload_pretty()) }
+        }
         h2 { "Metadata" }
         @let metadata = job.metadata_entries();
         @if metadata.is_empty() { p { "None." } } @else {
@@ -702,6 +711,11 @@ pub fn render_job(
             } }
         }
     }
+}
+
+/// The note above a cut payload or result: what is shown of how much.
+fn cut_note(shown: usize, full: i64) -> String {
+    format!("{full} bytes in all; only the first {shown} are read and shown here.")
 }
 
 /// How many workflows the overview lists.

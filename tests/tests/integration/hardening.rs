@@ -1107,6 +1107,27 @@ async fn a_50_mb_payload_is_read_and_shown_as_a_64_kib_prefix() -> anyhow::Resul
         latest.payload.len()
     );
     assert!(panel.len() < 64 * 1024);
+    // A huge result is cut the same way.
+    sqlx::query(
+        "update apalis.jobs set status = 'Done', done_at = now(),
+                last_result = jsonb_build_object('Ok', repeat('y', 10000000)) where id = $1",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await?;
+    let page = app
+        .client
+        .get(app.url(&format!("/admin/jobs/{id}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.len() < 256 * 1024, "job page of {} bytes", page.len());
+    assert!(
+        page.contains(r#"id="job-result-cut""#),
+        "the result is noted as cut"
+    );
     app.stop().await
 }
 
