@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Form, Router,
-    extract::{NestedPath, Path, Query, State},
+    extract::{NestedPath, Path, Query, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -98,6 +98,8 @@ pub struct Csrf(pub String);
 pub fn router<S: Clone + Send + Sync + 'static>(dashboard: Dashboard) -> Router<S> {
     Router::new()
         .route("/", get(overview))
+        .route("/jobs", get(to_overview))
+        .route("/jobs/", get(to_overview))
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/{action}", post(act))
         .route("/workflows/{id}", get(workflow_page))
@@ -233,6 +235,16 @@ async fn overview(
         notice: query.text(),
     };
     (dashboard.layout)("Jobs dashboard", page.render()).into_response()
+}
+
+/// `<prefix>/jobs` and `<prefix>/jobs/`: the jobs are listed on the
+/// overview, so a permanent redirect there, with the query (its filters).
+async fn to_overview(prefix: NestedPath, RawQuery(query): RawQuery) -> Redirect {
+    let path = overview_path(prefix.as_str());
+    match query.filter(|q| !q.is_empty()) {
+        Some(query) => Redirect::permanent(&format!("{path}?{query}")),
+        None => Redirect::permanent(path),
+    }
 }
 
 #[derive(Deserialize)]
@@ -441,7 +453,7 @@ impl Page<'_> {
                             td { span class={ "state " (job.state) } { (job.state) } }
                             td.num { (job.attempts) " / " (job.max_attempts) }
                             td { @if let Some(at) = job.run_at { (timestamp(at)) } }
-                            td.error { (job.last_error.as_deref().unwrap_or("")) }
+                            td.error { (shown_error(job.last_error.as_deref().unwrap_or(""))) }
                             td.actions { (actions(self.prefix, &job.id, &job.state, self.csrf.as_deref())) }
                         }
                     }
@@ -677,12 +689,12 @@ pub fn render_job(
         h2 { "Errors" }
         @let last_error = job.last_error();
         @if let Some(error) = &last_error {
-            p.error #job-error { "Last attempt (" (job.attempts) "): " (error) }
+            p.error #job-error { "Last attempt (" (job.attempts) "): " (shown_error(error)) }
         }
         @if !errors.is_empty() {
             ol.errors #job-errors aria-label="every failed attempt" {
                 @for failed in errors {
-                    li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (failed.error) } }
+                    li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (shown_error(&failed.error)) } }
                 }
             }
         } @else if last_error.is_none() {
@@ -711,6 +723,13 @@ pub fn render_job(
             } }
         }
     }
+}
+
+/// An error as operators read it: without the `AbortError: ` that apalis
+/// puts before a fatal error's message (the job's state already says it
+/// will not be retried).
+fn shown_error(error: &str) -> &str {
+    error.trim_start_matches("AbortError: ")
 }
 
 /// The note above a cut payload or result: what is shown of how much.
@@ -826,7 +845,7 @@ pub fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>
                         td { @if let Some(at) = step.released_at { (timestamp(at)) } }
                         td { @if let Some(at) = step.finished_at { (timestamp(at)) } }
                         td.error {
-                            @if let Some(error) = &step.error { (error) }
+                            @if let Some(error) = &step.error { (shown_error(error)) }
                             @else if let Some(result) = &step.result { code { (short_json(result)) } }
                         }
                     }
@@ -883,6 +902,12 @@ mod tests {
             job_action_path("/admin", "a/../b?c=1#x", "retry"),
             "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
         );
+    }
+
+    #[test]
+    fn fatal_errors_are_shown_without_apalis_prefix() {
+        assert_eq!(shown_error("AbortError: cannot decode"), "cannot decode");
+        assert_eq!(shown_error("timed out"), "timed out");
     }
 
     #[test]

@@ -1160,3 +1160,73 @@ async fn readyz_says_the_pool_is_exhausted_when_it_is() -> anyhow::Result<()> {
     );
     app.stop().await
 }
+
+#[tokio::test]
+async fn the_jobs_list_with_or_without_a_trailing_slash_leads_to_the_overview() -> anyhow::Result<()>
+{
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token(TOKEN);
+    let app = TestApp::spawn_with(db, state).await?;
+    let mut answers = Vec::new();
+    for path in [
+        "/admin/jobs/",
+        "/admin/jobs",
+        "/admin/jobs/?queue=probe&state=dead",
+    ] {
+        let response = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        answers.push((path, response.status().as_u16(), location));
+    }
+    println!("{answers:?}");
+    assert_eq!(answers[0].1, 308, "{answers:?}");
+    assert_eq!(answers[0].2, "/admin");
+    assert_eq!(answers[1].2, "/admin");
+    assert_eq!(answers[2].2, "/admin?queue=probe&state=dead");
+    // Only behind the login, like the rest of the dashboard.
+    let anonymous = app.client.get(app.url("/admin/jobs/")).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_fatal_error_is_shown_without_the_abort_error_prefix() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let id = ulid::Ulid::generate().to_string();
+    // As the engine stores a payload that does not decode: apalis's AbortError, Display'ed.
+    sqlx::query(
+        r#"insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, done_at, last_result)
+           values ($1, 'probe', '\x7b7d', 'Killed', 1, 3, now(),
+                   '{"Err": "AbortError: cannot decode probe payload: missing field `key`"}')"#,
+    )
+    .bind(&id)
+    .execute(&db.pool)
+    .await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token(TOKEN);
+    let app = TestApp::spawn_with(db, state).await?;
+    for path in ["/admin".to_owned(), format!("/admin/jobs/{id}")] {
+        let page = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?;
+        assert!(
+            page.contains("cannot decode probe payload"),
+            "{path}: {page}"
+        );
+        assert!(!page.contains("AbortError"), "{path}: {page}");
+    }
+    app.stop().await
+}
