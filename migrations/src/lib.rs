@@ -274,7 +274,16 @@ pub async fn is_up_to_date(pool: &PgPool) -> Result<bool, Error> {
         sqlx::query_scalar("select to_regclass('public._sqlx_migrations') is not null")
             .fetch_one(pool)
             .await?;
-    if !tables_exist || !durable_jobs::is_migrated(pool).await? {
+    // The engine's database errors are database errors here too: as `Queue`
+    // they read "applying the job queue's migrations failed" (on /readyz
+    // when the pool was merely exhausted), though nothing was being applied.
+    let queue_migrated = durable_jobs::is_migrated(pool)
+        .await
+        .map_err(|err| match err {
+            durable_jobs::Error::Database(err) => Error::Database(err),
+            other => Error::Queue(other),
+        })?;
+    if !tables_exist || !queue_migrated {
         return Ok(false);
     }
     let ours: Option<i64> =

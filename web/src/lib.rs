@@ -122,10 +122,11 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let queue_depth = state.queue_depth.clone();
+    let per_client = config.per_client_limit(state.trust_proxy);
     let result = match metrics {
         None => {
             let app = app(state, true, config.request_timeout);
-            serve::run(listener, app, config, shutdown).await
+            serve::run(listener, app, config, per_client, shutdown).await
         }
         Some(metrics) => {
             let stop = CancellationToken::new();
@@ -142,8 +143,20 @@ pub async fn serve_with(
                 .with_state(state.clone());
             let app = app(state, false, config.request_timeout);
             let (main, metrics) = tokio::join!(
-                serve::run(listener, app, config, stop.clone().cancelled_owned()),
-                serve::run(metrics, metrics_app, config, stop.clone().cancelled_owned()),
+                serve::run(
+                    listener,
+                    app,
+                    config,
+                    per_client,
+                    stop.clone().cancelled_owned()
+                ),
+                serve::run(
+                    metrics,
+                    metrics_app,
+                    config,
+                    per_client,
+                    stop.clone().cancelled_owned()
+                ),
             );
             main.and(metrics)
         }

@@ -9,6 +9,9 @@
 //!   while a keep-alive connection idles, so it also closes idle sockets;
 //! - at most `max_connections` at once; the next one gets a plain 503 and is
 //!   closed, instead of queueing until file descriptors run out;
+//! - at most `max_connections_per_client` of them from one client address
+//!   (IPv6 per /64), answered the same way beyond it: one client's idle
+//!   sockets (512 of them answered everyone else 503) cannot take every slot;
 //! - accept errors other than a vanished client (`EMFILE`, `ENFILE`, ...) are
 //!   logged once per burst and retried with a growing pause (10 ms to 1 s);
 //! - on shutdown: stop accepting, let connections finish their request, and
@@ -17,12 +20,13 @@
 //! The per-request timeout is a tower layer on the router (see [`crate::app`]).
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     future::Future,
     io::ErrorKind,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -59,6 +63,14 @@ pub struct HttpConfig {
     /// connection is a file descriptor).
     #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
+
+    /// Most connections one client address (an IPv6 client per /64) may have
+    /// open at once; its next ones get the same 503, while other clients are
+    /// served. Unset: an eighth of HTTP_MAX_CONNECTIONS (64 of 512) but at
+    /// least 8 (a browser opens 6), or all of it with TRUST_PROXY=true (every connection then comes from the
+    /// proxy, which must limit its own clients).
+    #[arg(long = "http-max-connections-per-client", env = "HTTP_MAX_CONNECTIONS_PER_CLIENT", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_client: Option<u32>,
 
     /// Seconds a shutdown waits for open connections to finish their requests.
     #[arg(id = "http_shutdown_grace", long = "http-shutdown-grace", value_name = "SECONDS", env = "HTTP_SHUTDOWN_GRACE", default_value = "10", value_parser = ranges::SHUTDOWN_GRACE.parser())]
@@ -106,6 +118,7 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             max_connections: 512,
+            max_connections_per_client: None,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -124,6 +137,19 @@ pub(crate) mod ranges {
     pub(crate) const METRICS_REFRESH: SecondsRange = SecondsRange::new(0.1, 3600.0);
 }
 
+impl HttpConfig {
+    /// The per-client cap in force: the setting (at most the global cap), else
+    /// an eighth of the global cap but at least 8 (a browser opens 6
+    /// connections to a site), or the global cap `behind_proxy`.
+    pub fn per_client_limit(&self, behind_proxy: bool) -> u32 {
+        match self.max_connections_per_client {
+            Some(limit) => limit.min(self.max_connections),
+            None if behind_proxy => self.max_connections,
+            None => (self.max_connections / 8).max(8.min(self.max_connections)),
+        }
+    }
+}
+
 /// What an over-the-cap connection is told before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: text/plain; charset=utf-8\r\nretry-after: 1\r\n\
@@ -131,11 +157,13 @@ content-length: 43\r\nconnection: close\r\n\r\n\
 Too many connections; try again in a moment";
 
 /// Serves `app` (with `ConnectInfo<SocketAddr>`) on `listener` until
-/// `shutdown` completes, within the limits of `config`.
+/// `shutdown` completes, within the limits of `config` and at most
+/// `per_client` connections per client address.
 pub async fn run(
     listener: TcpListener,
     app: Router,
     config: &HttpConfig,
+    per_client: u32,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -146,6 +174,9 @@ pub async fn run(
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
     let permits = Arc::new(Semaphore::new(config.max_connections as usize));
     let refused = Arc::new(AtomicU64::new(0));
+    // No bookkeeping when a client may take every slot anyway.
+    let clients = (per_client < config.max_connections).then(|| ClientSlots::new(per_client));
+    let refused_per_client = AtomicU64::new(0);
     let graceful = GracefulShutdown::new();
     let mut accept_errors = AcceptErrors::default();
     tokio::pin!(shutdown);
@@ -165,6 +196,28 @@ pub async fn run(
                 }
             },
             () = &mut shutdown => break,
+        };
+        let client_slot = match &clients {
+            None => None,
+            Some(clients) => match clients.take(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    if refused_per_client
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(1000)
+                    {
+                        tracing::warn!(
+                            client.address = %client_key(peer.ip()),
+                            http.max_connections_per_client = per_client,
+                            connections.refused = refused_per_client.load(Ordering::Relaxed),
+                            "per-client connection limit reached: answering 503 \
+                             (logged once per 1,000 refusals)"
+                        );
+                    }
+                    tokio::spawn(refuse(stream));
+                    continue;
+                }
+            },
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             // Counted, and logged at most once per 1,000, so a flood cannot flood the log.
@@ -188,6 +241,7 @@ pub async fn run(
             // Errors here are the client's (reset, timeout, bad request): not ours to log.
             let _ = connection.await;
             drop(permit);
+            drop(client_slot);
         });
     }
     drop(listener);
@@ -201,6 +255,67 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The client a connection counts against: its address, an IPv6 one by its
+/// /64 (one subscriber usually gets a whole /64, so per-address counting
+/// would give them 2^64 shares). An IPv4-mapped IPv6 address is the IPv4 one.
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
+/// Open connections per client, each at most `limit`. Its map holds only
+/// clients with an open connection, so it is bounded by the connections.
+#[derive(Debug)]
+struct ClientSlots {
+    limit: u32,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl ClientSlots {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for a connection of `ip`, or `None` if it has `limit` open.
+    fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let key = client_key(ip);
+        let mut open = self.open.lock().expect("client slots lock poisoned");
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            key,
+            open: Arc::clone(&self.open),
+        })
+    }
+}
+
+/// One connection's place in [`ClientSlots`], given back when dropped.
+#[derive(Debug)]
+struct ClientSlot {
+    key: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("client slots lock poisoned");
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Answers 503 on a connection over the cap and closes it. It reads (briefly)
@@ -259,5 +374,38 @@ impl AcceptErrors {
             );
             *self = Self::default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_slots_cap_each_client_and_free_on_drop() {
+        let slots = ClientSlots::new(2);
+        let a: IpAddr = "2001:db8::1".parse().expect("ip");
+        let neighbour: IpAddr = "2001:db8::2".parse().expect("ip");
+        let other: IpAddr = "192.0.2.1".parse().expect("ip");
+        let first = slots.take(a).expect("a first slot");
+        let _second = slots.take(neighbour).expect("the same /64, second slot");
+        assert!(slots.take(a).is_none(), "the /64 holds its two");
+        assert!(slots.take(other).is_some(), "another client is served");
+        drop(first);
+        assert!(slots.take(a).is_some(), "a slot freed by the drop");
+    }
+
+    #[test]
+    fn the_per_client_cap_defaults_to_an_eighth_or_the_whole_behind_a_proxy() {
+        let mut config = HttpConfig::default();
+        assert_eq!(config.per_client_limit(false), 64);
+        assert_eq!(config.per_client_limit(true), 512);
+        config.max_connections_per_client = Some(1000);
+        assert_eq!(config.per_client_limit(false), 512);
+        config.max_connections_per_client = None;
+        config.max_connections = 16;
+        assert_eq!(config.per_client_limit(false), 8);
+        config.max_connections = 4;
+        assert_eq!(config.per_client_limit(false), 4);
     }
 }

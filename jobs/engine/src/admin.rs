@@ -441,7 +441,13 @@ pub async fn jobs_page(
         .await?)
 }
 
-/// Everything the queue holds about one job.
+/// How much of a job's payload and of its result [`job`] and
+/// [`latest_job_of`] read: a prefix, whatever the row holds (a payload of
+/// 50 MB was read whole on every view).
+pub const PREVIEW_BYTES: usize = 64 * 1024;
+
+/// Everything the queue holds about one job, its payload and result cut to
+/// [`PREVIEW_BYTES`] (their full sizes alongside).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JobDetail {
     /// Job id (ULID; its first 48 bits are the creation time).
@@ -464,12 +470,17 @@ pub struct JobDetail {
     pub lock_by: Option<String>,
     /// When its last attempt ended.
     pub done_at: Option<DateTime<Utc>>,
-    /// The serialized job (JSON, as enqueued).
+    /// The serialized job (JSON, as enqueued): its first [`PREVIEW_BYTES`].
     pub payload: Vec<u8>,
+    /// The whole payload's size in bytes.
+    pub payload_bytes: i64,
     /// Its metadata as a JSON object (the enqueuer's `traceparent`, ...).
     pub metadata: Option<String>,
-    /// The last attempt's result: `{"Ok": <output>}` or `{"Err": "<error>"}`.
+    /// The last attempt's result: `{"Ok": <output>}` or `{"Err": "<error>"}`
+    /// (its first [`PREVIEW_BYTES`] characters).
     pub last_result: Option<String>,
+    /// The whole result's size in bytes (as JSON text).
+    pub last_result_bytes: Option<i64>,
     /// Its uniqueness key while it waits.
     pub unique_key: Option<String>,
 }
@@ -481,7 +492,22 @@ impl JobDetail {
         DateTime::from_timestamp_millis(i64::try_from(ulid.timestamp_ms()).ok()?)
     }
 
-    /// The payload pretty-printed when it is JSON, else as (lossy) text.
+    /// Whether [`Self::payload`] is only the payload's beginning.
+    pub fn payload_is_cut(&self) -> bool {
+        usize::try_from(self.payload_bytes).is_ok_and(|full| full > self.payload.len())
+    }
+
+    /// Whether [`Self::last_result`] is only the result's beginning (then
+    /// it does not parse: no [`Self::output`] or [`Self::last_error`]).
+    pub fn result_is_cut(&self) -> bool {
+        let shown = self.last_result.as_deref().map_or(0, str::len);
+        self.last_result_bytes
+            .and_then(|full| usize::try_from(full).ok())
+            .is_some_and(|full| full > shown)
+    }
+
+    /// The payload pretty-printed when it is JSON, else (a cut one too) as
+    /// lossy text.
     pub fn payload_pretty(&self) -> String {
         serde_json::from_slice::<serde_json::Value>(&self.payload)
             .ok()
@@ -548,6 +574,7 @@ impl JobDetail {
 pub async fn job(pool: &PgPool, id: &str) -> Result<Option<JobDetail>, Error> {
     Ok(sqlx::query_as(queries::JOB_DETAIL)
         .bind(id)
+        .bind(preview_limit())
         .fetch_optional(pool)
         .await?)
 }
@@ -575,8 +602,14 @@ pub async fn job_errors(pool: &PgPool, id: &str) -> Result<Vec<AttemptError>, Er
 pub async fn latest_job_of(pool: &PgPool, queue: &str) -> Result<Option<JobDetail>, Error> {
     Ok(sqlx::query_as(queries::LATEST_JOB_OF_QUEUE)
         .bind(queue)
+        .bind(preview_limit())
         .fetch_optional(pool)
         .await?)
+}
+
+/// [`PREVIEW_BYTES`] as Postgres's `substring` and `left` take it.
+fn preview_limit() -> i32 {
+    i32::try_from(PREVIEW_BYTES).unwrap_or(i32::MAX)
 }
 
 /// The unfinished jobs of one queue.

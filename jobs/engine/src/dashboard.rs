@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Form, Router,
-    extract::{NestedPath, Path, Query, State},
+    extract::{NestedPath, Path, Query, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -98,6 +98,8 @@ pub struct Csrf(pub String);
 pub fn router<S: Clone + Send + Sync + 'static>(dashboard: Dashboard) -> Router<S> {
     Router::new()
         .route("/", get(overview))
+        .route("/jobs", get(to_overview))
+        .route("/jobs/", get(to_overview))
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/{action}", post(act))
         .route("/workflows/{id}", get(workflow_page))
@@ -189,6 +191,13 @@ async fn overview(
     Query(query): Query<NoticeQuery>,
     Query(list): Query<ListQuery>,
 ) -> Response {
+    if holds_nul([
+        list.queue.as_deref(),
+        list.state.as_deref(),
+        list.before.as_deref(),
+    ]) {
+        return bad_request(&dashboard);
+    }
     let pool = &dashboard.pool;
     let filter = list.filter();
     let loaded = async {
@@ -228,6 +237,16 @@ async fn overview(
     (dashboard.layout)("Jobs dashboard", page.render()).into_response()
 }
 
+/// `<prefix>/jobs` and `<prefix>/jobs/`: the jobs are listed on the
+/// overview, so a permanent redirect there, with the query (its filters).
+async fn to_overview(prefix: NestedPath, RawQuery(query): RawQuery) -> Redirect {
+    let path = overview_path(prefix.as_str());
+    match query.filter(|q| !q.is_empty()) {
+        Some(query) => Redirect::permanent(&format!("{path}?{query}")),
+        None => Redirect::permanent(path),
+    }
+}
+
 #[derive(Deserialize)]
 struct ActionForm {
     #[serde(default)]
@@ -262,6 +281,9 @@ async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
         return refused;
     }
@@ -305,6 +327,29 @@ async fn act(
 /// The overview's path: the prefix itself (`/` when mounted at the root).
 fn overview_path(prefix: &str) -> &str {
     if prefix.is_empty() { "/" } else { prefix }
+}
+
+/// Whether any of `values` holds a NUL byte. Postgres refuses NUL in text, so
+/// such an id or filter can match nothing; checked before any query, so that
+/// it is answered 400 as the bad input it is, not 503 with an error logged.
+fn holds_nul<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> bool {
+    values
+        .into_iter()
+        .flatten()
+        .any(|value| value.contains('\0'))
+}
+
+/// A 400 page for input no job or workflow can match; nothing is logged
+/// (anyone can send it).
+fn bad_request(dashboard: &Dashboard) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        (dashboard.layout)(
+            "Bad request",
+            html! { h1 { "Bad request" } p { "That id or filter cannot name a job (it holds a NUL byte)." } },
+        ),
+    )
+        .into_response()
 }
 
 /// A 503 page; the error is logged here, never shown.
@@ -408,7 +453,7 @@ impl Page<'_> {
                             td { span class={ "state " (job.state) } { (job.state) } }
                             td.num { (job.attempts) " / " (job.max_attempts) }
                             td { @if let Some(at) = job.run_at { (timestamp(at)) } }
-                            td.error { (job.last_error.as_deref().unwrap_or("")) }
+                            td.error { (shown_error(job.last_error.as_deref().unwrap_or(""))) }
                             td.actions { (actions(self.prefix, &job.id, &job.state, self.csrf.as_deref())) }
                         }
                     }
@@ -563,6 +608,9 @@ async fn job_page(
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     let loaded = async {
         let job = admin::job(&dashboard.pool, &id).await?;
         let errors = match &job {
@@ -641,23 +689,32 @@ pub fn render_job(
         h2 { "Errors" }
         @let last_error = job.last_error();
         @if let Some(error) = &last_error {
-            p.error #job-error { "Last attempt (" (job.attempts) "): " (error) }
+            p.error #job-error { "Last attempt (" (job.attempts) "): " (shown_error(error)) }
         }
         @if !errors.is_empty() {
             ol.errors #job-errors aria-label="every failed attempt" {
                 @for failed in errors {
-                    li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (failed.error) } }
+                    li data-attempt=(failed.attempt) { "Attempt " (failed.attempt) ", " (timestamp(failed.failed_at)) ": " span.error { (shown_error(&failed.error)) } }
                 }
             }
         } @else if last_error.is_none() {
             p { "No attempt failed." }
         }
-        @if let Some(output) = job.output().filter(|o| !o.is_null()) {
+        @if job.result_is_cut() {
+            h2 { "Result" }
+            p.note #job-result-cut { (cut_note(job.last_result.as_deref().map_or(0, str::len), job.last_result_bytes.unwrap_or_default())) }
+            pre.payload #job-result { (job.last_result.as_deref().unwrap_or_default()) "…" }
+        } @else if let Some(output) = job.output().filter(|o| !o.is_null()) {
             h2 { "Result" }
             pre.payload #job-result { (serde_json::to_string_pretty(&output).unwrap_or_default()) }
         }
         h2 { "Payload" }
-        pre.payload #job-payload { (job.payload_pretty()) }
+        @if job.payload_is_cut() {
+            p.note #job-payload-cut { (cut_note(job.payload.len(), job.payload_bytes)) }
+            pre.payload #job-payload { (String::from_utf8_lossy(&job.payload)) "…" }
+        } @else {
+            pre.payload #job-payload { (job.payload_pretty()) }
+        }
         h2 { "Metadata" }
         @let metadata = job.metadata_entries();
         @if metadata.is_empty() { p { "None." } } @else {
@@ -666,6 +723,18 @@ pub fn render_job(
             } }
         }
     }
+}
+
+/// An error as operators read it: without the `AbortError: ` that apalis
+/// puts before a fatal error's message (the job's state already says it
+/// will not be retried).
+fn shown_error(error: &str) -> &str {
+    error.trim_start_matches("AbortError: ")
+}
+
+/// The note above a cut payload or result: what is shown of how much.
+fn cut_note(shown: usize, full: i64) -> String {
+    format!("{full} bytes in all; only the first {shown} are read and shown here.")
 }
 
 /// How many workflows the overview lists.
@@ -709,6 +778,9 @@ async fn workflow_page(
     csrf: Option<Extension<Csrf>>,
     Path(id): Path<String>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     let workflow = match admin::workflow(&dashboard.pool, &id).await {
         Ok(Some(workflow)) => workflow,
         Ok(None) => {
@@ -773,7 +845,7 @@ pub fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>
                         td { @if let Some(at) = step.released_at { (timestamp(at)) } }
                         td { @if let Some(at) = step.finished_at { (timestamp(at)) } }
                         td.error {
-                            @if let Some(error) = &step.error { (error) }
+                            @if let Some(error) = &step.error { (shown_error(error)) }
                             @else if let Some(result) = &step.result { code { (short_json(result)) } }
                         }
                     }
@@ -799,6 +871,9 @@ async fn cancel_workflow(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if holds_nul([Some(id.as_str())]) {
+        return bad_request(&dashboard);
+    }
     if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
         return refused;
     }
@@ -827,6 +902,12 @@ mod tests {
             job_action_path("/admin", "a/../b?c=1#x", "retry"),
             "/admin/jobs/a%2F..%2Fb%3Fc%3D1%23x/retry"
         );
+    }
+
+    #[test]
+    fn fatal_errors_are_shown_without_apalis_prefix() {
+        assert_eq!(shown_error("AbortError: cannot decode"), "cannot decode");
+        assert_eq!(shown_error("timed out"), "timed out");
     }
 
     #[test]

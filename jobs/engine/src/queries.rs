@@ -325,22 +325,31 @@ where ($1::text is null or job_type = $1)
   and ($3::text is null or id < $3)
 order by id desc limit $4";
 
-/// Everything stored about job `$1`.
+/// Everything stored about job `$1`, its payload and result cut to their
+/// first `$2` bytes (characters of the result), with their full sizes: a
+/// 50 MB payload made the job page read it whole and send 87 MB of HTML.
 pub(crate) const JOB_DETAIL: &str = "
 select id, job_type as queue, state, status, attempts, max_attempts, run_at, lock_at,
-       lock_by, done_at, job as payload, hstore_to_json(metadata)::text as metadata,
-       last_result::text as last_result, unique_key
+       lock_by, done_at, substring(job from 1 for $2) as payload,
+       octet_length(job)::bigint as payload_bytes,
+       hstore_to_json(metadata)::text as metadata,
+       left(last_result::text, $2) as last_result,
+       octet_length(last_result::text)::bigint as last_result_bytes, unique_key
 from apalis.job_states where id = $1";
 
 /// Each failed attempt of job `$1`, oldest first.
 pub(crate) const JOB_ERRORS: &str = "
 select attempt, error, failed_at from apalis.job_errors where job_id = $1 order by attempt, failed_at";
 
-/// Everything stored about the newest job of queue `$1`.
+/// Everything stored about the newest job of queue `$1`, cut as in
+/// [`JOB_DETAIL`] to `$2` (the page's panel reads it on every view and poll).
 pub(crate) const LATEST_JOB_OF_QUEUE: &str = "
 select id, job_type as queue, state, status, attempts, max_attempts, run_at, lock_at,
-       lock_by, done_at, job as payload, hstore_to_json(metadata)::text as metadata,
-       last_result::text as last_result, unique_key
+       lock_by, done_at, substring(job from 1 for $2) as payload,
+       octet_length(job)::bigint as payload_bytes,
+       hstore_to_json(metadata)::text as metadata,
+       left(last_result::text, $2) as last_result,
+       octet_length(last_result::text)::bigint as last_result_bytes, unique_key
 from apalis.job_states where job_type = $1 order by id desc limit 1";
 
 /// The unfinished jobs of queue `$1`: waiting, claimed or running, and

@@ -190,6 +190,8 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() -> anyhow
         // pools' and the process's own descriptors, accept() itself fails
         // before the cap is reached.
         .env("HTTP_MAX_CONNECTIONS", "56")
+        // All from one client (the test), which must not be stopped first.
+        .env("HTTP_MAX_CONNECTIONS_PER_CLIENT", "56")
         .env("HTTP_HEADER_TIMEOUT", "30")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
@@ -752,5 +754,481 @@ async fn job_ids_are_percent_encoded_in_the_dashboards_form_actions() -> anyhow:
         page.contains(r#"action="/admin/jobs/a%20b%2Fc/cancel""#),
         "{page}"
     );
+    app.stop().await
+}
+
+// ---- Red team, turn 3 (issue 21, item 5) ----
+
+/// The dashboard's `name="csrf"` value on `page`, if it has a form.
+fn csrf_of(page: &str) -> Option<String> {
+    let (_, rest) = page.split_once(r#"name="csrf" value=""#)?;
+    Some(rest.split('"').next()?.to_owned())
+}
+
+#[tokio::test]
+async fn a_nul_byte_in_a_dashboard_id_or_filter_is_a_400_and_logs_no_error() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
+    let client = plain_client()?;
+    let mut statuses = Vec::new();
+    for path in [
+        "/admin/jobs/%00",
+        "/admin/jobs/01ARZ3NDEKTSV4RRFFQ69G5FA%00",
+        "/admin?queue=%00",
+        "/admin?before=%00",
+        "/admin?queue=trim_visits%00&state=dead",
+        "/admin/workflows/%00",
+    ] {
+        let response = client
+            .get(format!("http://{address}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        statuses.push((path, response.status().as_u16()));
+    }
+    for path in [
+        "/admin/jobs/%00/retry",
+        "/admin/jobs/%00/cancel",
+        "/admin/workflows/%00/cancel",
+    ] {
+        let response = client
+            .post(format!("http://{address}{path}"))
+            .bearer_auth(TOKEN)
+            .form(&[("csrf", "")])
+            .send()
+            .await?;
+        statuses.push((path, response.status().as_u16()));
+    }
+    // A real query still works after them.
+    let fine = client
+        .get(format!("http://{address}/admin?queue=trim_visits"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    assert_eq!(fine.status(), 200);
+    let (status, output) = web.terminate_with_output(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    println!("NUL inputs: {statuses:?}");
+    assert!(statuses.iter().all(|(_, s)| *s == 400), "{statuses:?}");
+    let errors: Vec<&String> = output.iter().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_https_origin_of_the_same_host_is_cross_origin_for_plain_http() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
+    let client = plain_client()?;
+    let login_from = |origin: String| {
+        client
+            .post(format!("http://{address}/admin/login"))
+            .header("origin", origin)
+            .form(&[("token", TOKEN)])
+            .send()
+    };
+    let port = address.rsplit(':').next().unwrap_or_default();
+    let mut refused = Vec::new();
+    for origin in [
+        format!("https://{address}"),
+        format!("https://127.0.0.1:{port}"),
+        format!("ftp://{address}"),
+        "http://127.0.0.1".to_owned(),
+        "null".to_owned(),
+    ] {
+        let status = login_from(origin.clone()).await?.status().as_u16();
+        refused.push((origin, status));
+    }
+    println!("foreign origins: {refused:?}");
+    assert!(refused.iter().all(|(_, s)| *s == 403), "{refused:?}");
+    // Our own origin, in any letter case, logs in.
+    let own = login_from(format!("HTTP://{address}")).await?;
+    assert_eq!(own.status(), 303);
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+
+    // Behind a trusted TLS proxy the browser's origin is https, and that is ours.
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN), ("TRUST_PROXY", "true")]).await?;
+    let via_proxy = |origin: String| {
+        client
+            .post(format!("http://{address}/admin/login"))
+            .header("origin", origin)
+            .header("host", "visitme.example")
+            .header("x-forwarded-proto", "https")
+            .form(&[("token", TOKEN)])
+            .send()
+    };
+    assert_eq!(
+        via_proxy("https://visitme.example".to_owned())
+            .await?
+            .status(),
+        303
+    );
+    assert_eq!(
+        via_proxy("https://visitme.example:443".to_owned())
+            .await?
+            .status(),
+        303
+    );
+    assert_eq!(
+        via_proxy("http://visitme.example".to_owned())
+            .await?
+            .status(),
+        403
+    );
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_session_has_its_own_csrf_token_which_dies_with_it() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
+    let client = plain_client()?;
+    // A page view enqueues a trim; with no worker it waits, so the dashboard offers Cancel.
+    reqwest::get(format!("http://{address}/"))
+        .await?
+        .error_for_status()?;
+    let job: String = sqlx::query_scalar("select id from apalis.jobs")
+        .fetch_one(&db.pool)
+        .await?;
+    let csrf_for = |session: String| {
+        let client = client.clone();
+        let address = address.clone();
+        async move {
+            let page = client
+                .get(format!("http://{address}/admin"))
+                .header("cookie", session)
+                .send()
+                .await?
+                .text()
+                .await?;
+            csrf_of(&page).ok_or_else(|| anyhow::anyhow!("no CSRF token on {page}"))
+        }
+    };
+    let (first, _) = login(&client, &address).await?;
+    let (second, _) = login(&client, &address).await?;
+    let (first_csrf, second_csrf) = (
+        csrf_for(first.clone()).await?,
+        csrf_for(second.clone()).await?,
+    );
+    println!("CSRF tokens: {first_csrf} / {second_csrf}");
+    assert_ne!(first_csrf, second_csrf, "one CSRF token per session");
+    assert_eq!(
+        csrf_for(first.clone()).await?,
+        first_csrf,
+        "stable within a session"
+    );
+    let cancel = |session: String, csrf: String| {
+        client
+            .post(format!("http://{address}/admin/jobs/{job}/cancel"))
+            .header("cookie", session)
+            .form(&[("csrf", csrf)])
+            .send()
+    };
+    // Another session's token is refused,
+    assert_eq!(
+        cancel(second.clone(), first_csrf.clone()).await?.status(),
+        403
+    );
+    // and after sign-out the token is nobody's: not the next login's either.
+    let logout = client
+        .post(format!("http://{address}/admin/logout"))
+        .header("cookie", &first)
+        .send()
+        .await?;
+    assert_eq!(logout.status(), 303);
+    let (third, _) = login(&client, &address).await?;
+    assert_ne!(csrf_for(third.clone()).await?, first_csrf);
+    assert_eq!(cancel(third.clone(), first_csrf).await?.status(), 403);
+    assert_eq!(cancel(second, second_csrf).await?.status(), 303);
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flood_of_wrong_tokens_logs_one_line_per_address_and_minute() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN), ("TRUST_PROXY", "true")]).await?;
+    let client = plain_client()?;
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for from in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..300 {
+            let response = client
+                .post(format!("http://{address}/admin/login"))
+                .header("x-forwarded-for", from)
+                .form(&[("token", "guess")])
+                .send()
+                .await?;
+            *statuses.entry(response.status().as_u16()).or_default() += 1;
+        }
+    }
+    let (status, output) = web.terminate_with_output(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    let refused: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("admin login refused"))
+        .collect();
+    let bytes: usize = refused.iter().map(|l| l.len() + 1).sum();
+    println!(
+        "600 refused logins: {statuses:?}, {} WARN lines, {bytes} bytes",
+        refused.len()
+    );
+    assert_eq!(statuses.get(&401), Some(&20), "{statuses:?}");
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(
+        refused.iter().all(|l| l.contains("refused=")),
+        "{refused:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_sockets_of_one_client_leave_other_clients_served() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(
+        &db,
+        &[
+            ("HTTP_MAX_CONNECTIONS", "16"),
+            ("HTTP_MAX_CONNECTIONS_PER_CLIENT", "4"),
+            ("HTTP_HEADER_TIMEOUT", "30"),
+        ],
+    )
+    .await?;
+    let port: u16 = address.rsplit(':').next().unwrap_or_default().parse()?;
+    // A connection from `local` (loopback has all of 127/8).
+    let connect_from = |local: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((std::net::Ipv4Addr::from(local), 0).into())?;
+        anyhow::Ok(socket.connect(([127, 0, 0, 1], port).into()).await?)
+    };
+    let exchange_from = |local: [u8; 4]| async move {
+        let mut stream = connect_from(local).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    // Four idle sockets from 127.0.0.9: its share.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from([127, 0, 0, 9]).await?);
+    }
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let busy = loop {
+        let answer = exchange_from([127, 0, 0, 9]).await?;
+        if answer.starts_with("HTTP/1.1 503") {
+            break answer;
+        }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "a fifth connection of one client was served: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(busy.contains("Too many connections"), "{busy}");
+    // Everyone else is served meanwhile.
+    for other in [[127, 0, 0, 1], [127, 0, 0, 2]] {
+        let answer = exchange_from(other).await?;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{other:?}: {answer}");
+    }
+    drop(held);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while !exchange_from([127, 0, 0, 9])
+        .await?
+        .starts_with("HTTP/1.1 200")
+    {
+        anyhow::ensure!(Instant::now() < give_up, "the client's slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, output) = web.terminate_with_output(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("per-client connection limit")),
+        "{output:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_50_mb_payload_is_read_and_shown_as_a_64_kib_prefix() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let id = ulid::Ulid::generate().to_string();
+    // Random text, so that Postgres cannot compress it away.
+    sqlx::query(
+        r#"insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts)
+           select $1, 'trim_visits',
+                  convert_to('{"older_than":"2026-01-01T00:00:00Z","padding":"'
+                             || string_agg(md5(n::text), '') || '"}', 'UTF8'),
+                  'Pending', 0, 3
+           from generate_series(1, 1600000) n"#,
+    )
+    .bind(&id)
+    .execute(&db.pool)
+    .await?;
+    let stored: i32 = sqlx::query_scalar("select octet_length(job) from apalis.jobs where id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await?;
+    let pool = db.pool.clone();
+    let state = web::AppState::new(db.pool.clone()).with_admin_token(TOKEN);
+    let app = TestApp::spawn_with(db, state).await?;
+    let page = app
+        .client
+        .get(app.url(&format!("/admin/jobs/{id}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    assert_eq!(page.status(), 200);
+    let page = page.text().await?;
+    let panel = app.client.get(app.url("/background-work")).send().await?;
+    assert_eq!(panel.status(), 200);
+    let panel = panel.text().await?;
+    // What the panel reads: the newest trim, through the engine's admin API.
+    let latest = durable_jobs::admin::latest_job_of(&pool, "trim_visits")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no trim job"))?;
+    println!(
+        "payload {stored} bytes: job page {} bytes, panel {} bytes, panel read {} bytes",
+        page.len(),
+        panel.len(),
+        latest.payload.len()
+    );
+    assert!(page.len() < 256 * 1024, "job page of {} bytes", page.len());
+    assert!(
+        page.contains(&format!("{stored} bytes")),
+        "the full size is noted"
+    );
+    assert!(
+        latest.payload.len() <= 64 * 1024,
+        "{}",
+        latest.payload.len()
+    );
+    assert!(panel.len() < 64 * 1024);
+    // A huge result is cut the same way.
+    sqlx::query(
+        "update apalis.jobs set status = 'Done', done_at = now(),
+                last_result = jsonb_build_object('Ok', repeat('y', 10000000)) where id = $1",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await?;
+    let page = app
+        .client
+        .get(app.url(&format!("/admin/jobs/{id}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.len() < 256 * 1024, "job page of {} bytes", page.len());
+    assert!(
+        page.contains(r#"id="job-result-cut""#),
+        "the result is noted as cut"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn readyz_says_the_pool_is_exhausted_when_it_is() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_with((*db.pool.connect_options()).clone())
+        .await?;
+    let state = web::AppState::new(pool.clone());
+    let app = TestApp::spawn_with(db, state).await?;
+    assert_eq!(
+        app.client.get(app.url("/readyz")).send().await?.status(),
+        200
+    );
+    let held = pool.acquire().await?;
+    let response = app.client.get(app.url("/readyz")).send().await?;
+    let status = response.status();
+    let body = response.text().await?;
+    println!("/readyz with the pool exhausted: {status} {body:?}");
+    assert_eq!(status, 503);
+    assert!(body.contains("database pool exhausted"), "{body}");
+    assert!(!body.contains("migration"), "{body}");
+    drop(held);
+    assert_eq!(
+        app.client.get(app.url("/readyz")).send().await?.status(),
+        200
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_jobs_list_with_or_without_a_trailing_slash_leads_to_the_overview() -> anyhow::Result<()>
+{
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token(TOKEN);
+    let app = TestApp::spawn_with(db, state).await?;
+    let mut answers = Vec::new();
+    for path in [
+        "/admin/jobs/",
+        "/admin/jobs",
+        "/admin/jobs/?queue=probe&state=dead",
+    ] {
+        let response = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        answers.push((path, response.status().as_u16(), location));
+    }
+    println!("{answers:?}");
+    assert_eq!(answers[0].1, 308, "{answers:?}");
+    assert_eq!(answers[0].2, "/admin");
+    assert_eq!(answers[1].2, "/admin");
+    assert_eq!(answers[2].2, "/admin?queue=probe&state=dead");
+    // Only behind the login, like the rest of the dashboard.
+    let anonymous = app.client.get(app.url("/admin/jobs/")).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_fatal_error_is_shown_without_the_abort_error_prefix() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let id = ulid::Ulid::generate().to_string();
+    // As the engine stores a payload that does not decode: apalis's AbortError, Display'ed.
+    sqlx::query(
+        r#"insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, done_at, last_result)
+           values ($1, 'probe', '\x7b7d', 'Killed', 1, 3, now(),
+                   '{"Err": "AbortError: cannot decode probe payload: missing field `key`"}')"#,
+    )
+    .bind(&id)
+    .execute(&db.pool)
+    .await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token(TOKEN);
+    let app = TestApp::spawn_with(db, state).await?;
+    for path in ["/admin".to_owned(), format!("/admin/jobs/{id}")] {
+        let page = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?;
+        assert!(
+            page.contains("cannot decode probe payload"),
+            "{path}: {page}"
+        );
+        assert!(!page.contains("AbortError"), "{path}: {page}");
+    }
     app.stop().await
 }

@@ -8,7 +8,8 @@
 //! client address ([`FailedLogins`]): the 11th in a minute gets 429 without
 //! the token being checked. Every POST (login, sign-out, actions) from a
 //! browser must come from our own origin; actions with the cookie must also
-//! carry the page's CSRF token. Without `ADMIN_TOKEN` the dashboard is
+//! carry their session's CSRF token (one per session, random, gone with the
+//! session; compared in constant time by the dashboard). Without `ADMIN_TOKEN` the dashboard is
 //! disabled, never open.
 
 use std::{
@@ -55,15 +56,23 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Most client addresses tracked by [`FailedLogins`].
 const MAX_TRACKED_CLIENTS: usize = 10_000;
 
-/// The dashboard's secrets: the operator's token, open sessions, the CSRF
-/// token, and the failed-login counts.
+/// The dashboard's secrets: the operator's token, open sessions (each with
+/// its own CSRF token), and the failed-login counts.
 pub struct AdminAuth {
     token: String,
-    csrf: String,
     session_lifetime: Duration,
-    /// Open sessions and when each was opened, oldest first.
-    sessions: Mutex<Vec<(String, Instant)>>,
+    /// Open sessions, oldest first.
+    sessions: Mutex<Vec<Session>>,
     failed: FailedLogins,
+}
+
+/// One login: its cookie value, the CSRF token its forms carry (random, so
+/// it cannot be derived from anything else, and gone when the session is
+/// revoked or expires), and when it was opened.
+struct Session {
+    value: String,
+    csrf: String,
+    opened: Instant,
 }
 
 impl std::fmt::Debug for AdminAuth {
@@ -73,11 +82,10 @@ impl std::fmt::Debug for AdminAuth {
 }
 
 impl AdminAuth {
-    /// Credentials for `token`, with a fresh CSRF token and no session.
+    /// Credentials for `token`, with no session.
     pub fn new(token: &str) -> Self {
         Self {
             token: token.to_owned(),
-            csrf: random_hex(),
             session_lifetime: SESSION_LIFETIME,
             sessions: Mutex::default(),
             failed: FailedLogins::new(MAX_FAILURES, FAILURE_WINDOW),
@@ -90,33 +98,39 @@ impl AdminAuth {
         self
     }
 
-    /// The CSRF token forms must carry.
-    pub fn csrf(&self) -> &str {
-        &self.csrf
-    }
-
     fn open_session(&self) -> String {
         let value = random_hex();
         let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-        sessions.retain(|(_, opened)| opened.elapsed() < self.session_lifetime);
+        sessions.retain(|session| session.opened.elapsed() < self.session_lifetime);
         if sessions.len() >= MAX_SESSIONS {
             sessions.remove(0);
         }
-        sessions.push((value.clone(), Instant::now()));
+        sessions.push(Session {
+            value: value.clone(),
+            csrf: random_hex(),
+            opened: Instant::now(),
+        });
         value
     }
 
-    fn session_is_open(&self, value: &str) -> bool {
+    /// The CSRF token of the open session `value`, if it is one.
+    fn session_csrf(&self, value: &str) -> Option<String> {
         let sessions = self.sessions.lock().expect("sessions lock poisoned");
         // Every open session is compared, in constant time each.
-        sessions.iter().fold(false, |found, (open, opened)| {
-            found | (constant_time_eq(open, value) && opened.elapsed() < self.session_lifetime)
+        sessions.iter().fold(None, |found, session| {
+            let open = constant_time_eq(&session.value, value)
+                && session.opened.elapsed() < self.session_lifetime;
+            if open {
+                Some(session.csrf.clone())
+            } else {
+                found
+            }
         })
     }
 
     fn close_session(&self, value: &str) {
         let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
-        sessions.retain(|(open, _)| !constant_time_eq(open, value));
+        sessions.retain(|session| !constant_time_eq(&session.value, value));
     }
 }
 
@@ -139,12 +153,55 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
 /// counted per /64, the block one subscriber usually gets. Memory is bounded:
 /// at most [`MAX_TRACKED_CLIENTS`] addresses, expired ones dropped first, then
 /// the oldest.
+///
+/// Refusals are logged at most once per address and window, with how many
+/// there were since its previous line: a flood of guesses (20,000 wrote
+/// 2.3 MB of WARN lines, one each) cannot flood the log.
 #[derive(Debug)]
 pub struct FailedLogins {
     max: u32,
     window: Duration,
-    /// Failures and when the window of each address started.
-    seen: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    seen: Mutex<HashMap<IpAddr, Tracked>>,
+}
+
+/// What [`FailedLogins`] knows of one address.
+#[derive(Debug)]
+struct Tracked {
+    /// Failures in the window that started at `since`.
+    failures: u32,
+    since: Instant,
+    /// Refusals not yet in a log line.
+    unlogged: u64,
+    /// When its last log line was written.
+    logged_at: Option<Instant>,
+}
+
+impl Tracked {
+    fn new() -> Self {
+        Self {
+            failures: 0,
+            since: Instant::now(),
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+
+    /// Counts a refusal of `key`; logs it with the ones before it unless
+    /// this address had a line less than `window` ago.
+    fn refused(&mut self, key: IpAddr, window: Duration, reason: &'static str) {
+        self.unlogged += 1;
+        if self.logged_at.is_some_and(|at| at.elapsed() < window) {
+            return;
+        }
+        tracing::warn!(
+            client.address = %key,
+            refused = self.unlogged,
+            reason,
+            "admin login refused (count since this address's previous line; at most one line a minute each)"
+        );
+        self.unlogged = 0;
+        self.logged_at = Some(Instant::now());
+    }
 }
 
 impl FailedLogins {
@@ -157,10 +214,7 @@ impl FailedLogins {
     }
 
     fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        }
+        crate::serve::client_key(ip)
     }
 
     /// Counts an attempt from `ip` as a failure until [`Self::succeeded`]
@@ -168,28 +222,40 @@ impl FailedLogins {
     /// counting under one lock means concurrent guesses cannot slip past the
     /// limit between the check and the count.
     fn attempt(&self, ip: IpAddr) -> Result<(), Duration> {
+        let key = Self::key(ip);
         let mut seen = self.seen.lock().expect("limiter lock poisoned");
-        if let Some(&(failures, since)) = seen.get(&Self::key(ip))
-            && failures >= self.max
-            && since.elapsed() < self.window
+        if let Some(tracked) = seen.get_mut(&key)
+            && tracked.failures >= self.max
+            && tracked.since.elapsed() < self.window
         {
-            return Err(self.window.saturating_sub(since.elapsed()));
+            tracked.refused(key, self.window, "too many wrong tokens from this address");
+            return Err(self.window.saturating_sub(tracked.since.elapsed()));
         }
-        if seen.len() >= MAX_TRACKED_CLIENTS {
-            seen.retain(|_, (_, since)| since.elapsed() < self.window);
+        if seen.len() >= MAX_TRACKED_CLIENTS && !seen.contains_key(&key) {
+            seen.retain(|_, tracked| tracked.since.elapsed() < self.window);
             if seen.len() >= MAX_TRACKED_CLIENTS {
-                let oldest = seen.iter().min_by_key(|(_, (_, since))| *since);
+                let oldest = seen.iter().min_by_key(|(_, tracked)| tracked.since);
                 if let Some(oldest) = oldest.map(|(ip, _)| *ip) {
                     seen.remove(&oldest);
                 }
             }
         }
-        let entry = seen.entry(Self::key(ip)).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= self.window {
-            *entry = (0, Instant::now());
+        let tracked = seen.entry(key).or_insert_with(Tracked::new);
+        if tracked.since.elapsed() >= self.window {
+            tracked.failures = 0;
+            tracked.since = Instant::now();
         }
-        entry.0 += 1;
+        tracked.failures += 1;
         Ok(())
+    }
+
+    /// Notes that the attempt from `ip` brought a wrong token.
+    fn wrong(&self, ip: IpAddr) {
+        let key = Self::key(ip);
+        let mut seen = self.seen.lock().expect("limiter lock poisoned");
+        if let Some(tracked) = seen.get_mut(&key) {
+            tracked.refused(key, self.window, "wrong token");
+        }
     }
 
     fn succeeded(&self, ip: IpAddr) {
@@ -201,10 +267,13 @@ impl FailedLogins {
 }
 
 /// How a request proved it may use the dashboard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Credential {
     Bearer,
-    Cookie,
+    /// A session cookie, with that session's CSRF token.
+    Cookie {
+        csrf: String,
+    },
 }
 
 /// The session cookie's value, parsed by the `cookie` crate.
@@ -248,10 +317,10 @@ fn authenticate(
     if let Some(token) = bearer {
         return check_token(auth, client, token.trim()).map(|()| Credential::Bearer);
     }
-    match session_cookie(headers) {
-        Some(value) if auth.session_is_open(&value) => Ok(Credential::Cookie),
-        _ => Err(Refusal::Wrong),
-    }
+    session_cookie(headers)
+        .and_then(|value| auth.session_csrf(&value))
+        .map(|csrf| Credential::Cookie { csrf })
+        .ok_or(Refusal::Wrong)
 }
 
 /// Why a token was refused.
@@ -276,7 +345,7 @@ fn check_token(auth: &AdminAuth, client: IpAddr, token: &str) -> Result<(), Refu
         auth.failed.succeeded(client);
         Ok(())
     } else {
-        tracing::warn!(client.address = %client, "admin login refused: wrong token");
+        auth.failed.wrong(client);
         Err(Refusal::Wrong)
     }
 }
@@ -286,7 +355,6 @@ fn unauthorized(message: Option<&str>) -> Response {
 }
 
 fn too_many_failures(wait: Duration) -> Response {
-    tracing::warn!("admin login refused: too many wrong tokens from this address");
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut response = (
         StatusCode::TOO_MANY_REQUESTS,
@@ -309,17 +377,55 @@ fn forbidden() -> Response {
         .into_response()
 }
 
-/// A cross-site POST: an `Origin` that is not this host.
-fn cross_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+/// A cross-site POST: an `Origin` whose scheme, host or port is not ours.
+/// Our scheme is `http` (what `web` speaks) unless our own TLS proxy says
+/// `https` ([`over_https`]): comparing hosts alone let `https://<our host>`,
+/// another origin to a browser, pass on plain HTTP.
+fn cross_origin(headers: &HeaderMap, trust_proxy: bool) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return false; // older browsers and non-browser clients; CSRF token and SameSite still apply
     };
-    let host = headers
+    let scheme = if over_https(headers, trust_proxy) {
+        "https"
+    } else {
+        "http"
+    };
+    let ours = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-    origin_host != host
+        .and_then(|host| origin_parts(scheme, host));
+    let theirs = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .and_then(|(scheme, authority)| origin_parts(scheme, authority));
+    // `Origin: null`, an unparsable one, or no Host to compare with: not ours.
+    ours.is_none() || ours != theirs
+}
+
+/// `(scheme, host, port)` of an origin, lower-cased, the port defaulted by
+/// the scheme (`https://a` is `https://a:443`); `None` unless http(s) with
+/// a bare `host[:port]` (an origin has no path or user).
+fn origin_parts(scheme: &str, authority: &str) -> Option<(String, String, u16)> {
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    // `[v6]:port`, `[v6]`, `name:port` or `name`.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None => default_port,
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
 }
 
 /// Whether the browser reached us over HTTPS. `web` speaks plain HTTP, so
@@ -373,13 +479,12 @@ async fn guard(
     let client = client_ip(peer, headers, state.trust_proxy);
     match authenticate(auth, client, headers) {
         Err(refusal) => return refusal.into_response(None),
-        Ok(Credential::Cookie) => {
-            if request.method() == Method::POST && cross_origin(headers) {
+        Ok(Credential::Cookie { csrf }) => {
+            if request.method() == Method::POST && cross_origin(headers, state.trust_proxy) {
                 tracing::warn!("admin action refused: cross-origin post");
                 return forbidden();
             }
-            let csrf = Csrf(auth.csrf().to_owned());
-            request.extensions_mut().insert(csrf);
+            request.extensions_mut().insert(Csrf(csrf));
         }
         Ok(Credential::Bearer) => {}
     }
@@ -400,7 +505,7 @@ async fn login(
     let Some(auth) = state.admin.as_deref() else {
         return disabled();
     };
-    if cross_origin(&headers) {
+    if cross_origin(&headers, state.trust_proxy) {
         tracing::warn!("admin login refused: cross-origin post");
         return forbidden();
     }
@@ -420,7 +525,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let Some(auth) = state.admin.as_deref() else {
         return disabled();
     };
-    if cross_origin(&headers) {
+    if cross_origin(&headers, state.trust_proxy) {
         tracing::warn!("admin sign-out refused: cross-origin post");
         return forbidden();
     }
@@ -454,6 +559,22 @@ mod tests {
         assert!(!constant_time_eq("secret", "secret2"));
         assert!(!constant_time_eq("", "x"));
         assert!(constant_time_eq("", ""));
+    }
+
+    #[test]
+    fn origins_match_on_scheme_host_and_port() {
+        let parts = |scheme, authority| origin_parts(scheme, authority);
+        assert_eq!(parts("https", "A.example"), parts("HTTPS", "a.example:443"));
+        assert_ne!(parts("https", "a.example"), parts("http", "a.example"));
+        assert_ne!(parts("http", "a.example:8080"), parts("http", "a.example"));
+        assert_eq!(parts("http", "[::1]:8080"), parts("http", "[::1]:8080"));
+        assert_eq!(
+            parts("http", "[::1]"),
+            Some(("http".into(), "[::1]".into(), 80))
+        );
+        assert_eq!(parts("http", "a.example/x"), None);
+        assert_eq!(parts("ftp", "a.example"), None);
+        assert_eq!(parts("http", "a.example:x"), None);
     }
 
     #[test]

@@ -17,7 +17,8 @@ async fn healthz() -> &'static str {
 }
 
 /// 200 when Postgres answers, every migration is applied and the embedded
-/// worker (if any) runs, else 503 with the reason.
+/// worker (if any) runs, else 503 with the reason (an exhausted pool is told
+/// apart from a database that does not answer).
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let worker = state.worker_health.as_ref().map(jobs::Health::state);
     match worker {
@@ -41,6 +42,20 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: migrations pending".to_owned(),
         ),
+        // Every connection busy (a flood, or slow queries): Postgres may be fine.
+        Err(migrations::Error::Database(sqlx::Error::PoolTimedOut)) => {
+            let options = state.pool.options();
+            let reason = format!(
+                "database pool exhausted: no connection within {:?} (all {} in use)",
+                options.get_acquire_timeout(),
+                options.get_max_connections()
+            );
+            tracing::warn!("readiness check failed: {reason}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}"),
+            )
+        }
         Err(err) => {
             tracing::warn!(error = %err, "readiness check failed");
             (
