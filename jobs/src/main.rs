@@ -126,7 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let pool_settings = PoolSettings {
-        max_connections: cli.worker.connections_needed(&jobs::registry()),
+        max_connections: cli.worker.connections_needed(),
         // Patient: a short database blip must not fail heartbeats.
         acquire_timeout: Duration::from_secs(30),
         ..PoolSettings::default()

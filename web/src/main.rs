@@ -55,7 +55,7 @@ async fn run() -> anyhow::Result<()> {
         // Its own pool with a patient acquire timeout: a short database blip
         // must not fail heartbeats, while requests should fail fast.
         let worker_pool = PoolSettings {
-            max_connections: config.worker.connections_needed(&jobs::registry()),
+            max_connections: config.worker.connections_needed(),
             acquire_timeout: Duration::from_secs(30),
             ..PoolSettings::default()
         };

@@ -8,8 +8,8 @@ use tracing::Instrument as _;
 use ulid::Ulid;
 
 use crate::{
-    Error, Job,
-    job::{Merge, Unique},
+    error::Error,
+    job::{Job, Merge, Unique},
     queries,
 };
 

@@ -3,7 +3,7 @@
 use apalis_postgres::PostgresStorage;
 use sqlx::{PgPool, migrate::Migrator};
 
-use crate::Error;
+use crate::error::Error;
 
 /// Where the engine records its own migrations (apart from the app's, in
 /// `public._sqlx_migrations`, and apalis-postgres's, in `apalis._sqlx_migrations`).

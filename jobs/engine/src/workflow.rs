@@ -18,7 +18,11 @@ use sqlx::{PgConnection, PgExecutor};
 use tracing::Instrument as _;
 use ulid::Ulid;
 
-use crate::{Error, Job, queries};
+use crate::{
+    error::Error,
+    job::{Job, JobContext, StepOf},
+    queries,
+};
 
 /// What a step does when one of its dependencies dies or is cancelled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -284,15 +288,6 @@ pub(crate) async fn add_steps<'e>(
     Ok(u64::try_from(added).unwrap_or_default())
 }
 
-/// Where a running job sits in its workflow (see [`crate::JobContext::workflow`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepOf {
-    /// The workflow's id.
-    pub workflow: String,
-    /// The step's name.
-    pub step: String,
-}
-
 /// The metadata keys a released step's job carries (set by
 /// `apalis.release_workflow_step`).
 pub(crate) const WORKFLOW_ID_KEY: &str = "workflow.id";
@@ -344,6 +339,84 @@ fn decode_output<T: DeserializeOwned>(step: &str, value: Value) -> Result<T, Err
     })
 }
 
+/// A workflow step's view of its workflow, while it runs.
+impl<'a, C> JobContext<'a, C> {
+    fn step_or_err(&self, wanted: &str) -> Result<&'a StepOf, Error> {
+        self.step.ok_or_else(|| {
+            Error::NotInWorkflow(format!("job {} is no workflow step: {wanted}", self.id))
+        })
+    }
+
+    /// The results of this step's dependencies that are jobs of type `J` and
+    /// are done, by step name (name order). A dependency that died or was
+    /// cancelled has no result (see [`crate::OnDependencyFailure::Run`]).
+    pub async fn dependency_results<J: Job>(&self) -> Result<Vec<(String, J::Output)>, Error> {
+        let step = self.step_or_err("it has no dependencies")?;
+        let rows = sqlx::query_as(queries::DEPENDENCY_RESULTS)
+            .bind(&step.workflow)
+            .bind(&step.step)
+            .bind(J::NAME)
+            .fetch_all(self.pool)
+            .await?;
+        decode_results::<J>(rows)
+    }
+
+    /// The result of dependency `name`, a job of type `J` that is done.
+    pub async fn dependency<J: Job>(&self, name: &str) -> Result<J::Output, Error> {
+        self.dependency_results::<J>()
+            .await?
+            .into_iter()
+            .find(|(step, _)| step == name)
+            .map(|(_, output)| output)
+            .ok_or_else(|| {
+                Error::NotInWorkflow(format!(
+                    "step {name:?} is not a done {} dependency of this step",
+                    J::NAME
+                ))
+            })
+    }
+
+    /// Adds steps to this job's workflow while it runs (dynamic fan-out: a
+    /// planning step that learns how many chunks there are). They may depend
+    /// on any step of the workflow, this one included (they then wait for it
+    /// to finish). Steps whose names exist are skipped, so a re-run of this
+    /// attempt adds nothing twice. Returns how many were added.
+    pub async fn add_steps(&self, steps: impl IntoIterator<Item = Step>) -> Result<u64, Error> {
+        let step = self.step_or_err("it cannot add steps")?;
+        let steps: Vec<Step> = steps.into_iter().collect();
+        check_added_steps(&steps)?;
+        add_steps(self.pool, &step.workflow, &steps).await
+    }
+
+    /// Whether this step's workflow was asked to cancel: the handler should
+    /// stop (return an error: it is not retried). Always false for a job
+    /// outside a workflow.
+    pub async fn cancel_requested(&self) -> Result<bool, Error> {
+        let Some(step) = self.step else {
+            return Ok(false);
+        };
+        let requested: Option<bool> = sqlx::query_scalar(queries::CANCEL_REQUESTED)
+            .bind(&step.workflow)
+            .fetch_optional(self.pool)
+            .await?;
+        Ok(requested.unwrap_or(false))
+    }
+
+    /// Completes once this step's workflow is asked to cancel (checked every
+    /// half second; never, outside a workflow): `select!` on it beside long work.
+    pub async fn cancelled(&self) {
+        if self.step.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            if let Ok(true) = self.cancel_requested().await {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,7 +427,7 @@ mod tests {
         const NAME: &'static str = "noop";
         type Context = ();
         type Output = ();
-        async fn run(self, _: crate::JobContext<'_, ()>) -> Result<(), crate::JobError> {
+        async fn run(self, _: JobContext<'_, ()>) -> Result<(), crate::job::JobError> {
             Ok(())
         }
     }

@@ -336,7 +336,7 @@ async fn a_long_database_outage_never_uses_up_the_workers_restarts() -> anyhow::
     // A short acquire timeout, so that each death during the outage comes
     // quickly: the old budget of 5 restarts lasted about 40 s of outage.
     let settings = PoolSettings {
-        max_connections: fast_worker_config().connections_needed(&jobs::registry()),
+        max_connections: fast_worker_config().connections_needed(),
         acquire_timeout: Duration::from_secs(1),
         ..PoolSettings::default()
     };

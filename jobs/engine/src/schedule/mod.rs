@@ -1,7 +1,8 @@
 //! Periodic jobs: a [`Schedule`] declared with a job type's registration
 //! ([`crate::Registry::schedule`]) enqueues one job per tick, exactly once
-//! however many worker processes run; and the engine's own periodic job,
-//! `prune_jobs` (retention, on `JOB_PRUNE_SCHEDULE`).
+//! however many worker processes run. (The engine's own periodic job,
+//! `prune_jobs`, is the maintenance room's.) Knows nothing of the runtime:
+//! the runtime hands it the schedules to keep.
 //!
 //! Every worker process runs a scheduler per schedule. It sleeps until the
 //! next tick, then, in one transaction: locks the schedule's row in
@@ -15,7 +16,6 @@
 
 use std::{str::FromStr, time::Duration};
 
-use apalis::prelude::Monitor;
 use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
 use croner::{
     Cron,
@@ -27,13 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use ulid::Ulid;
 
-use crate::{
-    Error, Job, JobContext, JobError, Registry,
-    admin::{self, Pruned, Retention},
-    enqueue::producer_span,
-    queries,
-    worker::{self, WorkerConfig, WorkerParts},
-};
+use crate::{enqueue::producer_span, error::Error, job::Job, queries};
 
 /// When a periodic job runs: a cron expression with seconds, in UTC, and
 /// what happens to ticks missed while no worker ran ([`CatchUp`]).
@@ -237,14 +231,6 @@ impl Periodic {
     }
 }
 
-/// The schedules a worker process keeps: the registry's and the engine's
-/// prune on `config.prune_schedule`.
-pub(crate) fn kept_by_workers<C>(registry: &Registry<C>, config: &WorkerConfig) -> Vec<Periodic> {
-    let mut schedules = vec![Periodic::new::<PruneJobs>(config.prune_schedule.clone())];
-    schedules.extend(registry.schedules.iter().cloned());
-    schedules
-}
-
 /// Keeps every schedule until `shutdown`: enqueues each tick's job (see the
 /// module's doc).
 pub(crate) async fn run(pool: PgPool, schedules: Vec<Periodic>, shutdown: CancellationToken) {
@@ -415,89 +401,6 @@ async fn enqueue_tick(
     }
     .instrument(span)
     .await
-}
-
-/// One schedule as operators see it (`worker status`, the dashboard).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct ScheduleStatus {
-    /// The queue (job type) the schedule enqueues.
-    pub queue: String,
-    /// Its cron expression, as the latest worker declared it.
-    pub expression: String,
-    /// Its catch-up policy: `skip` or `run_once`.
-    pub catch_up: String,
-    /// The newest tick that got a job.
-    pub last_tick: Option<DateTime<Utc>>,
-    /// That job's id.
-    pub last_job_id: Option<String>,
-    /// That job's state (one of [`admin::STATES`]); `None` once pruned.
-    pub last_job_state: Option<String>,
-    /// The next tick. In the past, it says that no worker keeps the
-    /// schedule (none runs, or the schedule was removed from the code).
-    pub next_tick: Option<DateTime<Utc>>,
-}
-
-/// Every schedule workers have kept, by queue name.
-pub async fn schedules(pool: &PgPool) -> Result<Vec<ScheduleStatus>, Error> {
-    Ok(sqlx::query_as(queries::SCHEDULES).fetch_all(pool).await?)
-}
-
-/// The engine's periodic prune: deletes finished jobs and workflows past their
-/// retention ([`admin::prune`]), on `JOB_PRUNE_SCHEDULE`, once per tick across all
-/// workers. Running it twice prunes nothing more.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct PruneJobs {
-    tick: Tick,
-}
-
-impl From<Tick> for PruneJobs {
-    fn from(tick: Tick) -> Self {
-        Self { tick }
-    }
-}
-
-/// What the prune needs: a connection and `JOB_RETENTION_DONE`/`_DEAD`.
-#[derive(Debug, Clone)]
-pub(crate) struct PruneContext {
-    pool: PgPool,
-    retention: Retention,
-}
-
-impl Job for PruneJobs {
-    const NAME: &'static str = "prune_jobs";
-    const MAX_ATTEMPTS: u32 = 3;
-    // A first prune of a long-neglected queue deletes many rows.
-    const TIMEOUT: Duration = Duration::from_secs(300);
-    type Context = PruneContext;
-    type Output = Pruned;
-
-    async fn run(self, job: JobContext<'_, PruneContext>) -> Result<Pruned, JobError> {
-        let context = job.context();
-        let pruned = admin::prune(&context.pool, context.retention).await?;
-        if pruned != Pruned::default() {
-            tracing::info!(
-                job.id = job.id(),
-                jobs.done = pruned.done,
-                jobs.dead = pruned.dead,
-                workflows = pruned.workflows,
-                workers = pruned.workers,
-                tick = %self.tick.at,
-                "pruned finished jobs"
-            );
-        }
-        Ok(pruned)
-    }
-}
-
-/// Adds the `prune_jobs` worker beside an app's job types (see
-/// [`Registry::new`]), on the process's pool (a queue's share of it, as any
-/// job type has).
-pub(crate) fn add_prune_worker<C>(monitor: Monitor, parts: &WorkerParts<C>) -> Monitor {
-    let parts = parts.with_context(|pool, config| PruneContext {
-        pool: pool.clone(),
-        retention: config.retention(),
-    });
-    worker::add_worker::<PruneJobs>(monitor, &parts)
 }
 
 #[cfg(test)]

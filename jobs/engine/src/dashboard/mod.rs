@@ -41,11 +41,11 @@ use subtle::ConstantTimeEq as _;
 use ulid::Ulid;
 
 use crate::{
-    Error,
     admin::{
         self, AttemptError, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus,
         StateCount, WorkflowSummary, WorkflowView,
     },
+    error::Error,
 };
 
 /// Wraps a page's `body` in the app's page shell, with `title`.

@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 
 use crate::{
     job::Backoff,
-    worker::{Activity, mark_activity},
+    runtime::health::{Activity, mark_activity},
 };
 
 /// Wraps a worker's service with [`Durability`].

@@ -8,8 +8,7 @@ use chrono::{DateTime, Utc};
 
 use sqlx::PgPool;
 
-pub use crate::cron::{ScheduleStatus, schedules};
-use crate::{Error, queries};
+use crate::{error::Error, queries};
 
 /// How many jobs of one queue are in one state.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -183,51 +182,6 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
         workers,
         workflows,
     })
-}
-
-/// Kills pending jobs of types that no worker of the whole fleet handles (a
-/// typo, or a job type that was removed) once they have been due for
-/// `grace` and no worker of any process has registered that type within it
-/// (see [`queries::KILL_UNHANDLED`]), so they end dead with the reason
-/// recorded instead of waiting forever. `local_queues` (the caller's own)
-/// always count as handled. Services that share a database keep each other's
-/// backlogs: a type counts as handled while any worker of it is seen. The
-/// grace leaves room for rolling deploys, where a new job type may be queued
-/// before the workers that know it are up. Returns how many were killed.
-pub async fn kill_unhandled(
-    pool: &PgPool,
-    local_queues: &[&str],
-    grace: Duration,
-) -> Result<u64, Error> {
-    let local: Vec<String> = local_queues.iter().map(|q| (*q).to_owned()).collect();
-    let killed: i64 = sqlx::query_scalar(queries::KILL_UNHANDLED)
-        .bind(&local)
-        .bind(grace.as_secs_f64())
-        .fetch_one(pool)
-        .await?;
-    Ok(u64::try_from(killed).unwrap_or_default())
-}
-
-/// Returns attempts whose result can no longer arrive to the queue: rows
-/// `Running` for longer than `job_timeout + lease` (the timeout cancels every
-/// attempt, so such an attempt's acknowledgement was lost, e.g. in a database
-/// outage), and rows claimed (`Queued`) but not started for longer than
-/// `2 · job_timeout + lease`. apalis re-queues only the jobs of workers that
-/// stopped heartbeating; these belong to live workers and would otherwise stay
-/// stuck. They become `Failed` (retried at once, counted as an attempt) or, out
-/// of attempts, `Killed`. Returns how many were returned.
-pub async fn reap_lost_attempts(
-    pool: &PgPool,
-    job_timeout: Duration,
-    lease: Duration,
-) -> Result<u64, Error> {
-    let reaped = sqlx::query(queries::REAP_LOST_ATTEMPTS)
-        .bind(job_timeout.as_secs_f64())
-        .bind(lease.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected();
-    Ok(reaped)
 }
 
 /// Job counts per queue of the states that are not final (`pending`,
@@ -535,7 +489,7 @@ impl JobDetail {
     }
 
     /// The workflow and step this job is, if it is a workflow step.
-    pub fn workflow_step(&self) -> Option<crate::StepOf> {
+    pub fn workflow_step(&self) -> Option<crate::job::StepOf> {
         let entries = self.metadata_entries();
         let get = |wanted: &str| {
             entries
@@ -543,7 +497,7 @@ impl JobDetail {
                 .find(|(key, _)| key == wanted)
                 .map(|(_, value)| value.clone())
         };
-        Some(crate::StepOf {
+        Some(crate::job::StepOf {
             workflow: get(crate::workflow::WORKFLOW_ID_KEY)?,
             step: get(crate::workflow::WORKFLOW_STEP_KEY)?,
         })
@@ -631,4 +585,29 @@ pub async fn open_counts_of(pool: &PgPool, queue: &str) -> Result<OpenCounts, Er
         .bind(queue)
         .fetch_one(pool)
         .await?)
+}
+
+/// One schedule as operators see it (`worker status`, the dashboard).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScheduleStatus {
+    /// The queue (job type) the schedule enqueues.
+    pub queue: String,
+    /// Its cron expression, as the latest worker declared it.
+    pub expression: String,
+    /// Its catch-up policy: `skip` or `run_once`.
+    pub catch_up: String,
+    /// The newest tick that got a job.
+    pub last_tick: Option<DateTime<Utc>>,
+    /// That job's id.
+    pub last_job_id: Option<String>,
+    /// That job's state (one of [`STATES`]); `None` once pruned.
+    pub last_job_state: Option<String>,
+    /// The next tick. In the past, it says that no worker keeps the
+    /// schedule (none runs, or the schedule was removed from the code).
+    pub next_tick: Option<DateTime<Utc>>,
+}
+
+/// Every schedule workers have kept, by queue name.
+pub async fn schedules(pool: &PgPool) -> Result<Vec<ScheduleStatus>, Error> {
+    Ok(sqlx::query_as(queries::SCHEDULES).fetch_all(pool).await?)
 }

@@ -60,7 +60,7 @@ use apalis_postgres::{Config, Error, PgPool, PgTask, queries as apalis_queries};
 use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
-use crate::{job::Backoff, queries, wakeups::Wakeup};
+use crate::{backend::wakeups::Wakeup, job::Backoff, queries};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{

@@ -5,10 +5,10 @@ use std::time::Duration;
 use apalis::prelude::Monitor;
 
 use crate::{
-    Job, Schedule, Tick,
-    cron::{self, Periodic, PruneJobs},
-    job::Backoff,
-    worker::{self, WorkerParts},
+    job::{Backoff, Job},
+    maintenance::prune::PruneJobs,
+    runtime::stack::{self, WorkerParts},
+    schedule::{Periodic, Schedule, Tick},
 };
 
 /// Every job type an app runs; `C` is the context their runs share (given to
@@ -94,7 +94,7 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
                 max_attempts: PruneJobs::MAX_ATTEMPTS,
                 timeout: PruneJobs::TIMEOUT,
                 backoff: PruneJobs::BACKOFF,
-                add_worker: cron::add_prune_worker::<C>,
+                add_worker: stack::add_prune_worker::<C>,
             }],
             schedules: Vec::new(),
         }
@@ -116,7 +116,7 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
             max_attempts: J::MAX_ATTEMPTS,
             timeout: J::TIMEOUT,
             backoff: J::BACKOFF,
-            add_worker: worker::add_worker::<J>,
+            add_worker: stack::add_worker::<J>,
         });
         self
     }
@@ -154,6 +154,11 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
 }
 
 impl<C> Registry<C> {
+    /// How many queues (job types) there are.
+    pub(crate) fn queue_count(&self) -> u32 {
+        u32::try_from(self.jobs.len()).unwrap_or(u32::MAX)
+    }
+
     /// The queues (job type names), in registration order.
     pub fn queues(&self) -> Vec<&'static str> {
         self.jobs.iter().map(|job| job.name).collect()
