@@ -258,7 +258,7 @@ async fn a_bad_prune_schedule_stops_the_worker_with_a_clear_error() -> anyhow::R
         assert!(!status.success(), "{expression:?}: {output}");
         assert!(
             output.contains(&format!(
-                "invalid value '{expression}' for '--prune-schedule"
+                "invalid JOB_PRUNE_SCHEDULE={expression:?} (--prune-schedule)"
             )) && output.contains(&format!("invalid schedule {expression:?}"))
                 && output.contains(says)
                 && output.contains("seconds first"),
