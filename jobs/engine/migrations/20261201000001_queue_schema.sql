@@ -1,17 +1,13 @@
 -- The engine's part of the queue schema, on top of apalis-postgres's tables.
 --
--- Written to be re-run safely: a database that VisitMe migrated before the
--- engine existed already holds parts of this (its app migrations 2-7), and
--- gets the rest.
+-- Written to be re-run safely: a database whose app built parts of this
+-- before the engine existed gets the rest.
 
 -- Unique jobs: at most one pending job per (job_type, unique_key). The claim
 -- clears the key (get_jobs below), so only unclaimed jobs hold one.
 ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS unique_key TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_unique_pending
     ON apalis.jobs (job_type, unique_key) WHERE unique_key IS NOT NULL;
--- Its predecessor, VisitMe's "one pending trim", conflicted with recovered
--- and retried trims (a crash loop).
-DROP INDEX IF EXISTS apalis.jobs_one_pending_trim_visits;
 
 -- Rows a worker can always run. apalis-postgres's row decoder rejects an id
 -- that is not a ULID, a NULL metadata value or a run_at before 1970, and

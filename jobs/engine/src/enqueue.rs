@@ -35,7 +35,7 @@ pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, E
         };
         tracing::Span::current().record("messaging.message.id", id.to_string());
         // Counted per enqueue request, merged into a pending job or not.
-        metrics::counter!("visitme_jobs_enqueued_total", "queue" => J::NAME).increment(1);
+        metrics::counter!("durable_jobs_enqueued_total", "queue" => J::NAME).increment(1);
         Ok(id)
     }
     .instrument(span)
@@ -60,7 +60,7 @@ pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result
             .map(serde_json::to_vec)
             .collect::<Result<Vec<_>, _>>()?;
         insert::<J>(conn, &ids, &payloads, observability::inject_current()).await?;
-        metrics::counter!("visitme_jobs_enqueued_total", "queue" => J::NAME)
+        metrics::counter!("durable_jobs_enqueued_total", "queue" => J::NAME)
             .increment(jobs.len() as u64);
         Ok(ids)
     }

@@ -3,7 +3,7 @@
 use apalis_postgres::PostgresStorage;
 use sqlx::{PgPool, migrate::Migrator};
 
-use crate::error::Error;
+use crate::{error::Error, queries};
 
 /// Where the engine records its own migrations (apart from the app's, in
 /// `public._sqlx_migrations`, and apalis-postgres's, in `apalis._sqlx_migrations`).
@@ -24,7 +24,42 @@ fn migrator() -> Migrator {
 /// lock while it runs) and any number of times.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     PostgresStorage::setup(pool).await?;
-    migrator().run(pool).await?;
+    let migrator = migrator();
+    accept_reworded(pool, &migrator).await?;
+    migrator.run(pool).await?;
+    Ok(())
+}
+
+/// Engine migrations whose text changed after release without changing what
+/// they do (comments, and a step that moved to the app that needed it), by
+/// version, with the SHA-384 checksum their first text had. sqlx refuses a
+/// database that applied a migration whose text it no longer has; such a
+/// database applied what the new text does, so its record takes the new
+/// checksum.
+const REWORDED: &[(i64, &str)] = &[(
+    20261201000001,
+    "bc054e1e79fff09d6c0171ec3bc13cc137e629fbbda6f2f5f026272b04ebdcb5\
+     15659b04ff7414a8bf8b1a6a476762ed",
+)];
+
+async fn accept_reworded(pool: &PgPool, migrator: &Migrator) -> Result<(), Error> {
+    let recorded: bool = sqlx::query_scalar(queries::MIGRATION_HISTORY_EXISTS)
+        .fetch_one(pool)
+        .await?;
+    if !recorded {
+        return Ok(());
+    }
+    for (version, old_checksum) in REWORDED {
+        let Some(migration) = migrator.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        sqlx::query(queries::ACCEPT_REWORDED_MIGRATION)
+            .bind(version)
+            .bind(migration.checksum.as_ref())
+            .bind(*old_checksum)
+            .execute(pool)
+            .await?;
+    }
     Ok(())
 }
 

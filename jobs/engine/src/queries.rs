@@ -6,6 +6,19 @@
 //! view. The claim itself (`apalis.get_jobs`) spells the waiting condition
 //! out, because it must match the claim index's predicate word for word.
 
+// ---- migrations (migrate.rs) ----
+
+/// Gives the record of engine migration `$1` the checksum `$2` where it
+/// still has `$3` (hex), the checksum of its first text (see
+/// `migrate::REWORDED`). Run only where [`MIGRATION_HISTORY_EXISTS`].
+pub(crate) const ACCEPT_REWORDED_MIGRATION: &str = "
+update apalis._durable_jobs_migrations set checksum = $2
+where version = $1 and checksum = decode($3, 'hex')";
+
+/// Whether the engine has recorded any migration in this database.
+pub(crate) const MIGRATION_HISTORY_EXISTS: &str =
+    "select to_regclass('apalis._durable_jobs_migrations') is not null";
+
 // ---- the worker's bookkeeping (storage.rs) ----
 
 /// The claim: a batch of due jobs, marked `Queued` for `$1`.

@@ -375,7 +375,7 @@ async fn thirty_concurrent_scrapes_count_the_queue_once_on_its_own_connection() 
     assert_eq!(
         sample(
             &metrics,
-            r#"visitme_queue_jobs{queue="probe",state="pending"}"#
+            r#"durable_jobs_queue_depth{queue="probe",state="pending"}"#
         ),
         3.0,
         "{metrics}"
@@ -383,7 +383,7 @@ async fn thirty_concurrent_scrapes_count_the_queue_once_on_its_own_connection() 
     assert_eq!(
         sample(
             &metrics,
-            r#"visitme_queue_jobs{queue="probe",state="running"}"#
+            r#"durable_jobs_queue_depth{queue="probe",state="running"}"#
         ),
         0.0,
         "{metrics}"

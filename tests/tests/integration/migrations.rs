@@ -151,3 +151,35 @@ async fn the_jobs_table_has_no_duplicate_indexes() -> anyhow::Result<()> {
     assert!(duplicates.is_empty(), "duplicate indexes: {duplicates:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_database_migrated_before_the_engines_first_migration_was_reworded_still_migrates()
+-> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    // As a build before the rewording recorded it (the SHA-384 of its first text).
+    sqlx::query(
+        "update apalis._durable_jobs_migrations
+         set checksum = decode('bc054e1e79fff09d6c0171ec3bc13cc137e629fbbda6f2f5f026272b04ebdcb515659b04ff7414a8bf8b1a6a476762ed', 'hex')
+         where version = 20261201000001",
+    )
+    .execute(&db.pool)
+    .await?;
+    // And with the index that step used to drop, which VisitMe's own migration now drops.
+    sqlx::query("delete from _sqlx_migrations where version = 20261203000010")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "create unique index jobs_one_pending_trim_visits on apalis.jobs (job_type)
+         where job_type = 'trim_visits' and status = 'Pending'",
+    )
+    .execute(&db.pool)
+    .await?;
+    migrations::run(&db.pool).await?;
+    let left: Option<String> =
+        sqlx::query_scalar("select to_regclass('apalis.jobs_one_pending_trim_visits')::text")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(left, None, "the old index is gone");
+    migrations::run(&db.pool).await?;
+    Ok(())
+}

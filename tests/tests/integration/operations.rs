@@ -96,19 +96,19 @@ async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
         "the scrape before is counted once it answered: {after}"
     );
     assert_eq!(
-        moved(r#"visitme_jobs_enqueued_total{queue="trim_visits"}"#),
+        moved(r#"durable_jobs_enqueued_total{queue="trim_visits"}"#),
         12.0,
         "{after}"
     );
     let done = trims_done().await?;
     assert!(done >= 1);
     assert_eq!(
-        moved(r#"visitme_jobs_succeeded_total{queue="trim_visits"}"#),
+        moved(r#"durable_jobs_succeeded_total{queue="trim_visits"}"#),
         done as f64,
         "one success per trim that ran: {after}"
     );
     assert!(
-        after.contains("visitme_job_duration_seconds_bucket"),
+        after.contains("durable_jobs_duration_seconds_bucket"),
         "job duration is a histogram"
     );
     assert!(after.contains("visitme_http_request_duration_seconds_bucket"));
@@ -117,7 +117,7 @@ async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
         assert_eq!(
             sample(
                 metrics,
-                r#"visitme_queue_jobs{queue="probe",state="scheduled"}"#
+                r#"durable_jobs_queue_depth{queue="probe",state="scheduled"}"#
             ),
             3.0,
             "{metrics}"
@@ -125,7 +125,7 @@ async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
         assert_eq!(
             sample(
                 metrics,
-                r#"visitme_queue_jobs{queue="probe",state="pending"}"#
+                r#"durable_jobs_queue_depth{queue="probe",state="pending"}"#
             ),
             0.0,
             "{metrics}"
@@ -133,7 +133,7 @@ async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
     }
     // The trims ran: none open (absent, or 0 if a scrape saw one open).
     for state in ["pending", "scheduled", "claimed", "running"] {
-        let series = format!(r#"visitme_queue_jobs{{queue="trim_visits",state="{state}"}}"#);
+        let series = format!(r#"durable_jobs_queue_depth{{queue="trim_visits",state="{state}"}}"#);
         assert_eq!(sample(&after, &series), 0.0, "{after}");
     }
     assert!(web.terminate(Duration::from_secs(30)).await?.success());

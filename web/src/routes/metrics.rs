@@ -64,7 +64,7 @@ pub async fn track(request: Request, next: Next) -> Response {
 }
 
 /// The states counted as queue depth (finished jobs are the
-/// `visitme_jobs_*_total` counters instead).
+/// `durable_jobs_*_total` counters instead).
 const OPEN_STATES: [&str; 4] = ["pending", "scheduled", "claimed", "running"];
 
 /// The queue depth for `/metrics`, counted at most once per `refresh`.
@@ -103,7 +103,7 @@ impl QueueDepth {
         }
     }
 
-    /// Sets the gauges `visitme_queue_jobs{queue,state}` from the cached
+    /// Sets the gauges `durable_jobs_queue_depth{queue,state}` from the cached
     /// count, counting anew if it is older than the refresh interval.
     async fn update_gauges(&self) {
         let mut last = self.last.lock().await;
@@ -132,7 +132,7 @@ impl QueueDepth {
                             .iter()
                             .find(|c| c.queue == queue && c.state == job_state)
                             .map_or(0, |c| c.count);
-                        metrics::gauge!("visitme_queue_jobs", "queue" => queue.to_owned(), "state" => job_state)
+                        metrics::gauge!("durable_jobs_queue_depth", "queue" => queue.to_owned(), "state" => job_state)
                             .set(count as f64);
                     }
                 }

@@ -725,7 +725,7 @@ pub async fn claim(
             Err(reason) => {
                 let id: String = row.try_get("id").unwrap_or_default();
                 tracing::error!(job.id = %id, queue = %config.queue, reason = %reason, "job row cannot be run; it is dead");
-                metrics::counter!("visitme_jobs_dead_total", "queue" => config.queue.to_string())
+                metrics::counter!("durable_jobs_dead_total", "queue" => config.queue.to_string())
                     .increment(1);
                 rejected_ids.push(id);
                 reasons.push(format!("corrupt job row: {reason}"));

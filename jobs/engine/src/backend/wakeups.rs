@@ -4,7 +4,7 @@
 //! channel (the insert trigger, once per statement and queue; the runtime's
 //! due-job wake-up; an operator's retry). apalis-postgres's `Pubsub` held a
 //! listening connection per queue, each receiving every queue's
-//! notifications: five per process for VisitMe's five queues, and a batch
+//! notifications: five per process for an app of five queues, and a batch
 //! insert's notifications delivered five times. Here one listener reads
 //! them and wakes the workers of the queue named.
 //!

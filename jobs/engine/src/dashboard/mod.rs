@@ -17,7 +17,7 @@
 //! metadata, attempts, last error, timings, worker, and a link to its trace
 //! ([`Dashboard::with_trace_links`]). Both pages carry
 //! `data-refresh-from` on their content, for a script of the app's layout
-//! to refresh them in place (VisitMe's `/assets/page.js`). It has no authentication of its own. Against cross-site
+//! to refresh them in place (an app's own script, served beside its pages). It has no authentication of its own. Against cross-site
 //! posts: where the app's auth layer inserts a [`Csrf`] extension (cookie
 //! sessions), the forms carry that token and a post must bring it back;
 //! without one (e.g. a bearer token, which browsers never send by

@@ -62,8 +62,8 @@ impl<S> Layer<S> for DurabilityLayer {
 }
 
 /// The service installed by [`DurabilityLayer`]. It also counts outcomes:
-/// `visitme_jobs_{succeeded,failed,retried,dead}_total` and
-/// `visitme_job_duration_seconds`, labelled by queue.
+/// `durable_jobs_{succeeded,failed,retried,dead}_total` and
+/// `durable_jobs_duration_seconds`, labelled by queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Durability<S> {
     inner: S,
@@ -100,7 +100,7 @@ where
         let queue = self.queue;
         if used >= max_attempts {
             ctx.raw_status().store(Status::Killed);
-            metrics::counter!("visitme_jobs_dead_total", "queue" => queue).increment(1);
+            metrics::counter!("durable_jobs_dead_total", "queue" => queue).increment(1);
             let reason = format!(
                 "gave up without running: {used} of its {max_attempts} attempts were already used \
                  (lost with their workers, or the row was edited)"
@@ -115,23 +115,23 @@ where
             let result = run.await.map_err(Into::into);
             let outcome = match &result {
                 Ok(_) => {
-                    metrics::counter!("visitme_jobs_succeeded_total", "queue" => queue)
+                    metrics::counter!("durable_jobs_succeeded_total", "queue" => queue)
                         .increment(1);
                     "success"
                 }
                 Err(error) => {
-                    metrics::counter!("visitme_jobs_failed_total", "queue" => queue).increment(1);
+                    metrics::counter!("durable_jobs_failed_total", "queue" => queue).increment(1);
                     let dead = settle_failure(&ctx, error, max_attempts, &job_id, backoff);
                     let counter = if dead {
-                        "visitme_jobs_dead_total"
+                        "durable_jobs_dead_total"
                     } else {
-                        "visitme_jobs_retried_total"
+                        "durable_jobs_retried_total"
                     };
                     metrics::counter!(counter, "queue" => queue).increment(1);
                     "failure"
                 }
             };
-            metrics::histogram!("visitme_job_duration_seconds", "queue" => queue, "outcome" => outcome)
+            metrics::histogram!("durable_jobs_duration_seconds", "queue" => queue, "outcome" => outcome)
                 .record(started.elapsed().as_secs_f64());
             result
         })

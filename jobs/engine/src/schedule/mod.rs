@@ -395,7 +395,7 @@ async fn enqueue_tick(
             .await?;
         if let Some(id) = &id {
             tracing::Span::current().record("messaging.message.id", id.as_str());
-            metrics::counter!("visitme_jobs_enqueued_total", "queue" => periodic.name).increment(1);
+            metrics::counter!("durable_jobs_enqueued_total", "queue" => periodic.name).increment(1);
         }
         Ok(id)
     }
