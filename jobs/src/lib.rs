@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod cli;
 mod context;
 #[cfg(feature = "probes")]
 pub mod probe;

@@ -20,9 +20,9 @@ const EMBEDDED_RESTART_PAUSE: Duration = Duration::from_secs(30);
 
 async fn run() -> anyhow::Result<()> {
     // A setting that is wrong: one line naming it, exit 2, before anything else.
-    let config: Config = jobs::cli::parse("web");
+    let config: Config = durable_jobs::cli::parse("web");
     if let Err(err) = config.check() {
-        jobs::cli::refuse("web", &err.to_string());
+        durable_jobs::cli::refuse("web", &err.to_string());
     }
     let _telemetry = observability::init("visitme-web", &config.telemetry)?;
     let shutdown = jobs::shutdown::on_signal();

@@ -52,6 +52,9 @@ pub enum Error {
     /// A setting is outside the range it may take (see [`crate::SecondsRange`]).
     #[error("{0}")]
     Config(String),
+    /// No workflow has this id.
+    #[error("no workflow with id {0}")]
+    NoSuchWorkflow(String),
     /// A workflow (or steps added to one) is not a DAG of named steps.
     #[error("invalid workflow: {0}")]
     InvalidWorkflow(String),

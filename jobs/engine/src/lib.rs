@@ -2,6 +2,8 @@
 
 pub mod admin;
 mod backend;
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
 mod enqueue;
