@@ -7,7 +7,8 @@ pub mod trim_visits;
 
 pub use context::{JobContext, JobSettings};
 pub use durable_jobs::{
-    Error, Health, Job, Registry, WorkerConfig, WorkerState, admin, enqueue, enqueue_many, shutdown,
+    Error, Health, Job, Registry, Worker, WorkerConfig, WorkerState, admin, enqueue, enqueue_many,
+    shutdown,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,7 @@ pub fn registry() -> Registry<JobContext> {
     registry
 }
 
-/// Runs VisitMe's jobs ([`registry`]) until `shutdown`; see [`durable_jobs::run`].
+/// Runs VisitMe's jobs ([`registry`]) until `shutdown`; see [`durable_jobs::Worker::run`].
 pub async fn run(
     pool: PgPool,
     config: WorkerConfig,
@@ -49,5 +50,9 @@ pub async fn run_reporting(
         pool: pool.clone(),
         settings,
     };
-    durable_jobs::run_reporting(pool, registry(), context, config, shutdown, health).await
+    durable_jobs::Worker::new(pool, registry(), context)
+        .config(config)
+        .health(health.clone())
+        .run(shutdown)
+        .await
 }

@@ -5,7 +5,7 @@
 //! -p durable-jobs --features dashboard --example quickstart`
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use durable_jobs::{Job, JobContext, JobError, Registry, WorkerConfig, dashboard};
+use durable_jobs::{Job, JobContext, JobError, Registry, Worker, WorkerConfig, dashboard};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -58,10 +58,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     sqlx::raw_sql(notes).execute(&pool).await?;
 
     let shutdown = durable_jobs::shutdown::on_signal();
-    let (db, stop) = (pool.clone(), shutdown.clone());
     let registry = Registry::new().register::<DeliverNote>();
-    let config = WorkerConfig::default();
-    let worker = tokio::spawn(durable_jobs::run(db.clone(), registry, db, config, stop));
+    let worker = Worker::new(pool.clone(), registry, pool.clone()).config(WorkerConfig::default());
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
 
     let app = Router::new()
         .route("/", get(welcome))

@@ -22,11 +22,20 @@ pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, StepOf, Unique};
 pub use migrate::{is_migrated, migrate};
 pub use runtime::registry::Registry;
+/// The sqlx this engine is built on (0.9): name its `PgPool` and
+/// transactions through this, so an app on another sqlx cannot mix them up.
+pub use sqlx;
+/// The axum the dashboard's router is built on.
+#[cfg(feature = "dashboard")]
+pub use axum;
+/// The type of job ids.
+pub use ulid::Ulid;
+
 pub use runtime::shutdown;
 pub use runtime::{
+    Worker,
     config::WorkerConfig,
     health::{Health, WorkerState},
-    run, run_reporting,
 };
 pub use schedule::{CatchUp, Schedule, Tick};
 pub use seconds::SecondsRange;

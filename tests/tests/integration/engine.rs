@@ -73,13 +73,11 @@ fn start(
     tokio::task::JoinHandle<Result<(), durable_jobs::Error>>,
 ) {
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(durable_jobs::run(
-        db.pool.clone(),
-        registry,
-        db.pool.clone(),
-        config,
-        shutdown.clone(),
-    ));
+    let worker = tokio::spawn(
+        durable_jobs::Worker::new(db.pool.clone(), registry, db.pool.clone())
+            .config(config)
+            .run(shutdown.clone()),
+    );
     (shutdown, worker)
 }
 

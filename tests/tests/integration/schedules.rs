@@ -140,13 +140,11 @@ async fn run_with_downtime(
     let start = || {
         let shutdown = CancellationToken::new();
         let registry = Registry::<()>::new().schedule::<Beat>(schedule.clone());
-        let worker = tokio::spawn(durable_jobs::run(
-            db.pool.clone(),
-            registry,
-            (),
-            fast_worker_config(),
-            shutdown.clone(),
-        ));
+        let worker = tokio::spawn(
+            durable_jobs::Worker::new(db.pool.clone(), registry, ())
+                .config(fast_worker_config())
+                .run(shutdown.clone()),
+        );
         (shutdown, worker)
     };
 
@@ -331,13 +329,11 @@ async fn the_dashboard_lists_each_schedule_with_its_last_and_next_run() -> anyho
     let shutdown = CancellationToken::new();
     let registry = Registry::<()>::new()
         .schedule::<Beat>(Schedule::cron("* * * * * *")?.catch_up(CatchUp::RunOnce));
-    let worker = tokio::spawn(durable_jobs::run(
-        db.pool.clone(),
-        registry,
-        (),
-        fast_worker_config(),
-        shutdown.clone(),
-    ));
+    let worker = tokio::spawn(
+        durable_jobs::Worker::new(db.pool.clone(), registry, ())
+            .config(fast_worker_config())
+            .run(shutdown.clone()),
+    );
     wait_for_tick(&db.pool, Beat::NAME, Utc::now(), Duration::from_secs(30)).await?;
     shutdown.cancel();
     worker.await??;
@@ -481,13 +477,11 @@ async fn a_tick_never_gets_a_second_job_even_if_its_schedules_row_is_reset() -> 
         async move {
             let shutdown = CancellationToken::new();
             let registry = Registry::<()>::new().schedule::<Beat>(Schedule::cron("* * * * * *")?);
-            let worker = tokio::spawn(durable_jobs::run(
-                pool.clone(),
-                registry,
-                (),
-                fast_worker_config(),
-                shutdown.clone(),
-            ));
+            let worker = tokio::spawn(
+                durable_jobs::Worker::new(pool.clone(), registry, ())
+                    .config(fast_worker_config())
+                    .run(shutdown.clone()),
+            );
             wait_for_tick(&pool, Beat::NAME, tick, Duration::from_secs(30)).await?;
             shutdown.cancel();
             worker.await??;

@@ -139,13 +139,11 @@ fn start(
     tokio::task::JoinHandle<Result<(), durable_jobs::Error>>,
 ) {
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(durable_jobs::run(
-        db.pool.clone(),
-        registry(),
-        db.pool.clone(),
-        fast_worker_config(),
-        shutdown.clone(),
-    ));
+    let worker = tokio::spawn(
+        durable_jobs::Worker::new(db.pool.clone(), registry(), db.pool.clone())
+            .config(fast_worker_config())
+            .run(shutdown.clone()),
+    );
     (shutdown, worker)
 }
 

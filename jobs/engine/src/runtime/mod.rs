@@ -103,35 +103,81 @@ async fn run_monitor<C>(
     }
 }
 
-/// Runs the job worker for every job type until `shutdown` is cancelled.
+/// A worker process's jobs: every job type of a [`Registry`], with the
+/// context their runs share, on `pool`, until shutdown.
 ///
-/// On shutdown it stops claiming, lets running jobs finish (up to
-/// `shutdown_grace`), returns claimed-but-unstarted jobs to the queue and
-/// returns `Ok`. If the worker dies while the database is unreachable, it
-/// waits for the database (with backoff, logging each wait) and restarts; that
-/// never counts against it. If it dies while the database answers, it is
-/// restarted with a backoff; after 5 such deaths in a row (a
-/// minute of healthy running resets the count) this returns [`Error::WorkerDied`].
-pub async fn run<C: Clone + Send + Sync + 'static>(
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool, registry: durable_jobs::Registry<()>) -> Result<(), durable_jobs::Error> {
+/// use durable_jobs::{Worker, WorkerConfig};
+/// let shutdown = durable_jobs::shutdown::on_signal();
+/// Worker::new(pool, registry, ())
+///     .config(WorkerConfig::default())
+///     .run(shutdown)
+///     .await
+/// # }
+/// ```
+#[must_use = "a worker does nothing until `run`"]
+pub struct Worker<C> {
     pool: PgPool,
     registry: Registry<C>,
     context: C,
     config: WorkerConfig,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    run_reporting(
-        pool,
-        registry,
-        context,
-        config,
-        shutdown,
-        &Health::default(),
-    )
-    .await
+    health: Health,
 }
 
-/// [`run`], reporting what it is doing in `health`.
-pub async fn run_reporting<C: Clone + Send + Sync + 'static>(
+impl<C: Clone + Send + Sync + 'static> Worker<C> {
+    /// A worker for `registry`'s job types, their runs sharing `context`,
+    /// with the default [`WorkerConfig`]. `pool` must have
+    /// [`WorkerConfig::connections_needed`] connections.
+    pub fn new(pool: PgPool, registry: Registry<C>, context: C) -> Self {
+        Self {
+            pool,
+            registry,
+            context,
+            config: WorkerConfig::default(),
+            health: Health::default(),
+        }
+    }
+
+    /// With these settings.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Reporting what it is doing in `health` (a clone shares the state:
+    /// keep one for a readiness check).
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Runs the job worker for every job type until `shutdown` is cancelled.
+    ///
+    /// On shutdown it stops claiming, lets running jobs finish (up to
+    /// `shutdown_grace`), returns claimed-but-unstarted jobs to the queue and
+    /// returns `Ok`. If the worker dies while the database is unreachable, it
+    /// waits for the database (with backoff, logging each wait) and restarts; that
+    /// never counts against it. If it dies while the database answers, it is
+    /// restarted with a backoff; after 5 such deaths in a row (a
+    /// minute of healthy running resets the count) this returns [`Error::WorkerDied`].
+    ///
+    /// A config outside its ranges is refused at once ([`WorkerConfig::check`]).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        supervise(
+            self.pool,
+            self.registry,
+            self.context,
+            self.config,
+            shutdown,
+            &self.health,
+        )
+        .await
+    }
+}
+
+/// [`Worker::run`].
+async fn supervise<C: Clone + Send + Sync + 'static>(
     pool: PgPool,
     registry: Registry<C>,
     context: C,
