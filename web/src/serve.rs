@@ -133,8 +133,8 @@ pub(crate) mod ranges {
     /// A request timeout of 0 answered every page 503 in 2 ms.
     pub(crate) const REQUEST_TIMEOUT: SecondsRange = SecondsRange::new(0.1, 3600.0);
     pub(crate) const SHUTDOWN_GRACE: SecondsRange = SecondsRange::new(0.0, 3600.0);
-    /// How often `/metrics` recounts the queue.
-    pub(crate) const METRICS_REFRESH: SecondsRange = SecondsRange::new(0.1, 3600.0);
+    /// How often `/metrics` recounts the queue (0: at every scrape).
+    pub(crate) const METRICS_REFRESH: SecondsRange = SecondsRange::new(0.0, 3600.0);
 }
 
 impl HttpConfig {

@@ -167,7 +167,7 @@ pub async fn answer(pool: &PgPool, command: Command, retention: Retention) -> Re
             }
             println!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
             for row in counts {
-                let (queue, state) = (printable(&row.queue), printable(&row.state));
+                let (queue, state) = (printable(&row.queue), row.state.as_str());
                 println!("{queue:<16} {state:<10} {:>8}", row.count);
             }
             print_schedules(&admin::schedules(pool).await?);
@@ -345,7 +345,7 @@ fn print_schedules(schedules: &[admin::ScheduleStatus]) {
         let state = match (&schedule.last_job_id, &schedule.last_job_state) {
             (None, _) => "-".to_owned(),
             (Some(_), None) => "pruned".to_owned(),
-            (Some(_), Some(state)) => printable(state),
+            (Some(_), Some(state)) => state.as_str().to_owned(),
         };
         let overdue = if schedule.next_tick.is_some_and(|next| next < overdue_before) {
             " (overdue)"

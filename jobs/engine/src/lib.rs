@@ -17,6 +17,9 @@ mod schedule;
 mod seconds;
 mod workflow;
 
+/// The axum the dashboard's router is built on.
+#[cfg(feature = "dashboard")]
+pub use axum;
 pub use enqueue::{enqueue, enqueue_many};
 pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, StepOf, Unique};
@@ -25,9 +28,6 @@ pub use runtime::registry::Registry;
 /// The sqlx this engine is built on (0.9): name its `PgPool` and
 /// transactions through this, so an app on another sqlx cannot mix them up.
 pub use sqlx;
-/// The axum the dashboard's router is built on.
-#[cfg(feature = "dashboard")]
-pub use axum;
 /// The type of job ids.
 pub use ulid::Ulid;
 

@@ -99,9 +99,9 @@ const REFUSED: &[Refused] = &[
     Refused {
         binaries: WEB,
         variable: "METRICS_QUEUE_REFRESH",
-        value: "0",
-        shown: "\"0\"",
-        rule: "from 0.1 to 3600",
+        value: "-1",
+        shown: "\"-1\"",
+        rule: "from 0 to 3600",
     },
     Refused {
         binaries: WEB,

@@ -8,6 +8,10 @@ use chrono::{DateTime, Utc};
 
 use sqlx::PgPool;
 
+mod state;
+
+pub use state::{JobState, UnknownState};
+
 use crate::{error::Error, queries};
 
 /// How many jobs of one queue are in one state.
@@ -15,9 +19,8 @@ use crate::{error::Error, queries};
 pub struct StateCount {
     /// Queue name (`apalis.jobs.job_type`).
     pub queue: String,
-    /// `pending`, `scheduled` (waiting for a retry or a delay), `claimed`,
-    /// `running`, `done` or `dead`.
-    pub state: String,
+    /// The state.
+    pub state: JobState,
     /// Number of jobs.
     pub count: i64,
 }
@@ -30,7 +33,7 @@ pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
 }
 
 /// The states [`queue_status`] reports, in lifecycle order.
-pub const STATES: [&str; 6] = ["pending", "scheduled", "claimed", "running", "done", "dead"];
+pub const STATES: [JobState; 6] = JobState::ALL;
 
 /// One job, as the dashboard lists it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -39,8 +42,8 @@ pub struct JobSummary {
     pub id: String,
     /// Queue name.
     pub queue: String,
-    /// One of [`STATES`].
-    pub state: String,
+    /// Its state.
+    pub state: JobState,
     /// Attempts used.
     pub attempts: i32,
     /// Attempts allowed.
@@ -373,8 +376,8 @@ pub async fn cancel_workflow(pool: &PgPool, id: &str) -> Result<CancelledWorkflo
 pub struct JobFilter {
     /// Only this queue.
     pub queue: Option<String>,
-    /// Only this state (one of [`STATES`]).
-    pub state: Option<String>,
+    /// Only this state.
+    pub state: Option<JobState>,
     /// Only jobs older than this job id (the next page after it).
     pub before: Option<String>,
 }
@@ -388,7 +391,7 @@ pub async fn jobs_page(
 ) -> Result<Vec<JobSummary>, Error> {
     Ok(sqlx::query_as(queries::JOBS_PAGE)
         .bind(filter.queue.as_deref())
-        .bind(filter.state.as_deref())
+        .bind(filter.state.map(JobState::as_str))
         .bind(filter.before.as_deref())
         .bind(limit)
         .fetch_all(pool)
@@ -408,8 +411,8 @@ pub struct JobDetail {
     pub id: String,
     /// Queue name.
     pub queue: String,
-    /// One of [`STATES`].
-    pub state: String,
+    /// Its state.
+    pub state: JobState,
     /// apalis's own status (`Pending`, `Queued`, `Running`, `Done`, `Failed`, `Killed`).
     pub status: String,
     /// Attempts used.
@@ -600,8 +603,8 @@ pub struct ScheduleStatus {
     pub last_tick: Option<DateTime<Utc>>,
     /// That job's id.
     pub last_job_id: Option<String>,
-    /// That job's state (one of [`STATES`]); `None` once pruned.
-    pub last_job_state: Option<String>,
+    /// That job's state; `None` once pruned.
+    pub last_job_state: Option<JobState>,
     /// The next tick. In the past, it says that no worker keeps the
     /// schedule (none runs, or the schedule was removed from the code).
     pub next_tick: Option<DateTime<Utc>>,

@@ -42,7 +42,7 @@ use ulid::Ulid;
 
 use crate::{
     admin::{
-        self, AttemptError, HourStats, JobDetail, JobFilter, JobSummary, STATES, ScheduleStatus,
+        self, AttemptError, HourStats, JobDetail, JobFilter, JobState, JobSummary, ScheduleStatus,
         StateCount, WorkflowSummary, WorkflowView,
     },
     error::Error,
@@ -418,12 +418,12 @@ impl Page<'_> {
         html! {
             h2 { "Queues" }
             div.scroll tabindex="0" { table.grid #queue-counts {
-                thead { tr { th { "queue" } @for state in STATES { th { (state) } } } }
+                thead { tr { th { "queue" } @for state in JobState::ALL.map(JobState::as_str) { th { (state) } } } }
                 tbody {
                     @for queue in queues {
                         tr data-queue=(queue) {
                             td { code { (queue) } }
-                            @for state in STATES { td.num data-state=(state) { (count(queue, state)) } }
+                            @for state in JobState::ALL.map(JobState::as_str) { td.num data-state=(state) { (count(queue, state)) } }
                         }
                     }
                     @if queues.is_empty() { tr { td colspan="7" { "The queue is empty." } } }
@@ -454,7 +454,7 @@ impl Page<'_> {
                             td.num { (job.attempts) " / " (job.max_attempts) }
                             td { @if let Some(at) = job.run_at { (timestamp(at)) } }
                             td.error { (shown_error(job.last_error.as_deref().unwrap_or(""))) }
-                            td.actions { (actions(self.prefix, &job.id, &job.state, self.csrf.as_deref())) }
+                            td.actions { (actions(self.prefix, &job.id, job.state.as_str(), self.csrf.as_deref())) }
                         }
                     }
                     @if self.latest.is_empty() { tr { td colspan="7" { "No job matches." } } }
@@ -528,7 +528,7 @@ impl ListQuery {
         let given = |value: Option<String>| value.filter(|v| !v.is_empty());
         JobFilter {
             queue: given(self.queue),
-            state: given(self.state).filter(|state| STATES.contains(&state.as_str())),
+            state: given(self.state).and_then(|state| state.parse().ok()),
             before: given(self.before),
         }
     }
@@ -559,7 +559,7 @@ impl Page<'_> {
     /// The filter form: queue and state, newest first.
     fn filters(&self, queues: &[&str]) -> Markup {
         let queue = self.filter.queue.as_deref().unwrap_or("");
-        let state = self.filter.state.as_deref().unwrap_or("");
+        let state = self.filter.state.map_or("", JobState::as_str);
         html! {
             form.filters #job-filters method="get" action=(overview_path(self.prefix)) {
                 label { "queue"
@@ -572,7 +572,7 @@ impl Page<'_> {
                 label { "state"
                     select name="state" {
                         option value="" selected[state.is_empty()] { "any" }
-                        @for s in STATES { option value=(s) selected[s == state] { (s) } }
+                        @for s in JobState::ALL.map(JobState::as_str) { option value=(s) selected[s == state] { (s) } }
                     }
                 }
                 button type="submit" { "Filter" }
@@ -592,7 +592,7 @@ impl Page<'_> {
             }
         };
         add("queue", self.filter.queue.as_deref());
-        add("state", self.filter.state.as_deref());
+        add("state", self.filter.state.map(JobState::as_str));
         add("before", before);
         let path = overview_path(self.prefix);
         match query.is_empty() {
@@ -666,7 +666,7 @@ pub fn render_job(
             dt { "State" } dd {
                 span class={ "state " (job.state) } { (job.state) }
                 " (" code { (job.status) } ") "
-                (actions(prefix, &job.id, &job.state, csrf))
+                (actions(prefix, &job.id, job.state.as_str(), csrf))
             }
             dt { "Attempts" } dd { (job.attempts) " of " (job.max_attempts) }
             dt { "Enqueued" } dd { @if let Some(at) = job.created_at() { (timestamp(at)) } }
