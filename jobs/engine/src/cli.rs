@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// The exit code of a refused setting (clap's own for usage errors).
-pub const CONFIG_EXIT_CODE: i32 = 2;
+const CONFIG_EXIT_CODE: i32 = 2;
 
 /// Parses the command line and the environment into `T`. `--help` and
 /// `--version` print and exit 0; anything else clap refuses is one line on

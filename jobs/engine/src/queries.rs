@@ -211,12 +211,6 @@ where status in ('Queued', 'Running')
 group by 1, 2
 order by 1, 2";
 
-/// The newest `$1` jobs, any state.
-pub(crate) const LATEST_JOBS: &str = "
-select id, job_type as queue, state, attempts, max_attempts, run_at,
-       last_result ->> 'Err' as last_error
-from apalis.job_states order by id desc limit $1";
-
 /// Per queue: done, dead and retrying in the last hour.
 pub(crate) const LAST_HOUR: &str = "
 select job_type as queue,

@@ -32,8 +32,6 @@ pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
         .await?)
 }
 
-/// The states [`queue_status`] reports, in lifecycle order.
-pub const STATES: [JobState; 6] = JobState::ALL;
 
 /// One job, as the dashboard lists it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -54,13 +52,6 @@ pub struct JobSummary {
     pub last_error: Option<String>,
 }
 
-/// The newest jobs (by id, i.e. creation time), any state.
-pub async fn latest_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobSummary>, Error> {
-    Ok(sqlx::query_as(queries::LATEST_JOBS)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
-}
 
 /// What one queue finished in the last hour.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

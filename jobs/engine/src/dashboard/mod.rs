@@ -177,7 +177,7 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// The form action of `action` on job `id` under `prefix`, the id
 /// percent-encoded: a path segment, whatever a job row holds.
-pub fn job_action_path(prefix: &str, id: &str, action: &str) -> String {
+fn job_action_path(prefix: &str, id: &str, action: &str) -> String {
     format!(
         "{prefix}/jobs/{}/{action}",
         utf8_percent_encode(id, PATH_SEGMENT)
@@ -535,7 +535,7 @@ impl ListQuery {
 }
 
 /// The path of job `id`'s page under `prefix`, the id percent-encoded.
-pub fn job_page_path(prefix: &str, id: &str) -> String {
+fn job_page_path(prefix: &str, id: &str) -> String {
     format!("{prefix}/jobs/{}", utf8_percent_encode(id, PATH_SEGMENT))
 }
 
@@ -647,7 +647,7 @@ async fn job_page(
 /// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
 /// its trace. Links and forms are under `prefix` (where the dashboard is
 /// nested); `csrf` as for the overview's forms.
-pub fn render_job(
+fn render_job(
     prefix: &str,
     job: &JobDetail,
     errors: &[AttemptError],
@@ -741,7 +741,7 @@ fn cut_note(shown: usize, full: i64) -> String {
 const WORKFLOWS_SHOWN: i64 = 10;
 
 /// A workflow's page, under the dashboard's `prefix`.
-pub fn workflow_page_path(prefix: &str, id: &str) -> String {
+fn workflow_page_path(prefix: &str, id: &str) -> String {
     format!(
         "{prefix}/workflows/{}",
         utf8_percent_encode(id, PATH_SEGMENT)
@@ -808,7 +808,7 @@ async fn workflow_page(
 /// One workflow's page body: its state, a Cancel button while it runs, and
 /// each step with its dependencies, state, attempts, timings and result or
 /// error, linked to the step's job page once it has a job.
-pub fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>) -> Markup {
+fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>) -> Markup {
     let state = workflow.state();
     html! {
         p { a href=(overview_path(prefix)) { "← All jobs" } }
