@@ -249,7 +249,7 @@ pub struct StepView {
     pub depends_on: Vec<String>,
     /// `cancel` or `run` (when a dependency dies).
     pub on_dependency_failure: String,
-    /// `waiting` (for dependencies), one of [`STATES`] once released, or
+    /// `waiting` (for dependencies), a [`JobState`] name once released, or
     /// `cancelled`.
     pub state: String,
     /// Attempts used.

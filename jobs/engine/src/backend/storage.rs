@@ -809,7 +809,7 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, String> {
     Ok(task.build())
 }
 
-/// Recovers the jobs of `queue`'s lost workers (see [`queries::RECOVER_ORPHANS`]).
+/// Recovers the jobs of `queue`'s lost workers (see `queries::RECOVER_ORPHANS`).
 pub async fn recover_orphans(pool: &PgPool, queue: &str, lease_seconds: u64) -> Result<u64, Error> {
     let recovered = sqlx::query(queries::RECOVER_ORPHANS)
         .bind(lease_seconds as f64)

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Every job type an app runs; `C` is the context their runs share (given to
-/// [`crate::run`]). Built once: the worker, the reaper of unknown types, the
+/// [`crate::Worker`]). Built once: the worker, the reaper of unknown types, the
 /// watchdog, pool sizing and the operator views all read it, so adding a job
 /// type is its declaration plus one `register` line.
 ///
