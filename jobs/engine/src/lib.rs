@@ -9,6 +9,8 @@ pub mod dashboard;
 mod enqueue;
 mod error;
 mod job;
+#[cfg(test)]
+mod layout_test;
 mod maintenance;
 mod migrate;
 mod queries;

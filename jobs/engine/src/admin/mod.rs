@@ -32,7 +32,6 @@ pub async fn queue_status(pool: &PgPool) -> Result<Vec<StateCount>, Error> {
         .await?)
 }
 
-
 /// One job, as the dashboard lists it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JobSummary {
@@ -51,7 +50,6 @@ pub struct JobSummary {
     /// The last attempt's error, if it failed.
     pub last_error: Option<String>,
 }
-
 
 /// What one queue finished in the last hour.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
