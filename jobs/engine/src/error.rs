@@ -6,9 +6,10 @@ pub enum Error {
     /// A job's arguments could not be serialised to JSON.
     #[error("could not encode job arguments: {0}")]
     Encode(#[from] serde_json::Error),
-    /// The queue (apalis-postgres) refused the operation.
-    #[error("job queue error: {0}")]
-    Queue(#[from] apalis_postgres::Error),
+    /// apalis-postgres could not set up its part of the schema (the message
+    /// is its error's; a database error is [`Error::Database`]).
+    #[error("setting up apalis-postgres's tables failed: {0}")]
+    QueueSchema(String),
     /// A database query failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
