@@ -15,6 +15,7 @@ mod registry;
 mod seconds;
 pub mod shutdown;
 mod storage;
+pub mod testing;
 mod wakeups;
 mod worker;
 mod workflow;

@@ -1,0 +1,320 @@
+//! The engine's queue backend (`storage.rs`) and claim function against the real schema.
+
+use crate::support::TestDb;
+use apalis::prelude::{Status, TaskId, TaskResult};
+use apalis_core::backend::persistence::TaskEvent;
+use durable_jobs::internals::{self as storage, Recorded};
+use serde_json::{Value, json};
+use ulid::Ulid;
+
+/// Inserts `count` jobs of queue engine_test_a in `status`, locked by `worker` (registered if new).
+async fn jobs_of(
+    db: &TestDb,
+    worker: &str,
+    status: &str,
+    count: i64,
+) -> anyhow::Result<Vec<String>> {
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ($1, 'engine_test_a', 'PgStorage', '', now()) on conflict (id) do nothing",
+    )
+    .bind(worker)
+    .execute(&db.pool)
+    .await?;
+    Ok(sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, lock_by, lock_at)
+         select apalis.generate_ulid(), 'engine_test_a', '\\x7b7d', $2, 0, 3, $1, now()
+         from generate_series(1, $3)
+         returning id",
+    )
+    .bind(worker)
+    .bind(status)
+    .bind(count)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+fn task_id(id: &str) -> anyhow::Result<TaskId> {
+    Ok(TaskId::from_ulid(Ulid::from_string(id)?))
+}
+
+fn done(id: &str, attempt: usize) -> anyhow::Result<TaskEvent<Value>> {
+    Ok(TaskEvent::Complete(TaskResult {
+        task_id: task_id(id)?,
+        attempt,
+        status: Status::Done,
+        result: Ok(Value::Null),
+    }))
+}
+
+#[tokio::test]
+async fn a_round_records_only_what_this_worker_still_holds() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let ours = jobs_of(&db, "w-ours", "Queued", 3).await?;
+    // Recovered from us and claimed by another worker meanwhile.
+    let theirs = jobs_of(&db, "w-theirs", "Queued", 1).await?;
+    let failed = TaskEvent::Complete(TaskResult {
+        task_id: task_id(&ours[1])?,
+        attempt: 2,
+        status: Status::Failed,
+        result: Err("boom".to_owned()),
+    });
+    let events = vec![
+        TaskEvent::Lock {
+            task_id: task_id(&ours[0])?,
+        },
+        TaskEvent::Lock {
+            task_id: task_id(&ours[2])?,
+        },
+        done(&ours[0], 1)?,
+        failed,
+        done(&theirs[0], 1)?,
+        TaskEvent::Lock {
+            task_id: task_id(&theirs[0])?,
+        },
+    ];
+    let recorded =
+        storage::record_events(&db.pool, events, "w-ours", durable_jobs::Backoff::DEFAULT).await?;
+    assert_eq!(
+        recorded,
+        Recorded {
+            finished: 2,
+            started: 1
+        }
+    );
+
+    let row = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            let row: (String, i32, Option<Value>, String) = sqlx::query_as(
+                "select status, attempts, last_result, lock_by from apalis.jobs where id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(row)
+        }
+    };
+    assert_eq!(
+        row(ours[0].clone()).await?,
+        ("Done".into(), 1, Some(json!({"Ok": null})), "w-ours".into())
+    );
+    assert_eq!(
+        row(ours[1].clone()).await?,
+        (
+            "Failed".into(),
+            2,
+            Some(json!({"Err": "boom"})),
+            "w-ours".into()
+        )
+    );
+    assert_eq!(
+        row(ours[2].clone()).await?,
+        ("Running".into(), 0, None, "w-ours".into())
+    );
+    assert_eq!(
+        row(theirs[0].clone()).await?,
+        ("Queued".into(), 0, None, "w-theirs".into()),
+        "another worker's job is left alone"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    // Statistics that know an old worker well and a new one not at all: the
+    // new worker then looks like it holds a handful of rows through lock_by.
+    jobs_of(&db, "w-old", "Done", 5_000).await?;
+    sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
+    jobs_of(&db, "w-new", "Done", 5_000).await?;
+    let queued = jobs_of(&db, "w-new", "Queued", 10).await?;
+
+    let explain = format!("explain (format json) {}", storage::RECORD_EVENTS);
+    let attempts = vec![1i32; queued.len()];
+    let statuses = vec!["Done"; queued.len()];
+    let outcomes = vec![json!({"Ok": null}); queued.len()];
+    // A constant statement behind EXPLAIN: nothing user-supplied.
+    let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .bind(&queued)
+        .bind(&attempts)
+        .bind(&statuses)
+        .bind(&outcomes)
+        .bind(&queued)
+        .bind("w-new")
+        .bind(1.0_f64)
+        .bind(3600.0_f64)
+        .fetch_one(&db.pool)
+        .await?;
+    let plan = plan.to_string();
+    assert!(
+        plan.contains("jobs_pkey")
+            && !plan.contains("idx_apalis_jobs_lock_by")
+            && !plan.contains("\"lidx\""),
+        "a round must find its rows by id, not through every job the worker finished: {plan}"
+    );
+    Ok(())
+}
+
+/// What a settle may change: id, status, lock_by, attempts, last_result, run_at.
+type JobRow = (
+    String,
+    String,
+    Option<String>,
+    i32,
+    Option<Value>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+#[tokio::test]
+async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    // Six jobs w-old claimed and started, then lost: it stopped heartbeating.
+    let lost = jobs_of(&db, "w-old", "Running", 6).await?;
+    sqlx::query(
+        "update apalis.workers set last_seen = now() - interval '1 hour' where id = 'w-old'",
+    )
+    .execute(&db.pool)
+    .await?;
+    // Recovery hands them back: pending again, or dead when out of attempts.
+    sqlx::query("update apalis.jobs set attempts = 2 where id = $1")
+        .bind(&lost[5])
+        .execute(&db.pool)
+        .await?;
+    let recovered = storage::recover_orphans(&db.pool, "engine_test_a", 30).await?;
+    assert_eq!(recovered, 6);
+    // w-new claims two of them; one of those it has started.
+    jobs_of(&db, "w-new", "Queued", 0).await?;
+    sqlx::query("update apalis.jobs set status = 'Queued', lock_by = 'w-new', lock_at = now() where id = any($1)")
+        .bind(&lost[0..2])
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("update apalis.jobs set status = 'Running' where id = $1")
+        .bind(&lost[1])
+        .execute(&db.pool)
+        .await?;
+    // And a seventh, whose result w-old lost: the reaper ended its attempt
+    // (Failed, retry due) without clearing w-old's claim.
+    let reaped = jobs_of(&db, "w-old", "Running", 1).await?;
+    sqlx::query(
+        "update apalis.jobs set status = 'Failed', attempts = 1, run_at = now(), done_at = now(),
+                last_result = '{\"Err\": \"attempt lost\"}' where id = $1",
+    )
+    .bind(&reaped[0])
+    .execute(&db.pool)
+    .await?;
+
+    let rows = || {
+        let pool = db.pool.clone();
+        async move {
+            let rows: Vec<JobRow> = sqlx::query_as(
+                "select id, status, lock_by, attempts, last_result, run_at
+                     from apalis.jobs order by id",
+            )
+            .fetch_all(&pool)
+            .await?;
+            anyhow::Ok(rows)
+        }
+    };
+    let before = rows().await?;
+
+    // w-old's late batches: successes, failures and start marks alike.
+    let all: Vec<&String> = lost.iter().chain(&reaped).collect();
+    let mut successes = Vec::new();
+    let mut failures = Vec::new();
+    for (n, id) in all.iter().enumerate() {
+        successes.push(TaskEvent::Lock {
+            task_id: task_id(id)?,
+        });
+        if n % 2 == 0 {
+            successes.push(done(id, 1)?);
+        } else {
+            failures.push(TaskEvent::Complete(TaskResult {
+                task_id: task_id(id)?,
+                attempt: 1,
+                status: Status::Failed,
+                result: Err("late failure".to_owned()),
+            }));
+        }
+    }
+    for batch in [successes, failures] {
+        let recorded =
+            storage::record_events(&db.pool, batch, "w-old", durable_jobs::Backoff::DEFAULT)
+                .await?;
+        assert_eq!(
+            recorded,
+            Recorded::default(),
+            "a stale worker's batch records nothing"
+        );
+    }
+    assert_eq!(rows().await?, before, "no row changed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
+    listener.listen("apalis::job::insert").await?;
+    // 500 due jobs of two queues and 50 delayed ones, in one statement.
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         select apalis.generate_ulid(), case when n % 2 = 0 then 'engine_test_a' else 'engine_test_b' end,
+                '\\x7b7d', 'Pending', 0, 3,
+                case when n > 500 then now() + interval '1 hour' else now() end
+         from generate_series(1, 550) as n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut queues = Vec::new();
+    while let Ok(notification) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await
+    {
+        let payload: Value = serde_json::from_str(notification?.payload())?;
+        queues.push(payload["job_type"].as_str().unwrap_or_default().to_owned());
+    }
+    queues.sort();
+    assert_eq!(
+        queues,
+        ["engine_test_a", "engine_test_b"],
+        "one wake-up per queue with due jobs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let pending: String = sqlx::query_scalar(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         values (apalis.generate_ulid(), 'engine_test_a', '\\x7b7d', 'Pending', 0, 3, now() - interval '1 second')
+         returning id",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    // No foreign key checks lock_by any more (a cost on every claimed row):
+    // the claim checks its worker's row once, so that every claimed job
+    // names a worker that recovery can find.
+    let claimed = sqlx::query("select id from apalis.get_jobs('nobody', 'engine_test_a', 5)")
+        .fetch_all(&db.pool)
+        .await;
+    let error = claimed.expect_err("an unregistered worker's claim fails");
+    assert!(
+        error.to_string().contains("is not registered"),
+        "the reason is given: {error}"
+    );
+    let (status, lock_by): (String, Option<String>) =
+        sqlx::query_as("select status, lock_by from apalis.jobs where id = $1")
+            .bind(&pending)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!((status.as_str(), lock_by), ("Pending", None));
+    // Registered, the same claim takes it.
+    jobs_of(&db, "somebody", "Done", 0).await?;
+    let ids: Vec<String> =
+        sqlx::query_scalar("select id from apalis.get_jobs('somebody', 'engine_test_a', 5)")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(ids, [pending]);
+    Ok(())
+}
