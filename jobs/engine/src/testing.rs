@@ -208,7 +208,8 @@ impl<C: Clone + Send + Sync + 'static> Drain<C> {
         }
         let jobs = sqlx::query_as(
             "select id, job_type as queue, state, attempts,
-                    last_result -> 'Ok' as result, last_result ->> 'Err' as error
+                    last_result -> 'Ok' as result,
+                    regexp_replace(last_result ->> 'Err', '^AbortError: ', '') as error
              from apalis.job_states
              where job_type = any($1) and state in ('done', 'dead') and done_at >= $2
              order by done_at, id",
@@ -320,6 +321,6 @@ pub struct Ran {
     pub attempts: i32,
     /// The job's output as JSON, when done.
     pub result: Option<Value>,
-    /// The last attempt's error, when dead.
+    /// The last attempt's error, when dead (without apalis's `AbortError: `).
     pub error: Option<String>,
 }
