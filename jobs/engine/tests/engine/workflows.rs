@@ -9,7 +9,7 @@ use crate::{
     support::{POOL_SIZE, Process, TestDb, fast_config, fast_env},
 };
 use anyhow::Context as _;
-use durable_jobs::{Job, JobContext, JobError, Registry, Step, Workflow, admin};
+use durable_jobs::{Job, JobContext, JobError, Registry, Step, Workflow, admin, testing};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -162,7 +162,7 @@ async fn enqueue(db: &TestDb, workflow: Workflow) -> anyhow::Result<String> {
     Ok(id.to_string())
 }
 
-/// Waits until workflow `id` has no open step; returns it.
+/// Waits until workflow `id` has no open step; returns it (at once after a drain).
 async fn wait_for_end(db: &TestDb, id: &str) -> anyhow::Result<admin::WorkflowView> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -284,7 +284,6 @@ async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once
 async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
 -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let mut workflow = Workflow::new("sum");
     for n in 1..=10 {
         workflow = workflow.add(format!("part-{n}"), Part { n, fail: false });
@@ -303,6 +302,8 @@ async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
         .chain(["twice".to_owned()])
         .collect();
     let id = enqueue(&db, workflow.add_after("collect", Collect, deps)).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "done", "{ended:#?}");
     // 10 + 20 + ... + 90 from part-1..9, and 10,000 from `twice`.
@@ -319,15 +320,12 @@ async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
         started_after,
         "the fan-in started after every dependency ran"
     );
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
 #[tokio::test]
 async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let workflow = Workflow::new("failing")
         .add("ok", Part { n: 1, fail: false })
         .add("broken", Part { n: 2, fail: true })
@@ -339,6 +337,8 @@ async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> an
                 .run_anyway(),
         );
     let id = enqueue(&db, workflow).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "failed");
     assert_eq!(state_of(&ended, "broken"), "dead");
@@ -357,8 +357,6 @@ async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> an
     );
     let broken_attempts = step(&ended, "broken")?;
     assert_eq!(broken_attempts.attempts, 1, "a fatal error is not retried");
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
@@ -410,8 +408,9 @@ async fn cancelling_a_workflow_stops_its_running_step_without_retry_and_cancels_
 #[tokio::test]
 async fn a_running_step_fans_out_and_the_new_fan_in_reads_the_results() -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let id = enqueue(&db, Workflow::new("dynamic").add("plan", Plan { parts: 7 })).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "done", "{ended:#?}");
     assert_eq!(ended.steps.len(), 1 + 7 + 1);
@@ -421,8 +420,6 @@ async fn a_running_step_fans_out_and_the_new_fan_in_reads_the_results() -> anyho
         "8 steps added, and none the second time"
     );
     assert_eq!(runs_of(&db, "collect").await?, [(1, 280)]);
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
