@@ -70,8 +70,10 @@ async fn a_bad_prune_schedule_stops_the_worker_with_a_clear_error() -> anyhow::R
         let output = worker.output().join("\n");
         assert!(!status.success(), "{expression:?}: {output}");
         assert!(
+            // The worker's one-line refusal (jobs/src/cli.rs) names the
+            // variable, the flag and the value.
             output.contains(&format!(
-                "invalid value '{expression}' for '--prune-schedule"
+                "invalid JOB_PRUNE_SCHEDULE={expression:?} (--prune-schedule)"
             )) && output.contains(&format!("invalid schedule {expression:?}"))
                 && output.contains(says)
                 && output.contains("seconds first"),
