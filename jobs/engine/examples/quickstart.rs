@@ -9,10 +9,12 @@ use durable_jobs::{Job, JobContext, JobError, Registry, Worker, WorkerConfig, da
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-/// Delivers a welcome note. Running it twice delivers it once.
-#[derive(Serialize, Deserialize)]
-struct DeliverNote {
-    note_id: i64,
+/// Delivers a welcome note. Running it twice delivers it once. (Public, as
+/// is `welcome`: the engine's tests include this file to test them.)
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeliverNote {
+    /// The note to deliver.
+    pub note_id: i64,
 }
 
 impl Job for DeliverNote {
@@ -31,7 +33,7 @@ impl Job for DeliverNote {
 }
 
 /// Writes a note and enqueues its delivery: both commit, or neither.
-async fn welcome(State(pool): State<PgPool>) -> Result<String, (StatusCode, String)> {
+pub async fn welcome(State(pool): State<PgPool>) -> Result<String, (StatusCode, String)> {
     let note = async {
         let mut tx = pool.begin().await?;
         let note_id: i64 =
@@ -48,14 +50,16 @@ async fn welcome(State(pool): State<PgPool>) -> Result<String, (StatusCode, Stri
         .map_err(|err| (StatusCode::SERVICE_UNAVAILABLE, err.to_string()))
 }
 
+/// The app's one table.
+pub const NOTES: &str = "create table if not exists notes (id bigint generated always as \
+                         identity primary key, text text not null, delivered_at timestamptz)";
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt::init();
     let pool = PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     durable_jobs::migrate(&pool).await?; // the queue's schema, then the app's:
-    let notes = "create table if not exists notes (id bigint generated always as identity \
-                 primary key, text text not null, delivered_at timestamptz)";
-    sqlx::raw_sql(notes).execute(&pool).await?;
+    sqlx::raw_sql(NOTES).execute(&pool).await?;
 
     let shutdown = durable_jobs::shutdown::on_signal();
     let registry = Registry::new().register::<DeliverNote>();

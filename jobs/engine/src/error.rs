@@ -71,4 +71,22 @@ pub enum Error {
     /// of a step that is not a dependency.
     #[error("{0}")]
     NotInWorkflow(String),
+    /// A job's stored payload does not decode as its type (see `testing::enqueued`).
+    #[error("the payload of {queue} job {id} does not decode: {reason}")]
+    Decode {
+        /// The job's id.
+        id: String,
+        /// Its queue (job type name).
+        queue: &'static str,
+        /// What serde said.
+        reason: String,
+    },
+    /// A `testing` drain reached its deadline with jobs unfinished.
+    #[error("{} jobs unfinished after {after:?}: {}", jobs.len(), jobs.join("; "))]
+    Unfinished {
+        /// The drain's deadline.
+        after: std::time::Duration,
+        /// Each unfinished job: id, queue, state, attempts and last error.
+        jobs: Vec<String>,
+    },
 }

@@ -17,6 +17,7 @@ mod queries;
 mod runtime;
 mod schedule;
 mod seconds;
+pub mod testing;
 mod workflow;
 
 /// The axum the dashboard's router is built on.

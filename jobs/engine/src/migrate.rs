@@ -23,10 +23,12 @@ fn migrator() -> Migrator {
 /// Safe to call from many processes at once (each migrator holds an advisory
 /// lock while it runs) and any number of times.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
-    PostgresStorage::setup(pool).await.map_err(|err| match err {
-        apalis_postgres::Error::Database(err) => Error::Database(err),
-        other => Error::QueueSchema(other.to_string()),
-    })?;
+    PostgresStorage::setup(pool)
+        .await
+        .map_err(|err| match err {
+            apalis_postgres::Error::Database(err) => Error::Database(err),
+            other => Error::QueueSchema(other.to_string()),
+        })?;
     let migrator = migrator();
     accept_reworded(pool, &migrator).await?;
     migrator.run(pool).await?;

@@ -2,7 +2,6 @@
 
 mod browser;
 mod durability;
-mod engine;
 mod faults;
 mod hardening;
 mod jobs;
@@ -14,8 +13,6 @@ mod recovery;
 mod schedules;
 mod security;
 mod settings;
-mod storage;
 mod telemetry;
 mod trim_rule;
 mod web;
-mod workflows;

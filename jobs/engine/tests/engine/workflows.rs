@@ -1,16 +1,17 @@
-//! Workflows (`durable_jobs::Workflow`): on the engine alone, with job types
-//! of these tests (fan-out, fan-in exactly once, results, failure policies,
-//! cancel, dynamic steps, retention), and with real `worker` processes
-//! running probe steps (a fan-in after a SIGKILL).
+//! Workflows (`durable_jobs::Workflow`): fan-out, fan-in exactly once,
+//! results, failure policies, cancel, dynamic steps, retention, and with
+//! worker processes (`test_worker`) a fan-in after a SIGKILL.
 
 use std::{sync::Arc, time::Duration};
 
+use crate::{
+    jobs::{Record, create_runs_table},
+    support::{POOL_SIZE, Process, TestDb, fast_config, fast_env},
+};
 use anyhow::Context as _;
-use durable_jobs::{Job, JobContext, JobError, Registry, Step, Workflow, admin};
-use jobs::probe::{Behaviour, Probe};
+use durable_jobs::{Job, JobContext, JobError, Registry, Step, Workflow, admin, testing};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tests::{Process, TestDb, fast_worker_config, fast_worker_env};
 use tokio_util::sync::CancellationToken;
 
 /// Records its run, then returns `n * 10`, or dies when `fail`.
@@ -120,7 +121,12 @@ fn registry() -> Registry<PgPool> {
 }
 
 async fn test_db() -> anyhow::Result<TestDb> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
+    create_table(&db).await?;
+    Ok(db)
+}
+
+async fn create_table(db: &TestDb) -> anyhow::Result<()> {
     sqlx::raw_sql(
         "create table workflow_test_runs (
              n bigint generated always as identity, step text, job_id text,
@@ -128,7 +134,7 @@ async fn test_db() -> anyhow::Result<TestDb> {
     )
     .execute(&db.pool)
     .await?;
-    Ok(db)
+    Ok(())
 }
 
 /// Runs a worker for the test registry on `db` until the token is cancelled.
@@ -141,7 +147,7 @@ fn start(
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(
         durable_jobs::Worker::new(db.pool.clone(), registry(), db.pool.clone())
-            .config(fast_worker_config())
+            .config(fast_config())
             .run(shutdown.clone()),
     );
     (shutdown, worker)
@@ -154,7 +160,7 @@ async fn enqueue(db: &TestDb, workflow: Workflow) -> anyhow::Result<String> {
     Ok(id.to_string())
 }
 
-/// Waits until workflow `id` has no open step; returns it.
+/// Waits until workflow `id` has no open step; returns it (at once after a drain).
 async fn wait_for_end(db: &TestDb, id: &str) -> anyhow::Result<admin::WorkflowView> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -202,9 +208,14 @@ async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once
 -> anyhow::Result<()> {
     const WIDTH: usize = 50;
     const ROUNDS: usize = 200;
-    let db = test_db().await?;
+    // Transactions open at once, each ending WIDTH / ENDERS parts: ten
+    // connections, not fifty, on a Postgres shared by parallel tests.
+    const ENDERS: usize = 10;
+    // Its pool of ENDERS, and ours.
+    let db = TestDb::reserving(ENDERS as u32 + POOL_SIZE, POOL_SIZE).await?;
+    create_table(&db).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(WIDTH as u32)
+        .max_connections(ENDERS as u32)
         .connect(&db.url)
         .await?;
     for round in 0..ROUNDS {
@@ -220,23 +231,29 @@ async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once
                 .fetch_all(&db.pool)
                 .await?;
         assert_eq!(jobs.len(), WIDTH, "only the parts are released at first");
-        // Every part ends in its own transaction, all at the same instant:
-        // each is open and has sent its update when the barrier lets them commit.
-        let barrier = Arc::new(tokio::sync::Barrier::new(WIDTH));
+        // The parts end in ENDERS transactions, all at the same instant: each
+        // is open when the barrier lets them send their updates (one per
+        // part) and commit.
+        let barrier = Arc::new(tokio::sync::Barrier::new(ENDERS));
         let ends: Vec<_> = jobs
-            .into_iter()
-            .map(|job| {
-                let (pool, barrier) = (pool.clone(), barrier.clone());
+            .chunks(WIDTH / ENDERS)
+            .map(|chunk| {
+                let (pool, barrier, chunk) = (pool.clone(), barrier.clone(), chunk.to_vec());
                 tokio::spawn(async move {
                     let mut tx = pool.begin().await?;
-                    barrier.wait().await;
-                    sqlx::query(
-                        r#"update apalis.jobs set status = 'Done', done_at = now(),
-                               last_result = '{"Ok": 0}' where id = $1"#,
-                    )
-                    .bind(&job)
-                    .execute(&mut *tx)
-                    .await?;
+                    // A missing connection fails the test instead of hanging it.
+                    tokio::time::timeout(Duration::from_secs(30), barrier.wait())
+                        .await
+                        .context("not every transaction began")?;
+                    for job in chunk {
+                        sqlx::query(
+                            r#"update apalis.jobs set status = 'Done', done_at = now(),
+                                   last_result = '{"Ok": 0}' where id = $1"#,
+                        )
+                        .bind(&job)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                     tx.commit().await?;
                     anyhow::Ok(())
                 })
@@ -265,7 +282,6 @@ async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once
 async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
 -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let mut workflow = Workflow::new("sum");
     for n in 1..=10 {
         workflow = workflow.add(format!("part-{n}"), Part { n, fail: false });
@@ -284,6 +300,8 @@ async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
         .chain(["twice".to_owned()])
         .collect();
     let id = enqueue(&db, workflow.add_after("collect", Collect, deps)).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "done", "{ended:#?}");
     // 10 + 20 + ... + 90 from part-1..9, and 10,000 from `twice`.
@@ -300,15 +318,12 @@ async fn a_fan_in_runs_once_after_all_its_dependencies_and_reads_their_results()
         started_after,
         "the fan-in started after every dependency ran"
     );
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
 #[tokio::test]
 async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let workflow = Workflow::new("failing")
         .add("ok", Part { n: 1, fail: false })
         .add("broken", Part { n: 2, fail: true })
@@ -320,6 +335,8 @@ async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> an
                 .run_anyway(),
         );
     let id = enqueue(&db, workflow).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "failed");
     assert_eq!(state_of(&ended, "broken"), "dead");
@@ -338,8 +355,6 @@ async fn a_dead_dependency_cancels_its_dependents_unless_they_run_anyway() -> an
     );
     let broken_attempts = step(&ended, "broken")?;
     assert_eq!(broken_attempts.attempts, 1, "a fatal error is not retried");
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
@@ -391,8 +406,9 @@ async fn cancelling_a_workflow_stops_its_running_step_without_retry_and_cancels_
 #[tokio::test]
 async fn a_running_step_fans_out_and_the_new_fan_in_reads_the_results() -> anyhow::Result<()> {
     let db = test_db().await?;
-    let (shutdown, worker) = start(&db);
     let id = enqueue(&db, Workflow::new("dynamic").add("plan", Plan { parts: 7 })).await?;
+    let drained = testing::drain(&db.pool, registry(), db.pool.clone()).await?;
+    assert!(!drained.jobs.is_empty(), "{drained:?}");
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "done", "{ended:#?}");
     assert_eq!(ended.steps.len(), 1 + 7 + 1);
@@ -402,8 +418,6 @@ async fn a_running_step_fans_out_and_the_new_fan_in_reads_the_results() -> anyho
         "8 steps added, and none the second time"
     );
     assert_eq!(runs_of(&db, "collect").await?, [(1, 280)]);
-    shutdown.cancel();
-    worker.await??;
     Ok(())
 }
 
@@ -509,10 +523,10 @@ async fn retention_prunes_a_finished_workflow_whole_and_an_open_one_not_at_all()
     Ok(())
 }
 
-/// Probe runs recorded under `key`, as `(attempt, finished)`.
-async fn probe_runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, bool)>> {
+/// `Record` runs under `key`, as `(attempt, finished)`.
+async fn record_runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, bool)>> {
     Ok(sqlx::query_as(
-        "select attempt, finished_at is not null from job_probe_runs where probe = $1 order by id",
+        "select attempt, finished_at is not null from engine_test_runs where key = $1 order by id",
     )
     .bind(key)
     .fetch_all(&db.pool)
@@ -522,24 +536,21 @@ async fn probe_runs(db: &TestDb, key: &str) -> anyhow::Result<Vec<(i32, bool)>> 
 #[tokio::test]
 async fn a_worker_killed_while_completing_the_last_dependency_leaves_the_fan_in_to_run_once()
 -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
-    let mut env = fast_worker_env();
-    env.push(("DATABASE_URL", db.url.as_str()));
-    let mut first = Process::started_worker(&env).await?;
-    let probe = |key: &str, behaviour| Probe {
+    // Ours, and one worker process at a time (its pool of 7, bookkeeping 5).
+    let db = TestDb::reserving(POOL_SIZE + 14, POOL_SIZE).await?;
+    create_runs_table(&db.pool).await?;
+    let env = fast_env();
+    let mut first = Process::started_worker(&db, &env).await?;
+    let record = |key: &str, sleep_millis| Record {
         key: key.to_owned(),
-        behaviour,
+        sleep_millis,
     };
     let id = {
         let mut tx = db.pool.begin().await?;
         let id = Workflow::new("kill-during-fan-in")
-            .add("early", probe("early", Behaviour::Succeed))
-            .add("last", probe("last", Behaviour::Sleep { millis: 1500 }))
-            .add_after(
-                "fan-in",
-                probe("fan-in", Behaviour::Succeed),
-                ["early", "last"],
-            )
+            .add("early", record("early", 0))
+            .add("last", record("last", 1500))
+            .add_after("fan-in", record("fan-in", 0), ["early", "last"])
             .enqueue(&mut tx)
             .await?;
         tx.commit().await?;
@@ -566,7 +577,7 @@ async fn a_worker_killed_while_completing_the_last_dependency_leaves_the_fan_in_
         .bind(our_backend)
         .fetch_one(&db.pool)
         .await?;
-        if blocked > 0 && probe_runs(&db, "last").await? == [(1, true)] {
+        if blocked > 0 && record_runs(&db, "last").await? == [(1, true)] {
             break;
         }
         anyhow::ensure!(
@@ -597,22 +608,22 @@ async fn a_worker_killed_while_completing_the_last_dependency_leaves_the_fan_in_
         "the end of `last` was lost with its worker"
     );
 
-    let second = Process::started_worker(&env).await?;
+    let second = Process::started_worker(&db, &env).await?;
     let ended = wait_for_end(&db, &id).await?;
     assert_eq!(ended.state(), "done", "{ended:#?}");
     assert_eq!(
-        probe_runs(&db, "last").await?.len(),
+        record_runs(&db, "last").await?.len(),
         2,
         "the lost dependency ran again (at least once)"
     );
     assert_eq!(
-        probe_runs(&db, "fan-in").await?,
+        record_runs(&db, "fan-in").await?,
         [(1, true)],
         "the fan-in ran exactly once"
     );
     let after_last: bool = sqlx::query_scalar(
-        "select (select started_at from job_probe_runs where probe = 'fan-in')
-              > (select max(finished_at) from job_probe_runs where probe = 'last')",
+        "select (select started_at from engine_test_runs where key = 'fan-in')
+              > (select max(finished_at) from engine_test_runs where key = 'last')",
     )
     .fetch_one(&db.pool)
     .await?;

@@ -1,13 +1,13 @@
-//! The engine on its own (`durable_jobs`), with job types of these tests: no
-//! VisitMe type in sight.
+//! The worker runtime: unknown job types, uniqueness under concurrency,
+//! settles, wake-ups, bad rows, and the quickstart example as a process.
 
 use std::time::Duration;
 
+use crate::support::{Process, TestDb, example, fast_config, wait_until};
 use anyhow::Context as _;
 use durable_jobs::{Job, JobContext, JobError, Merge, Registry, Unique};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tests::{TestDb, fast_worker_config};
 use tokio_util::sync::CancellationToken;
 
 /// Succeeds at once.
@@ -83,7 +83,7 @@ fn start(
 
 #[tokio::test]
 async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let mut tx = db.pool.begin().await?;
     let ours = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
     tx.commit().await?;
@@ -103,7 +103,7 @@ async fn a_registered_job_type_is_never_reaped_as_unknown() -> anyhow::Result<()
 
     let config = durable_jobs::WorkerConfig {
         unknown_grace: Duration::ZERO,
-        ..fast_worker_config()
+        ..fast_config()
     };
     let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -154,14 +154,10 @@ async fn wait_for_all(db: &TestDb, ids: &[String], status: &str) -> anyhow::Resu
 
 #[tokio::test]
 async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     // The other service: its run registers its worker, then stops (down, but
     // seen within the grace).
-    let (other, other_run) = start(
-        &db,
-        Registry::new().register::<FailsOnce>(),
-        fast_worker_config(),
-    );
+    let (other, other_run) = start(&db, Registry::new().register::<FailsOnce>(), fast_config());
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     while sqlx::query_scalar::<_, i64>("select count(*) from apalis.workers where worker_type = $1")
         .bind(FailsOnce::NAME)
@@ -190,11 +186,7 @@ async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> an
     let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
 
     // This service's run, with the default grace (an hour).
-    let (shutdown, worker) = start(
-        &db,
-        Registry::new().register::<Noop>(),
-        fast_worker_config(),
-    );
+    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), fast_config());
     wait_for_all(&db, &stranger, "Killed").await?;
     wait_for_all(&db, &retired, "Killed").await?;
     for id in &theirs {
@@ -217,12 +209,9 @@ async fn two_run_calls_in_one_process_keep_each_others_long_waiting_jobs() -> an
     Ok(())
 }
 
-#[tokio::test]
-async fn the_unknown_type_reaper_can_be_turned_off() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
-    let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
-    // An attempt lost long ago: the upkeep round that returns it is the one
-    // that would also have killed the stranger.
+/// Enqueues a `Noop` whose attempt was lost a day ago (running, claimed by
+/// a worker that is gone): the next upkeep round returns it.
+async fn lose_an_attempt(db: &TestDb) -> anyhow::Result<String> {
     let mut tx = db.pool.begin().await?;
     let lost = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
     tx.commit().await?;
@@ -234,16 +223,29 @@ async fn the_unknown_type_reaper_can_be_turned_off() -> anyhow::Result<()> {
     .bind(&lost)
     .execute(&db.pool)
     .await?;
+    Ok(lost)
+}
+
+#[tokio::test]
+async fn the_unknown_type_reaper_can_be_turned_off() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let stranger = long_due_jobs(&db, "engine_test_stranger", 1).await?;
+    // An attempt lost long ago: the upkeep round that returns it is the one
+    // that would also have killed the stranger.
+    let lost = lose_an_attempt(&db).await?;
     let config = durable_jobs::WorkerConfig {
         unknown_grace: Duration::ZERO,
         kill_unhandled: false,
-        ..fast_worker_config()
+        ..fast_config()
     };
     let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), config);
     db.wait_for_status(&lost, "Done", Duration::from_secs(30))
         .await?;
-    // The reaper would have run right after that round; give it time to.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The reaper would have run right after that round: once the next round
+    // has returned another lost attempt, that one is over.
+    let next = lose_an_attempt(&db).await?;
+    db.wait_for_status(&next, "Done", Duration::from_secs(30))
+        .await?;
     assert_eq!(db.job_outcome(&stranger[0]).await?.0, "Pending");
     shutdown.cancel();
     worker.await??;
@@ -253,7 +255,7 @@ async fn the_unknown_type_reaper_can_be_turned_off() -> anyhow::Result<()> {
 #[tokio::test]
 async fn two_hundred_concurrent_enqueues_of_one_key_leave_one_pending_job_with_the_greatest()
 -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let enqueues: Vec<_> = (0..200u32)
         .map(|n| {
             let pool = db.pool.clone();
@@ -289,7 +291,7 @@ async fn two_hundred_concurrent_enqueues_of_one_key_leave_one_pending_job_with_t
 
 #[tokio::test]
 async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     // Every write to the job's row, as the row changes.
     sqlx::raw_sql(
         "create table job_writes (
@@ -313,11 +315,7 @@ async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> 
         .to_string();
     tx.commit().await?;
 
-    let (shutdown, worker) = start(
-        &db,
-        Registry::new().register::<FailsOnce>(),
-        fast_worker_config(),
-    );
+    let (shutdown, worker) = start(&db, Registry::new().register::<FailsOnce>(), fast_config());
     db.wait_for_status(&id, "Done", Duration::from_secs(20))
         .await?;
     shutdown.cancel();
@@ -357,7 +355,7 @@ async fn a_failed_attempt_is_settled_in_one_write_with_its_acknowledgement() -> 
 
 #[tokio::test]
 async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let mut tx = db.pool.begin().await?;
     let id = durable_jobs::enqueue(&mut tx, &FailsOnce)
         .await?
@@ -369,7 +367,7 @@ async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<(
     let config = durable_jobs::WorkerConfig {
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
-        ..fast_worker_config()
+        ..fast_config()
     };
     let registry = Registry::new().register::<FailsOnce>().register::<Noop>();
     let (shutdown, worker) = start(&db, registry, config);
@@ -385,13 +383,14 @@ async fn a_retry_starts_when_due_not_at_the_next_heartbeat() -> anyhow::Result<(
 
 #[tokio::test]
 async fn the_quickstart_example_runs_as_a_process_and_its_job_completes() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
-    let mut command = tokio::process::Command::new(tests::example("quickstart")?);
+    // The example's own pool (10) and bookkeeping (5), and ours.
+    let db = TestDb::reserving(20, crate::support::POOL_SIZE).await?;
+    let mut command = tokio::process::Command::new(example("quickstart")?);
     command
         .env("DATABASE_URL", &db.url)
         .env("BIND", "127.0.0.1:0")
         .env("RUST_LOG", "info");
-    let mut app = tests::Process::start("quickstart", command)?;
+    let mut app = Process::start("quickstart", command)?;
     let line = app
         .wait_for_line("quickstart: http://", Duration::from_secs(60))
         .await?;
@@ -432,25 +431,42 @@ async fn the_quickstart_example_runs_as_a_process_and_its_job_completes() -> any
 
 #[tokio::test]
 async fn a_dead_job_retried_by_an_operator_runs_at_once() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
+    // Heartbeats every 20 s and polls (with the due-job wake-up) every hour:
+    // only the retry's own notification can start it soon.
+    let config = durable_jobs::WorkerConfig {
+        lease: Duration::from_secs(60),
+        poll_interval: Duration::from_secs(3600),
+        ..fast_config()
+    };
+    let registry = Registry::new().register::<Noop>().register::<FailsOnce>();
+    let (shutdown, worker) = start(&db, registry, config);
+    // The worker is up, and parked on an empty queue: it ran a first job
+    // (woken by its insert), and the process listens.
     let mut tx = db.pool.begin().await?;
     let id = durable_jobs::enqueue(&mut tx, &Noop).await?.to_string();
     tx.commit().await?;
+    db.wait_for_status(&id, "Done", Duration::from_secs(20))
+        .await?;
+    wait_until(
+        Duration::from_secs(20),
+        "the worker never listened",
+        || async {
+            Ok(sqlx::query_scalar::<_, bool>(
+                "select exists (select 1 from pg_stat_activity
+                            where datname = current_database() and query ilike 'listen%')",
+            )
+            .fetch_one(&db.pool)
+            .await?)
+        },
+    )
+    .await?;
     sqlx::query(
         "update apalis.jobs set status = 'Killed', attempts = 20, done_at = now() where id = $1",
     )
     .bind(&id)
     .execute(&db.pool)
     .await?;
-    // Heartbeats every 20 s: only the retry's own wake-up can start it soon.
-    let config = durable_jobs::WorkerConfig {
-        lease: Duration::from_secs(60),
-        ..fast_worker_config()
-    };
-    let registry = Registry::new().register::<Noop>().register::<FailsOnce>();
-    let (shutdown, worker) = start(&db, registry, config);
-    // Let the worker start and park on an empty queue first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     durable_jobs::admin::retry(&db.pool, &id).await?;
     let took = db
         .wait_for_status(&id, "Done", Duration::from_secs(10))
@@ -465,7 +481,7 @@ async fn a_dead_job_retried_by_an_operator_runs_at_once() -> anyhow::Result<()> 
 #[tokio::test]
 async fn a_row_that_breaks_a_constraint_ends_alone_and_its_queue_keeps_running()
 -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let mut tx = db.pool.begin().await?;
     let mut ids = Vec::new();
     for _ in 0..12 {
@@ -494,11 +510,7 @@ async fn a_row_that_breaks_a_constraint_ends_alone_and_its_queue_keeps_running()
     .execute(&db.pool)
     .await?;
 
-    let (shutdown, worker) = start(
-        &db,
-        Registry::new().register::<Noop>(),
-        fast_worker_config(),
-    );
+    let (shutdown, worker) = start(&db, Registry::new().register::<Noop>(), fast_config());
     for id in good {
         db.wait_for_status(id, "Done", Duration::from_secs(20))
             .await?;

@@ -1,13 +1,13 @@
-//! The worker's queue backend (`jobs::storage`) against the real schema.
+//! The engine's queue backend (`storage.rs`) and claim function against the real schema.
 
+use crate::support::TestDb;
 use apalis::prelude::{Status, TaskId, TaskResult};
 use apalis_core::backend::persistence::TaskEvent;
 use durable_jobs::internals::{self as storage, Recorded};
 use serde_json::{Value, json};
-use tests::TestDb;
 use ulid::Ulid;
 
-/// Inserts `count` probe jobs in `status`, locked by `worker` (registered if new).
+/// Inserts `count` jobs of queue engine_test_a in `status`, locked by `worker` (registered if new).
 async fn jobs_of(
     db: &TestDb,
     worker: &str,
@@ -16,14 +16,14 @@ async fn jobs_of(
 ) -> anyhow::Result<Vec<String>> {
     sqlx::query(
         "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
-         values ($1, 'probe', 'PgStorage', '', now()) on conflict (id) do nothing",
+         values ($1, 'engine_test_a', 'PgStorage', '', now()) on conflict (id) do nothing",
     )
     .bind(worker)
     .execute(&db.pool)
     .await?;
     Ok(sqlx::query_scalar(
         "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, lock_by, lock_at)
-         select apalis.generate_ulid(), 'probe', '\\x7b7d', $2, 0, 3, $1, now()
+         select apalis.generate_ulid(), 'engine_test_a', '\\x7b7d', $2, 0, 3, $1, now()
          from generate_series(1, $3)
          returning id",
     )
@@ -49,7 +49,7 @@ fn done(id: &str, attempt: usize) -> anyhow::Result<TaskEvent<Value>> {
 
 #[tokio::test]
 async fn a_round_records_only_what_this_worker_still_holds() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let ours = jobs_of(&db, "w-ours", "Queued", 3).await?;
     // Recovered from us and claimed by another worker meanwhile.
     let theirs = jobs_of(&db, "w-theirs", "Queued", 1).await?;
@@ -122,7 +122,7 @@ async fn a_round_records_only_what_this_worker_still_holds() -> anyhow::Result<(
 
 #[tokio::test]
 async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     // Statistics that know an old worker well and a new one not at all: the
     // new worker then looks like it holds a handful of rows through lock_by.
     jobs_of(&db, "w-old", "Done", 5_000).await?;
@@ -168,7 +168,7 @@ type JobRow = (
 
 #[tokio::test]
 async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     // Six jobs w-old claimed and started, then lost: it stopped heartbeating.
     let lost = jobs_of(&db, "w-old", "Running", 6).await?;
     sqlx::query(
@@ -181,7 +181,7 @@ async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> an
         .bind(&lost[5])
         .execute(&db.pool)
         .await?;
-    let recovered = storage::recover_orphans(&db.pool, "probe", 30).await?;
+    let recovered = storage::recover_orphans(&db.pool, "engine_test_a", 30).await?;
     assert_eq!(recovered, 6);
     // w-new claims two of them; one of those it has started.
     jobs_of(&db, "w-new", "Queued", 0).await?;
@@ -253,13 +253,13 @@ async fn batches_from_a_worker_whose_jobs_were_taken_over_change_nothing() -> an
 
 #[tokio::test]
 async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
     listener.listen("apalis::job::insert").await?;
     // 500 due jobs of two queues and 50 delayed ones, in one statement.
     sqlx::query(
         "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
-         select apalis.generate_ulid(), case when n % 2 = 0 then 'probe' else 'trim_visits' end,
+         select apalis.generate_ulid(), case when n % 2 = 0 then 'engine_test_a' else 'engine_test_b' end,
                 '\\x7b7d', 'Pending', 0, 3,
                 case when n > 500 then now() + interval '1 hour' else now() end
          from generate_series(1, 550) as n",
@@ -276,7 +276,7 @@ async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Re
     queues.sort();
     assert_eq!(
         queues,
-        ["probe", "trim_visits"],
+        ["engine_test_a", "engine_test_b"],
         "one wake-up per queue with due jobs"
     );
     Ok(())
@@ -284,10 +284,10 @@ async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Re
 
 #[tokio::test]
 async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
-    let db = TestDb::migrated().await?;
+    let db = TestDb::new().await?;
     let pending: String = sqlx::query_scalar(
         "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
-         values (apalis.generate_ulid(), 'probe', '\\x7b7d', 'Pending', 0, 3, now() - interval '1 second')
+         values (apalis.generate_ulid(), 'engine_test_a', '\\x7b7d', 'Pending', 0, 3, now() - interval '1 second')
          returning id",
     )
     .fetch_one(&db.pool)
@@ -295,7 +295,7 @@ async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
     // No foreign key checks lock_by any more (a cost on every claimed row):
     // the claim checks its worker's row once, so that every claimed job
     // names a worker that recovery can find.
-    let claimed = sqlx::query("select id from apalis.get_jobs('nobody', 'probe', 5)")
+    let claimed = sqlx::query("select id from apalis.get_jobs('nobody', 'engine_test_a', 5)")
         .fetch_all(&db.pool)
         .await;
     let error = claimed.expect_err("an unregistered worker's claim fails");
@@ -312,7 +312,7 @@ async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
     // Registered, the same claim takes it.
     jobs_of(&db, "somebody", "Done", 0).await?;
     let ids: Vec<String> =
-        sqlx::query_scalar("select id from apalis.get_jobs('somebody', 'probe', 5)")
+        sqlx::query_scalar("select id from apalis.get_jobs('somebody', 'engine_test_a', 5)")
             .fetch_all(&db.pool)
             .await?;
     assert_eq!(ids, [pending]);

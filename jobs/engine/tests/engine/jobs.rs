@@ -1,0 +1,55 @@
+//! Job types shared by the tests and their worker process
+//! (`examples/test_worker.rs`, which includes this file).
+
+use std::time::Duration;
+
+use durable_jobs::{Job, JobContext, JobError};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// Records each attempt in `engine_test_runs` (attempt, start, end), after
+/// sleeping `sleep_millis`: duplicates and orderings are visible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Names the runs.
+    pub key: String,
+    /// How long each attempt takes.
+    pub sleep_millis: u64,
+}
+
+impl Job for Record {
+    const NAME: &'static str = "engine_test_record";
+    const MAX_ATTEMPTS: u32 = 3;
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        let run: i64 = sqlx::query_scalar(
+            "insert into engine_test_runs (key, attempt) values ($1, $2) returning id",
+        )
+        .bind(&self.key)
+        .bind(i32::try_from(job.attempt())?)
+        .fetch_one(job.context())
+        .await?;
+        tokio::time::sleep(Duration::from_millis(self.sleep_millis)).await;
+        sqlx::query("update engine_test_runs set finished_at = clock_timestamp() where id = $1")
+            .bind(run)
+            .execute(job.context())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The table `Record` writes to (idempotent: the tests and each worker
+/// process create it).
+pub async fn create_runs_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "create table if not exists engine_test_runs (
+             id bigint generated always as identity primary key, key text not null,
+             attempt int not null, started_at timestamptz not null default clock_timestamp(),
+             finished_at timestamptz)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
