@@ -9,8 +9,7 @@ use durable_jobs::{Job, JobContext, JobError, Registry, Worker, WorkerConfig, da
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-/// Delivers a welcome note. Running it twice delivers it once. (Public, as
-/// is `welcome`: the engine's tests include this file to test them.)
+/// Delivers a welcome note; running it twice delivers it once (public: the engine's tests use it).
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeliverNote {
     /// The note to deliver.
