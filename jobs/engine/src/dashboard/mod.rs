@@ -534,6 +534,19 @@ impl ListQuery {
     }
 }
 
+/// The 404 page of a `what` (job, workflow) that is not there. The id is
+/// not echoed: a link must not make the page say anything.
+fn not_found(dashboard: &Dashboard, prefix: &str, what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        (dashboard.layout)(
+            &format!("No such {what}"),
+            html! { h1 { "No such " (what) } p { "There is no " (what) " with this id (finished " (what) "s are pruned after a while)." } p { a href=(overview_path(prefix)) { "All jobs" } } },
+        ),
+    )
+        .into_response()
+}
+
 /// The path of job `id`'s page under `prefix`, the id percent-encoded.
 fn job_page_path(prefix: &str, id: &str) -> String {
     format!("{prefix}/jobs/{}", utf8_percent_encode(id, PATH_SEGMENT))
@@ -622,15 +635,7 @@ async fn job_page(
     let (job, errors) = match loaded.await {
         Ok((Some(job), errors)) => (job, errors),
         Ok((None, _)) => {
-            return (
-                StatusCode::NOT_FOUND,
-                (dashboard.layout)(
-                    "No such job",
-                    // The id is not echoed: a link must not make the page say anything.
-                    html! { h1 { "No such job" } p { "There is no job with this id (finished jobs are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
-                ),
-            )
-                .into_response();
+            return not_found(&dashboard, prefix.as_str(), "job");
         }
         Err(err) => return unavailable(&dashboard, &err),
     };
@@ -784,15 +789,7 @@ async fn workflow_page(
     let workflow = match admin::workflow(&dashboard.pool, &id).await {
         Ok(Some(workflow)) => workflow,
         Ok(None) => {
-            return (
-                StatusCode::NOT_FOUND,
-                (dashboard.layout)(
-                    "No such workflow",
-                    // The id is not echoed: a link must not make the page say anything.
-                    html! { h1 { "No such workflow" } p { "There is no workflow with this id (finished workflows are pruned after a while)." } p { a href=(overview_path(prefix.as_str())) { "All jobs" } } },
-                ),
-            )
-                .into_response();
+            return not_found(&dashboard, prefix.as_str(), "workflow");
         }
         Err(err) => return unavailable(&dashboard, &err),
     };
