@@ -11,6 +11,7 @@
 //! maintenance database from which test databases are created.
 
 pub mod browser;
+pub mod budget;
 pub mod cluster;
 pub mod otlp;
 mod process;
@@ -52,11 +53,14 @@ pub struct TestDb {
     /// URL of the test database, to hand to spawned processes.
     pub url: String,
     name: String,
+    /// The test's share of the connections (see [`budget`]).
+    _share: Option<std::sync::Arc<budget::Reservation>>,
 }
 
 impl TestDb {
     /// Creates an empty database (not migrated).
     pub async fn empty() -> anyhow::Result<Self> {
+        let share = budget::reserve().await;
         let name = format!(
             "visitme_test_{}",
             Ulid::generate().to_string().to_lowercase()
@@ -73,11 +77,16 @@ impl TestDb {
         conn.close().await?;
         let options = admin.clone().database(&name);
         let pool = PgPoolOptions::new()
-            .max_connections(20)
+            .max_connections(10)
             .connect_with(options.clone())
             .await?;
         let url = database_url(&options, &name);
-        Ok(Self { pool, url, name })
+        Ok(Self {
+            pool,
+            url,
+            name,
+            _share: share,
+        })
     }
 
     /// Creates a database and applies every migration to it.

@@ -122,6 +122,8 @@ pub struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// The test's connection budget, counting it if it connects to Postgres.
+    _share: Option<std::sync::Arc<crate::budget::Reservation>>,
 }
 
 impl Process {
@@ -236,7 +238,14 @@ impl Process {
     }
 
     /// Spawns any command, collecting its output like [`Process::spawn`].
+    ///
+    /// A command given a `DATABASE_URL` counts against the test's declared
+    /// processes ([`crate::budget::runs_processes`]).
     pub fn start(name: &str, mut command: Command) -> anyhow::Result<Self> {
+        let connects = command
+            .as_std()
+            .get_envs()
+            .any(|(key, value)| key == "DATABASE_URL" && value.is_some());
         command
             // Its own process group, so that dropping it also ends its children.
             .process_group(0)
@@ -245,6 +254,10 @@ impl Process {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().with_context(|| format!("spawn {name}"))?;
+        let share = match child.id() {
+            Some(pid) if connects => crate::budget::process_started(name, pid),
+            _ => None,
+        };
         let lines = Arc::new(Mutex::new(Vec::new()));
         let mut readers = Vec::new();
         let stdout = child.stdout.take().context("stdout")?;
@@ -283,6 +296,7 @@ impl Process {
             child,
             lines,
             readers,
+            _share: share,
         })
     }
 
@@ -392,6 +406,12 @@ impl Process {
                 .with_context(|| format!("{}'s output did not end after its exit", self.name))??;
         }
         Ok(self.output())
+    }
+
+    /// Waits (with a deadline) for the process to exit, signalled before or
+    /// by itself, and gives its status.
+    pub async fn wait_until_exit(mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        self.wait(deadline).await
     }
 
     /// Waits (with a deadline) for the process to exit by itself.

@@ -88,8 +88,10 @@ async fn a_job_that_fails_twice_then_succeeds_takes_three_attempts_with_growing_
         .await?;
     println!("stored retry delays: {delays:?}");
     assert!(
-        delays.len() == 2 && (0.45..0.55).contains(&delays[0]) && (0.9..1.1).contains(&delays[1]),
-        "each failure stores base · 2^(attempt-1) ±10 %: {delays:?}"
+        // Less the time from computing the delay to this write (a few ms,
+        // more on a loaded machine).
+        delays.len() == 2 && (0.40..0.55).contains(&delays[0]) && (0.85..1.1).contains(&delays[1]),
+        "each failure stores base · 2^(attempt-1) ±10 %, less the write's latency: {delays:?}"
     );
 
     let runs = runs(&app.db, "flaky").await?;
@@ -208,6 +210,7 @@ async fn a_job_whose_attempts_were_all_lost_with_workers_is_killed_without_runni
 #[tokio::test]
 async fn a_sigkilled_workers_job_is_completed_by_another_worker_within_the_lease()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.push(("DATABASE_URL", db.url.as_str()));
@@ -262,9 +265,13 @@ async fn a_sigkilled_workers_job_is_completed_by_another_worker_within_the_lease
 
 #[tokio::test]
 async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> anyhow::Result<()> {
+    tests::budget::runs_processes(3);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
-    env.push(("DATABASE_URL", db.url.as_str()));
+    // A lease no heartbeat misses: with the tests' 3 s, a worker starved of
+    // CPU by the tests beside it lost its lease (its jobs ran again, at least
+    // once as promised); this test is about claims, not leases.
+    env.extend([("DATABASE_URL", db.url.as_str()), ("JOB_LEASE", "30")]);
     let mut workers = Vec::new();
     for _ in 0..3 {
         let worker = Process::started_worker(&env).await?;
@@ -284,10 +291,33 @@ async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> a
     )
     .fetch_all(&db.pool)
     .await?;
-    assert!(
-        per_probe.is_empty(),
-        "jobs run other than once: {per_probe:?}"
-    );
+    if !per_probe.is_empty() {
+        let detail: Vec<(String, i32, String, bool)> = sqlx::query_as(
+            "select probe, attempt, worker, finished_at is not null from job_probe_runs
+             where probe = any($1) order by probe, started_at",
+        )
+        .bind(
+            per_probe
+                .iter()
+                .map(|(probe, _)| probe.clone())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&db.pool)
+        .await?;
+        let mut workers_said = Vec::new();
+        for worker in &mut workers {
+            let exited = worker.exited()?;
+            let notable: Vec<String> = worker
+                .output()
+                .into_iter()
+                .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                .collect();
+            workers_said.push((worker.pid(), exited, notable));
+        }
+        panic!(
+            "jobs run other than once: {per_probe:?}; their runs: {detail:?}; workers: {workers_said:#?}"
+        );
+    }
     let total: i64 = sqlx::query_scalar("select count(*) from job_probe_runs")
         .fetch_one(&db.pool)
         .await?;
@@ -351,6 +381,7 @@ async fn a_burst_of_1000_concurrent_visits_runs_far_fewer_trims_and_keeps_the_10
 
 #[tokio::test]
 async fn sigterm_during_a_long_job_lets_it_finish_and_exits_0() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.push(("DATABASE_URL", db.url.as_str()));
@@ -501,6 +532,7 @@ async fn an_attempt_whose_result_was_lost_goes_back_to_the_queue() -> anyhow::Re
 
 #[tokio::test]
 async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.extend([
@@ -576,6 +608,7 @@ async fn claimed_jobs_returned_unstarted_at_shutdown_keep_their_attempts() -> an
 #[tokio::test]
 async fn a_live_worker_keeps_the_lease_of_a_job_three_leases_long_while_another_polls()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.extend([
@@ -623,6 +656,7 @@ async fn a_live_worker_keeps_the_lease_of_a_job_three_leases_long_while_another_
 #[tokio::test]
 async fn a_retry_keeps_its_stored_time_and_attempt_count_across_a_worker_restart()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.push(("DATABASE_URL", db.url.as_str()));
@@ -705,6 +739,7 @@ fn pid_of(worker: &str) -> anyhow::Result<u32> {
 #[tokio::test]
 async fn a_job_that_crashes_its_worker_on_every_attempt_ends_killed_after_max_attempts()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     use std::os::unix::process::ExitStatusExt as _;
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
@@ -718,7 +753,9 @@ async fn a_job_that_crashes_its_worker_on_every_attempt_ends_killed_after_max_at
         if let Some(status) = worker.exited()? {
             assert_eq!(status.signal(), Some(6), "the worker aborted: {status}");
             crashes += 1;
-            worker = Process::started_worker(&env).await?;
+            // Not `started_worker`: the new worker may take the crasher over
+            // and abort before it has registered all its queues.
+            worker = Process::spawn("worker", &env)?;
         }
         let (status, attempts, _) = job_row(&db, &ids[0]).await?;
         if status == "Killed" {

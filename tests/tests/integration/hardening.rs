@@ -63,6 +63,7 @@ async fn scrape(address: &str) -> anyhow::Result<String> {
 #[tokio::test]
 async fn slow_header_senders_and_idle_keep_alive_connections_are_closed_after_the_header_timeout()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("HTTP_HEADER_TIMEOUT", "1")]).await?;
     let started = Instant::now();
@@ -123,6 +124,7 @@ async fn slow_header_senders_and_idle_keep_alive_connections_are_closed_after_th
 #[tokio::test]
 async fn connections_beyond_the_cap_get_an_immediate_503_and_the_site_recovers()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(
         &db,
@@ -178,6 +180,7 @@ async fn connections_beyond_the_cap_get_an_immediate_503_and_the_site_recovers()
 
 #[tokio::test]
 async fn running_out_of_file_descriptors_is_logged_once_and_survived() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let mut command = tokio::process::Command::new("prlimit");
     command
@@ -235,6 +238,7 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() -> anyhow
 
 #[tokio::test]
 async fn a_request_stuck_longer_than_the_request_timeout_is_answered_503() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("HTTP_REQUEST_TIMEOUT", "1")]).await?;
     // Hold a lock that GET /'s insert waits for.
@@ -272,6 +276,7 @@ async fn a_request_stuck_longer_than_the_request_timeout_is_answered_503() -> an
 
 #[tokio::test]
 async fn random_methods_and_paths_add_no_metrics_series() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[]).await?;
     let before = scrape(&address).await?;
@@ -345,6 +350,7 @@ async fn random_methods_and_paths_add_no_metrics_series() -> anyhow::Result<()> 
 #[tokio::test]
 async fn thirty_concurrent_scrapes_count_the_queue_once_on_its_own_connection() -> anyhow::Result<()>
 {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     tests::enqueue_probes(
         &db.pool,
@@ -402,6 +408,7 @@ async fn thirty_concurrent_scrapes_count_the_queue_once_on_its_own_connection() 
 #[tokio::test]
 async fn metrics_bind_serves_metrics_on_its_own_address_and_not_on_the_site() -> anyhow::Result<()>
 {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (mut web, address) = spawn_web(&db, &[("METRICS_BIND", "127.0.0.1:0")]).await?;
     let line = web
@@ -430,6 +437,7 @@ async fn metrics_bind_serves_metrics_on_its_own_address_and_not_on_the_site() ->
 
 #[tokio::test]
 async fn head_of_the_page_records_no_visit_and_enqueues_no_job() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[]).await?;
     let client = reqwest::Client::new();
@@ -512,6 +520,7 @@ async fn dashboard_status(
 #[tokio::test]
 async fn eleven_wrong_tokens_in_a_minute_get_429_with_retry_after_for_that_address_only()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     // Behind a trusted proxy, so the test can be several clients on loopback.
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN), ("TRUST_PROXY", "true")]).await?;
@@ -561,6 +570,7 @@ async fn eleven_wrong_tokens_in_a_minute_get_429_with_retry_after_for_that_addre
 
 #[tokio::test]
 async fn each_login_gets_its_own_session_and_sign_out_revokes_it() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -613,6 +623,7 @@ async fn a_session_expires_after_its_lifetime() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_session_cookie_is_secure_when_a_trusted_proxy_says_https() -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN), ("TRUST_PROXY", "true")]).await?;
     let client = plain_client()?;
@@ -652,6 +663,7 @@ async fn the_session_cookie_is_secure_when_a_trusted_proxy_says_https() -> anyho
 
 #[tokio::test]
 async fn cross_origin_login_and_sign_out_are_refused() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -687,6 +699,7 @@ async fn cross_origin_login_and_sign_out_are_refused() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_dashboard_shows_only_known_notices() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -767,6 +780,7 @@ fn csrf_of(page: &str) -> Option<String> {
 
 #[tokio::test]
 async fn a_nul_byte_in_a_dashboard_id_or_filter_is_a_400_and_logs_no_error() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -817,6 +831,7 @@ async fn a_nul_byte_in_a_dashboard_id_or_filter_is_a_400_and_logs_no_error() -> 
 
 #[tokio::test]
 async fn an_https_origin_of_the_same_host_is_cross_origin_for_plain_http() -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -882,6 +897,7 @@ async fn an_https_origin_of_the_same_host_is_cross_origin_for_plain_http() -> an
 
 #[tokio::test]
 async fn each_session_has_its_own_csrf_token_which_dies_with_it() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
@@ -947,7 +963,66 @@ async fn each_session_has_its_own_csrf_token_which_dies_with_it() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn the_workflow_cancel_form_needs_its_sessions_csrf_token() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
+    let client = plain_client()?;
+    let probe = |key: &str| jobs::probe::Probe {
+        key: key.to_owned(),
+        behaviour: jobs::probe::Behaviour::Succeed,
+    };
+    // No worker: both steps wait, so the workflow's page offers Cancel.
+    let mut tx = db.pool.begin().await?;
+    let workflow = durable_jobs::Workflow::new("cancel-by-form")
+        .add("first", probe("first"))
+        .add_after("second", probe("second"), ["first"])
+        .enqueue(&mut tx)
+        .await?
+        .to_string();
+    tx.commit().await?;
+    let (session, _) = login(&client, &address).await?;
+    let page = client
+        .get(format!("http://{address}/admin/workflows/{workflow}"))
+        .header("cookie", &session)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let csrf = csrf_of(&page).ok_or_else(|| anyhow::anyhow!("no cancel form on {page}"))?;
+    let cancel = |csrf: &str| {
+        client
+            .post(format!(
+                "http://{address}/admin/workflows/{workflow}/cancel"
+            ))
+            .header("cookie", &session)
+            .form(&[("csrf", csrf.to_owned())])
+            .send()
+    };
+    let open_steps = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from apalis.jobs where status not in ('Killed', 'Done')",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    let open = open_steps().await?;
+    assert!(open > 0, "the workflow waits");
+    for wrong in ["", "0000", &format!("{csrf}x")] {
+        assert_eq!(cancel(wrong).await?.status(), 403, "token {wrong:?}");
+    }
+    assert_eq!(open_steps().await?, open, "a refused form cancels nothing");
+    // The page's own form, posted as a browser would.
+    let posted = cancel(&csrf).await?;
+    assert_eq!(posted.status(), 303);
+    assert_eq!(open_steps().await?, 0, "the form cancelled the workflow");
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_flood_of_wrong_tokens_logs_one_line_per_address_and_minute() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN), ("TRUST_PROXY", "true")]).await?;
     let client = plain_client()?;
@@ -985,6 +1060,7 @@ async fn a_flood_of_wrong_tokens_logs_one_line_per_address_and_minute() -> anyho
 
 #[tokio::test]
 async fn idle_sockets_of_one_client_leave_other_clients_served() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(
         &db,

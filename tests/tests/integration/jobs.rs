@@ -17,6 +17,7 @@ fn logged_values(lines: &[String], field: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn worker_process_trims_to_the_ten_shown_and_logs_each_deleted_id() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let app = TestApp::spawn().await?;
     let mut page = None;
     for n in 1..=25 {
@@ -273,6 +274,7 @@ async fn a_pending_trim_with_a_corrupt_payload_is_replaced_not_fatal() -> anyhow
 #[tokio::test]
 async fn a_large_trim_runs_as_a_workflow_of_bounded_chunks_and_logs_one_summary()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let app = TestApp::spawn().await?;
     // A backlog: 25,000 visits from yesterday, then one page view.
     sqlx::raw_sql(

@@ -32,6 +32,7 @@ async fn migrations_run_concurrently_in_one_process() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn two_processes_create_and_migrate_a_missing_database_at_once() -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::empty().await?;
     // A database that does not exist yet: both processes race to create and migrate it.
     let url = db.sibling_url("second");

@@ -15,6 +15,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_requests_visits_and_jobs() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     // A `web` process of its own (embedded worker on), so every count is ours
     // alone and can be exact; the queue depth is counted afresh on each scrape.
     let db = TestDb::migrated().await?;
@@ -312,7 +313,7 @@ async fn dashboard_lists_jobs_and_its_actions_change_their_state() -> anyhow::Re
 }
 
 #[tokio::test]
-async fn docker_files_build_and_run_binaries_that_exist() -> anyhow::Result<()> {
+async fn docker_files_name_binaries_that_exist_read_without_docker() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let read = |path: &str| std::fs::read_to_string(format!("{root}/{path}"));
     let dockerfile = read("Dockerfile")?;
@@ -356,6 +357,7 @@ async fn docker_files_build_and_run_binaries_that_exist() -> anyhow::Result<()> 
 #[tokio::test]
 async fn just_up_starts_everything_serves_scales_and_stops_every_child_on_ctrl_c()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(3);
     let db = TestDb::migrated().await?;
     let data = std::env::temp_dir().join(format!("visitme-up-{}", ulid::Ulid::generate()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -478,12 +480,11 @@ async fn just_lists_its_recipes() -> anyhow::Result<()> {
         .output()
         .await
     else {
-        anyhow::ensure!(
-            std::env::var("CI").is_err(),
-            "just is not installed (CI installs it)"
+        // A test that did not run must not report `ok`.
+        anyhow::bail!(
+            "just is not installed (pip install rust-just, or cargo install just; or leave this \
+             test out with `cargo test --workspace -- --skip just_`)"
         );
-        println!("skipped: just is not installed (cargo install just, or pip install rust-just)");
-        return Ok(());
     };
     let listing = String::from_utf8_lossy(&output.stdout);
     for recipe in [

@@ -7,6 +7,7 @@ use tests::{Process, TestDb, enqueue_probes};
 
 #[tokio::test]
 async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let mut web = Process::spawn(
         "web",
@@ -48,6 +49,7 @@ async fn web_and_worker_binaries_serve_and_stop_on_sigterm_with_exit_0() -> anyh
 
 #[tokio::test]
 async fn web_with_embedded_worker_is_the_whole_app() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::empty().await?;
     let mut web = Process::spawn(
         "web",
@@ -298,6 +300,7 @@ async fn worker_workflow_shows_a_workflows_steps_and_cancel_workflow_cancels_it(
 #[tokio::test]
 async fn four_workers_start_forty_one_second_jobs_at_once_holding_none_back() -> anyhow::Result<()>
 {
+    tests::budget::runs_processes(4);
     let db = TestDb::migrated().await?;
     let env = [
         ("DATABASE_URL", db.url.as_str()),
@@ -369,8 +372,10 @@ async fn four_workers_start_forty_one_second_jobs_at_once_holding_none_back() ->
     for (worker, started, last_start_ms) in &per_worker {
         assert_eq!(*started, 10, "{worker} runs 10 jobs: {per_worker:?}");
         assert!(
-            *last_start_ms < 100.0,
-            "{worker}'s jobs all started within 100 ms of the commit: {per_worker:?}"
+            // A job held back waits for a 1 s job to end; one started at
+            // once is seldom 0.1 s late, never 1 s (the machine is shared).
+            *last_start_ms < 1000.0,
+            "{worker}'s jobs all started before the first of them ended: {per_worker:?}"
         );
     }
     db.drain_queue(Duration::from_secs(30)).await?;
@@ -382,6 +387,7 @@ async fn four_workers_start_forty_one_second_jobs_at_once_holding_none_back() ->
 
 #[tokio::test]
 async fn a_worker_process_listens_on_one_connection_for_all_its_queues() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let env = [
         ("DATABASE_URL", db.url.as_str()),

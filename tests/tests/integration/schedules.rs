@@ -50,6 +50,7 @@ async fn wait_for_tick(
 
 #[tokio::test]
 async fn a_bad_prune_schedule_stops_the_worker_with_a_clear_error() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     for (expression, says) in [
         ("0 3 * * *", "it has 5 fields, not 6"),
@@ -85,6 +86,7 @@ async fn a_bad_prune_schedule_stops_the_worker_with_a_clear_error() -> anyhow::R
 
 #[tokio::test]
 async fn worker_status_lists_each_schedule_with_its_last_and_next_run() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let mut env = fast_worker_env();
     env.extend([

@@ -93,6 +93,7 @@ async fn invalid_utf8_in_headers_is_stored_lossily_not_refused() -> anyhow::Resu
 
 #[tokio::test]
 async fn visitor_addresses_are_masked_by_default_policy() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let v4 = "203.0.113.77".parse().expect("ipv4");
     let v6 = "2001:db8:1234:5678:9abc:def0:1234:5678"
         .parse()
@@ -175,6 +176,7 @@ async fn ipv6_clients_are_recorded_with_their_masked_address() -> anyhow::Result
 
 #[tokio::test]
 async fn secrets_never_appear_in_logs_or_help() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let with_password = db
         .url
@@ -290,6 +292,7 @@ async fn a_job_of_a_type_no_worker_handles_dies_with_the_reason_after_its_grace(
 #[tokio::test]
 async fn visitmes_worker_keeps_another_services_backlog_while_its_workers_are_seen()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     // A mailer on the same database: its worker was seen ten minutes ago
     // (within the hour's grace); its five invoices have waited two hours.

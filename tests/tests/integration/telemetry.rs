@@ -12,6 +12,7 @@ const CONSUMER: i32 = 5;
 #[tokio::test]
 async fn one_trace_links_the_request_the_enqueue_and_the_job_with_every_deleted_id()
 -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let receiver = OtlpReceiver::start().await?;
     let endpoint = receiver.endpoint();
     let db = TestDb::migrated().await?;
@@ -174,6 +175,7 @@ async fn one_trace_links_the_request_the_enqueue_and_the_job_with_every_deleted_
 #[tokio::test]
 async fn a_large_trims_workflow_is_one_trace_and_its_fan_in_links_every_chunk() -> anyhow::Result<()>
 {
+    tests::budget::runs_processes(2);
     let receiver = OtlpReceiver::start().await?;
     let endpoint = receiver.endpoint();
     let db = TestDb::migrated().await?;
@@ -264,6 +266,7 @@ async fn a_large_trims_workflow_is_one_trace_and_its_fan_in_links_every_chunk() 
 
 #[tokio::test]
 async fn retried_attempts_are_separate_spans_in_the_enqueuers_trace() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let receiver = OtlpReceiver::start().await?;
     let endpoint = receiver.endpoint();
     let db = TestDb::migrated().await?;
@@ -317,6 +320,7 @@ async fn retried_attempts_are_separate_spans_in_the_enqueuers_trace() -> anyhow:
 
 #[tokio::test]
 async fn an_unreachable_collector_only_warns_and_the_app_keeps_working() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;
     let mut web = Process::spawn(
         "web",
@@ -371,6 +375,7 @@ async fn an_unreachable_collector_only_warns_and_the_app_keeps_working() -> anyh
 
 #[tokio::test]
 async fn startup_says_where_telemetry_goes() -> anyhow::Result<()> {
+    tests::budget::runs_processes(2);
     let db = TestDb::migrated().await?;
     let mut off = Process::spawn("worker", &[("DATABASE_URL", db.url.as_str())])?;
     off.wait_for_line("OTLP export off", Duration::from_secs(60))
@@ -585,6 +590,7 @@ async fn spans_carry_the_semantic_convention_attributes() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn grpc_export_is_chosen_by_otel_exporter_otlp_protocol() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     let receiver = OtlpReceiver::start_grpc().await?;
     let endpoint = receiver.endpoint();
     let db = TestDb::migrated().await?;

@@ -162,6 +162,7 @@ async fn forwarded_for_is_ignored_unless_the_proxy_is_trusted() -> anyhow::Resul
 
 #[tokio::test]
 async fn unreachable_database_gives_a_fast_503_page() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
     // The real binary, with its own pool settings and timeouts, on a private
     // cluster that is stopped under it and replaced by a listener that never
     // answers (a hung server or a firewall that drops): only the binary's own

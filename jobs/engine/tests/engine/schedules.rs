@@ -120,9 +120,9 @@ async fn three_workers_enqueue_every_tick_of_a_per_second_schedule_exactly_once(
 }
 
 /// Runs the engine in this process with `Beat` on a per-second schedule
-/// (grace 300 ms, `catch_up`) until it enqueued two ticks, stops it for three
-/// ticks, restarts it 600 ms after a tick (so the latest missed tick is past
-/// the grace) until two more ticks. Returns the last tick before the
+/// (grace 450 ms, `catch_up`) until it enqueued two ticks, stops it for three
+/// ticks, restarts it 900 ms after a tick (so the latest missed tick is past
+/// the grace by as much as a running worker's tick may come late) until two more ticks. Returns the last tick before the
 /// downtime, the restart time, and every tick with its `previous`.
 async fn run_with_downtime(
     catch_up: CatchUp,
@@ -133,7 +133,7 @@ async fn run_with_downtime(
 )> {
     let db = TestDb::new().await?;
     let schedule = Schedule::cron("* * * * * *")?
-        .grace(Duration::from_millis(300))
+        .grace(Duration::from_millis(450))
         .catch_up(catch_up);
     let start = || {
         let shutdown = CancellationToken::new();
@@ -161,7 +161,7 @@ async fn run_with_downtime(
     let last_before = before.last().context("ticks before the downtime")?.0;
 
     // The clock is the database's, on this machine.
-    let restart_at = last_before + TimeDelta::milliseconds(3600);
+    let restart_at = last_before + TimeDelta::milliseconds(3900);
     tokio::time::sleep((restart_at - Utc::now()).to_std().unwrap_or_default()).await;
     let (shutdown, worker) = start();
     let restarted = Utc::now();

@@ -21,17 +21,41 @@ use sqlx::{
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
-    sync::{Semaphore, SemaphorePermit},
+    sync::{OnceCell, Semaphore, SemaphorePermit},
 };
 use ulid::Ulid;
 
-/// Connections this test binary may hold at once, all tests together:
-/// Postgres's ~100 are shared with other test runs. Each test reserves what
-/// it will open (its pool, its workers' pools) before it creates its
-/// database, so any number of test threads stays within this.
-const CONNECTION_BUDGET: u32 = 40;
+/// Connections this test binary may hold at once, all tests together: the
+/// server's `max_connections` less 10 (for short-lived connections: create
+/// and drop database), or `TEST_CONNECTION_BUDGET` if set. Each test
+/// reserves what it will open (its pool, its workers' pools) before it
+/// creates its database, so any number of test threads stays within this.
+async fn budget() -> &'static (Semaphore, u32) {
+    static BUDGET: OnceCell<(Semaphore, u32)> = OnceCell::const_new();
+    BUDGET
+        .get_or_init(|| async {
+            let total = match std::env::var("TEST_CONNECTION_BUDGET")
+                .ok()
+                .and_then(|value| value.parse().ok())
+            {
+                Some(total) => total,
+                None => server_max_connections()
+                    .await
+                    .map_or(90, |max| max.saturating_sub(10).max(DEFAULT_RESERVE)),
+            };
+            (Semaphore::new(total as usize), total)
+        })
+        .await
+}
 
-static BUDGET: Semaphore = Semaphore::const_new(CONNECTION_BUDGET as usize);
+async fn server_max_connections() -> anyhow::Result<u32> {
+    let mut conn = connect(&maintenance_options()?).await?;
+    let max: String = sqlx::query_scalar("show max_connections")
+        .fetch_one(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(max.parse()?)
+}
 
 /// What most tests reserve: a pool of [`POOL_SIZE`] and one in-process
 /// worker's bookkeeping pool (a connection per queue and three).
@@ -85,8 +109,9 @@ impl TestDb {
     /// A migrated database whose test opens at most `reserve` connections in
     /// all, `pool_size` of them in [`TestDb::pool`].
     pub async fn reserving(reserve: u32, pool_size: u32) -> anyhow::Result<Self> {
-        let reserved = BUDGET
-            .acquire_many(reserve.min(CONNECTION_BUDGET))
+        let (budget, total) = budget().await;
+        let reserved = budget
+            .acquire_many(reserve.min(*total))
             .await
             .context("the connection budget is never closed")?;
         let name = format!(
