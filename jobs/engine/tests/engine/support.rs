@@ -277,16 +277,47 @@ where
     Ok(())
 }
 
-/// The path of this package's example `name`, built (once per test run,
-/// with the dashboard feature the quickstart needs) by a nested cargo: a
-/// test binary alone gets no example built.
+/// The path of this package's example `name`. `cargo test` (of the package
+/// or the workspace) builds the examples beside the tests, and that build is
+/// used when it is newer than the package's sources; otherwise (`cargo test
+/// --test engine` builds no example) a nested cargo builds them once per run,
+/// with the dashboard feature the quickstart needs.
 pub fn example(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(built) = built_by_cargo_test(name) {
+        return Ok(built);
+    }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
         .get_or_init(|| build_examples().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)?;
     Ok(dir.join("examples").join(name))
+}
+
+/// `<profile>/examples/<name>` if it is newer than every file of the
+/// package's `src/`, `examples/` and `Cargo.toml`.
+fn built_by_cargo_test(name: &str) -> Option<PathBuf> {
+    fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|entry| newest(&entry.ok()?.path()))
+            .max()
+    }
+    let exe = std::env::current_exe().ok()?;
+    let deps = exe.parent()?;
+    let profile = if deps.ends_with("deps") { deps.parent()? } else { deps };
+    let example = profile.join("examples").join(name);
+    let built = std::fs::metadata(&example).ok()?.modified().ok()?;
+    let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = ["src", "examples", "Cargo.toml"]
+        .iter()
+        .filter_map(|part| newest(&package.join(part)))
+        .max()?;
+    (built >= sources).then_some(example)
 }
 
 fn build_examples() -> anyhow::Result<PathBuf> {
