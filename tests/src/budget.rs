@@ -222,10 +222,10 @@ pub fn runs_processes(processes: u32) {
     }
     let mut ledger = ledger().lock().expect("budget ledger lock");
     assert!(
-        !ledger
+        ledger
             .reserved
             .get(&test)
-            .is_some_and(|held| held.strong_count() > 0),
+            .is_none_or(|held| held.strong_count() == 0),
         "{test}: declare runs_processes({processes}) before the test's first TestDb"
     );
     ledger.declared.insert(test, processes);

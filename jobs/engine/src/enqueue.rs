@@ -141,7 +141,14 @@ pub async fn enqueue_many_with<J: Job>(
             .iter()
             .map(Payload::of)
             .collect::<Result<Vec<_>, _>>()?;
-        insert::<J>(conn, &ids, &payloads, observability::inject_current(), options).await?;
+        insert::<J>(
+            conn,
+            &ids,
+            &payloads,
+            observability::inject_current(),
+            options,
+        )
+        .await?;
         metrics::counter!("durable_jobs_enqueued_total", "queue" => J::NAME)
             .increment(jobs.len() as u64);
         Ok(ids)
@@ -176,7 +183,12 @@ async fn insert<J: Job>(
     sqlx::query(queries::INSERT_JOBS)
         .bind(ids.iter().map(Ulid::to_string).collect::<Vec<_>>())
         .bind(J::NAME)
-        .bind(payloads.iter().map(|p| p.json.as_slice()).collect::<Vec<_>>())
+        .bind(
+            payloads
+                .iter()
+                .map(|p| p.json.as_slice())
+                .collect::<Vec<_>>(),
+        )
         .bind(i32::try_from(J::MAX_ATTEMPTS).unwrap_or(i32::MAX))
         .bind(&keys)
         .bind(&values)

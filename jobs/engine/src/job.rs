@@ -50,7 +50,7 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// `JOB_BACKOFF_MAX` override it for every type.
     const BACKOFF: Backoff = Backoff::DEFAULT;
     /// The priority of its jobs unless the enqueue says otherwise
-    /// ([`crate::Enqueue::priority`]): a claim takes the highest priority
+    /// (`Enqueue::priority`): a claim takes the highest priority
     /// first, then the oldest due. Any `i16`; 0 by default.
     const PRIORITY: i16 = 0;
 
@@ -68,7 +68,7 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// The queue's limits, across every worker process (see [`Limits`]);
     /// none by default. Operators override them without a deploy
-    /// ([`crate::admin::set_limits`]).
+    /// (`admin::set_limits`).
     fn limits() -> Limits {
         Limits::none()
     }

@@ -1,5 +1,5 @@
 //! How fast a queue may go: [`Limits`] declared on a job type
-//! ([`crate::Job::limits`]) or set by an operator ([`crate::admin::set_limits`]),
+//! (`Job::limits`) or set by an operator (`admin::set_limits`),
 //! enforced in the claim across every worker process.
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ pub struct Limits {
     pub concurrency: Option<u32>,
     /// Starts at most at this rate (a token bucket).
     pub rate: Option<Rate>,
-    /// At most this many claimed or running per [`crate::Job::concurrency_key`];
+    /// At most this many claimed or running per `Job::concurrency_key`;
     /// claims then go round-robin across the keys with due work.
     pub key_concurrency: Option<u32>,
 }

@@ -12,7 +12,12 @@ use crate::{
     support::{DEFAULT_RESERVE, POOL_SIZE, Process, TestDb, fast_config, fast_env},
 };
 
-fn start(db: &TestDb) -> (CancellationToken, tokio::task::JoinHandle<Result<(), durable_jobs::Error>>) {
+fn start(
+    db: &TestDb,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), durable_jobs::Error>>,
+) {
     let shutdown = CancellationToken::new();
     let registry = Registry::new().register::<Record>().register::<Limited>();
     let worker = tokio::spawn(
@@ -78,7 +83,10 @@ async fn a_declared_concurrency_limit_holds_across_three_worker_processes() -> a
     let done = runs_done(&db.pool, "%").await?;
     println!("30 jobs of 150 ms on 3 processes, declared concurrency 3: peak {peak} at once");
     assert_eq!(done, 30);
-    assert!(peak <= 3, "the limit of 3 held across processes: peak {peak}");
+    assert!(
+        peak <= 3,
+        "the limit of 3 held across processes: peak {peak}"
+    );
     assert_eq!(peak, 3, "and the queue used it");
     for worker in workers {
         assert!(worker.terminate(Duration::from_secs(30)).await?.success());
@@ -91,7 +99,11 @@ async fn a_paused_queue_starts_nothing_until_resumed() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     create_runs_table(&db.pool).await?;
     admin::pause(&db.pool, <Limited as durable_jobs::Job>::NAME).await?;
-    assert!(admin::queue_controls_of(&db.pool, <Limited as durable_jobs::Job>::NAME).await?.paused);
+    assert!(
+        admin::queue_controls_of(&db.pool, <Limited as durable_jobs::Job>::NAME)
+            .await?
+            .paused
+    );
     let (shutdown, worker) = start(&db);
     let jobs: Vec<Limited> = (0..5).map(|n| limited("p", n, 10)).collect();
     enqueue_limited(&db.pool, &jobs, Enqueue::new()).await?;
@@ -134,7 +146,10 @@ async fn with_key_concurrency_a_key_with_one_job_is_not_starved_by_one_with_twen
     .await?;
     println!("big's peak {big_peak}; big's jobs started before small's: {big_before}");
     assert_eq!(big_peak, 1, "one of big's at a time");
-    assert!(big_before <= 1, "small's job went in the first round: {big_before} of big's before it");
+    assert!(
+        big_before <= 1,
+        "small's job went in the first round: {big_before} of big's before it"
+    );
     Ok(())
 }
 
@@ -178,12 +193,11 @@ async fn a_delayed_job_is_scheduled_until_due_and_priority_orders_the_claims() -
         Enqueue::new().delay(Duration::from_millis(1500)),
     )
     .await?;
-    let state: String = sqlx::query_scalar(
-        "select state from apalis.job_states where job_type = $1",
-    )
-    .bind(<Limited as durable_jobs::Job>::NAME)
-    .fetch_one(&db.pool)
-    .await?;
+    let state: String =
+        sqlx::query_scalar("select state from apalis.job_states where job_type = $1")
+            .bind(<Limited as durable_jobs::Job>::NAME)
+            .fetch_one(&db.pool)
+            .await?;
     assert_eq!(state, "scheduled");
     db.wait_until_idle(Duration::from_secs(30)).await?;
     let started: chrono::DateTime<chrono::Utc> =
@@ -192,15 +206,28 @@ async fn a_delayed_job_is_scheduled_until_due_and_priority_orders_the_claims() -
             .await?;
     let after = (started - enqueued).to_std()?;
     println!("delayed 1.5 s: started after {after:?}");
-    assert!(after >= Duration::from_millis(1500), "not before it was due: {after:?}");
+    assert!(
+        after >= Duration::from_millis(1500),
+        "not before it was due: {after:?}"
+    );
     assert!(after < Duration::from_secs(5), "woken when due: {after:?}");
 
     // Priority: with one at a time, the high one waiting behind low ones runs first.
     admin::pause(&db.pool, <Limited as durable_jobs::Job>::NAME).await?;
-    admin::set_limits(&db.pool, <Limited as durable_jobs::Job>::NAME, Limits::none().concurrency(1)).await?;
+    admin::set_limits(
+        &db.pool,
+        <Limited as durable_jobs::Job>::NAME,
+        Limits::none().concurrency(1),
+    )
+    .await?;
     let low: Vec<Limited> = (0..3).map(|n| limited("low", n, 20)).collect();
     enqueue_limited(&db.pool, &low, Enqueue::new()).await?;
-    enqueue_limited(&db.pool, &[limited("high", 0, 20)], Enqueue::new().priority(5)).await?;
+    enqueue_limited(
+        &db.pool,
+        &[limited("high", 0, 20)],
+        Enqueue::new().priority(5),
+    )
+    .await?;
     admin::resume(&db.pool, <Limited as durable_jobs::Job>::NAME).await?;
     db.wait_until_idle(Duration::from_secs(30)).await?;
     let order: Vec<String> = sqlx::query_scalar(
@@ -208,7 +235,11 @@ async fn a_delayed_job_is_scheduled_until_due_and_priority_orders_the_claims() -
     )
     .fetch_all(&db.pool)
     .await?;
-    assert_eq!(order.first().map(String::as_str), Some("high/0"), "{order:?}");
+    assert_eq!(
+        order.first().map(String::as_str),
+        Some("high/0"),
+        "{order:?}"
+    );
     shutdown.cancel();
     worker.await??;
     Ok(())
@@ -218,15 +249,22 @@ async fn a_delayed_job_is_scheduled_until_due_and_priority_orders_the_claims() -
 async fn purge_ends_waiting_jobs_and_leaves_running_ones() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     create_runs_table(&db.pool).await?;
-    admin::set_limits(&db.pool, <Limited as durable_jobs::Job>::NAME, Limits::none().concurrency(1)).await?;
+    admin::set_limits(
+        &db.pool,
+        <Limited as durable_jobs::Job>::NAME,
+        Limits::none().concurrency(1),
+    )
+    .await?;
     let jobs: Vec<Limited> = (0..4).map(|n| limited("x", n, 1500)).collect();
     enqueue_limited(&db.pool, &jobs, Enqueue::new()).await?;
     let (shutdown, worker) = start(&db);
     crate::support::wait_until(Duration::from_secs(20), "one job started", || async {
-        Ok(sqlx::query_scalar::<_, i64>("select count(*) from engine_test_runs")
-            .fetch_one(&db.pool)
-            .await?
-            == 1)
+        Ok(
+            sqlx::query_scalar::<_, i64>("select count(*) from engine_test_runs")
+                .fetch_one(&db.pool)
+                .await?
+                == 1,
+        )
     })
     .await?;
     let purged = admin::purge(&db.pool, <Limited as durable_jobs::Job>::NAME).await?;

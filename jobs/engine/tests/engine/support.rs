@@ -309,7 +309,11 @@ fn built_by_cargo_test(name: &str) -> Option<PathBuf> {
     }
     let exe = std::env::current_exe().ok()?;
     let deps = exe.parent()?;
-    let profile = if deps.ends_with("deps") { deps.parent()? } else { deps };
+    let profile = if deps.ends_with("deps") {
+        deps.parent()?
+    } else {
+        deps
+    };
     let example = profile.join("examples").join(name);
     let built = std::fs::metadata(&example).ok()?.modified().ok()?;
     let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
