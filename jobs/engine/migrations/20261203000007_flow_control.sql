@@ -10,10 +10,42 @@
 -- The key of `key_concurrency` (Job::concurrency_key), set at enqueue.
 ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS concurrency_key TEXT;
 
--- Claimed or running jobs per queue (and key): what a limited claim counts.
--- Small: only jobs between claim and settle have an entry.
-CREATE INDEX IF NOT EXISTS jobs_in_flight
-    ON apalis.jobs (job_type, concurrency_key) WHERE status IN ('Queued', 'Running');
+-- Quarantined rows keep every column, this one too: the move copies the
+-- row by name (a new column of apalis.jobs no longer shifts the copy).
+ALTER TABLE apalis.quarantined_jobs ADD COLUMN IF NOT EXISTS concurrency_key TEXT;
+CREATE OR REPLACE FUNCTION apalis.end_unclaimable_job(job_id text, reason text)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+AS $$
+BEGIN
+    BEGIN
+        UPDATE apalis.jobs
+        SET status = 'Killed', done_at = now(), lock_by = NULL, lock_at = NULL, unique_key = NULL,
+            last_result = jsonb_build_object('Err', 'job row cannot be claimed: ' || reason)
+        WHERE id = job_id;
+        RAISE WARNING 'job % cannot be claimed (%): it is dead', job_id, reason;
+        RETURN;
+    EXCEPTION WHEN integrity_constraint_violation THEN
+        NULL; -- not even that: quarantine it below
+    END;
+    BEGIN
+        INSERT INTO apalis.quarantined_jobs
+        SELECT (jsonb_populate_record(
+            NULL::apalis.quarantined_jobs,
+            to_jsonb(jobs) || jsonb_build_object(
+                'quarantined_at', now(), 'reason', 'job row cannot be claimed: ' || reason)
+        )).*
+        FROM apalis.jobs WHERE id = job_id;
+        DELETE FROM apalis.jobs WHERE id = job_id;
+        RAISE WARNING 'job % cannot be claimed (%) nor marked dead: moved to apalis.quarantined_jobs',
+            job_id, reason;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'job % cannot be claimed (%) and could not be quarantined (%): it stays',
+            job_id, reason, SQLERRM;
+    END;
+END;
+$$;
 
 CREATE TABLE IF NOT EXISTS apalis.queue_controls (
     queue TEXT PRIMARY KEY,
