@@ -1,7 +1,7 @@
 //! Postgres connections shared by the tests that run at once.
 //!
 //! Postgres allows about 100 connections and a `worker` or `web` process opens
-//! up to 20, so tests running in parallel would run out. Each test reserves,
+//! up to 18, so tests running in parallel would run out. Each test reserves,
 //! before its first [`crate::TestDb`], what it will hold at its peak: its own
 //! pools ([`PER_TEST`]) and [`PER_PROCESS`] for each process it runs at once,
 //! declared up front with [`runs_processes`]. A test waits until its whole

@@ -382,6 +382,24 @@ pub async fn enqueue_probes(
     Ok(ids.iter().map(ToString::to_string).collect())
 }
 
+/// Enqueues (and commits) workflow `name` of two probe steps that succeed,
+/// `first` then `second`; returns its id.
+pub async fn enqueue_two_step_workflow(pool: &PgPool, name: &str) -> anyhow::Result<String> {
+    let probe = |key: &str| jobs::probe::Probe {
+        key: key.to_owned(),
+        behaviour: jobs::probe::Behaviour::Succeed,
+    };
+    let mut tx = pool.begin().await?;
+    let id = durable_jobs::Workflow::new(name)
+        .add("first", probe("first"))
+        .add_after("second", probe("second"), ["first"])
+        .enqueue(&mut tx)
+        .await?
+        .to_string();
+    tx.commit().await?;
+    Ok(id)
+}
+
 /// Visits `http://<address>/` `count` times, one after another, with user
 /// agents `<agent>-1`, `<agent>-2`, …; every answer must be a 200 visits page.
 /// Returns the last page.

@@ -408,12 +408,6 @@ impl Process {
         Ok(self.output())
     }
 
-    /// Waits (with a deadline) for the process to exit, signalled before or
-    /// by itself, and gives its status.
-    pub async fn wait_until_exit(mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
-        self.wait(deadline).await
-    }
-
     /// Waits (with a deadline) for the process to exit by itself.
     pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(deadline, self.child.wait()).await {

@@ -506,8 +506,8 @@ async fn soak_steady_visits_with_worker_restarts_keeps_every_promise() -> anyhow
         }
         restarts += 1;
     }
-    for worker in stopping {
-        let status = worker.wait_until_exit(Duration::from_secs(30)).await?;
+    for mut worker in stopping {
+        let status = worker.wait(Duration::from_secs(30)).await?;
         assert!(
             status.success(),
             "a worker stopped by SIGTERM exits 0: {status}"

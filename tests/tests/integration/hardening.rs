@@ -968,19 +968,8 @@ async fn the_workflow_cancel_form_needs_its_sessions_csrf_token() -> anyhow::Res
     let db = TestDb::migrated().await?;
     let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
     let client = plain_client()?;
-    let probe = |key: &str| jobs::probe::Probe {
-        key: key.to_owned(),
-        behaviour: jobs::probe::Behaviour::Succeed,
-    };
     // No worker: both steps wait, so the workflow's page offers Cancel.
-    let mut tx = db.pool.begin().await?;
-    let workflow = durable_jobs::Workflow::new("cancel-by-form")
-        .add("first", probe("first"))
-        .add_after("second", probe("second"), ["first"])
-        .enqueue(&mut tx)
-        .await?
-        .to_string();
-    tx.commit().await?;
+    let workflow = tests::enqueue_two_step_workflow(&db.pool, "cancel-by-form").await?;
     let (session, _) = login(&client, &address).await?;
     let page = client
         .get(format!("http://{address}/admin/workflows/{workflow}"))

@@ -238,18 +238,7 @@ async fn worker_dead_shows_control_characters_in_job_errors_escaped() -> anyhow:
 async fn worker_workflow_shows_a_workflows_steps_and_cancel_workflow_cancels_it()
 -> anyhow::Result<()> {
     let db = TestDb::migrated().await?;
-    let probe = |key: &str| Probe {
-        key: key.to_owned(),
-        behaviour: Behaviour::Succeed,
-    };
-    let mut tx = db.pool.begin().await?;
-    let id = durable_jobs::Workflow::new("shown")
-        .add("first", probe("first"))
-        .add_after("second", probe("second"), ["first"])
-        .enqueue(&mut tx)
-        .await?
-        .to_string();
-    tx.commit().await?;
+    let id = tests::enqueue_two_step_workflow(&db.pool, "shown").await?;
 
     let (code, list, _) = operator(&db, &["workflow"]).await?;
     assert_eq!(code, 0);
