@@ -30,13 +30,17 @@ BEGIN
         NULL; -- not even that: quarantine it below
     END;
     BEGIN
+        -- By name through JSON; the hstore `metadata` has no JSON form that
+        -- reads back, so it is copied by its own update.
         INSERT INTO apalis.quarantined_jobs
         SELECT (jsonb_populate_record(
             NULL::apalis.quarantined_jobs,
-            to_jsonb(jobs) || jsonb_build_object(
+            (to_jsonb(jobs) - 'metadata') || jsonb_build_object(
                 'quarantined_at', now(), 'reason', 'job row cannot be claimed: ' || reason)
         )).*
         FROM apalis.jobs WHERE id = job_id;
+        UPDATE apalis.quarantined_jobs AS quarantined SET metadata = jobs.metadata
+        FROM apalis.jobs WHERE quarantined.id = job_id AND jobs.id = job_id;
         DELETE FROM apalis.jobs WHERE id = job_id;
         RAISE WARNING 'job % cannot be claimed (%) nor marked dead: moved to apalis.quarantined_jobs',
             job_id, reason;
