@@ -279,7 +279,7 @@ where
 
 /// The path of this package's example `name`. `cargo test` (of the package
 /// or the workspace) builds the examples beside the tests, and that build is
-/// used when it is newer than the package's sources; otherwise (`cargo test
+/// used when it is newer than every file of the package; otherwise (`cargo test
 /// --test engine` builds no example) a nested cargo builds them once per run,
 /// with the dashboard feature the quickstart needs.
 pub fn example(name: &str) -> anyhow::Result<PathBuf> {
@@ -295,7 +295,7 @@ pub fn example(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `<profile>/examples/<name>` if it is newer than every file of the
-/// package's `src/`, `examples/` and `Cargo.toml`.
+/// package.
 fn built_by_cargo_test(name: &str) -> Option<PathBuf> {
     fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
         let meta = std::fs::metadata(path).ok()?;
@@ -316,11 +316,9 @@ fn built_by_cargo_test(name: &str) -> Option<PathBuf> {
     };
     let example = profile.join("examples").join(name);
     let built = std::fs::metadata(&example).ok()?.modified().ok()?;
-    let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = ["src", "examples", "Cargo.toml"]
-        .iter()
-        .filter_map(|part| newest(&package.join(part)))
-        .max()?;
+    // Every file of the package: its migrations are compiled in, and the
+    // test worker includes a file of the tests.
+    let sources = newest(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))?;
     (built >= sources).then_some(example)
 }
 
