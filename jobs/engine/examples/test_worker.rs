@@ -26,7 +26,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let registry = durable_jobs::Registry::new().register::<jobs::Record>();
+    let registry = durable_jobs::Registry::new()
+        .register::<jobs::Record>()
+        .register::<jobs::Limited>();
     let pool = PgPoolOptions::new()
         .max_connections(args.worker.connections_needed())
         .connect(&args.database_url)

@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use crate::{
     admin::{self, Retention},
     error::Error,
+    limits::{Limits, Rate},
 };
 
 /// The exit code of a refused setting (clap's own for usage errors).
@@ -139,6 +140,53 @@ pub enum Command {
         /// The workflow id (a ULID).
         id: String,
     },
+    /// A queue's flow control, on every worker at once: pause, resume,
+    /// limits, purge.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+/// `queue ...`: what operators change about a queue without a deploy.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum QueueCommand {
+    /// Start nothing more from the queue (jobs already running finish).
+    Pause {
+        /// The queue (a job type's name, as `status` lists it).
+        queue: String,
+    },
+    /// Start the queue's jobs again.
+    Resume {
+        /// The queue.
+        queue: String,
+    },
+    /// Without options: the limits in force and the declared ones. With
+    /// options: replace the declared limits with these (any not given is
+    /// lifted) until `--reset`.
+    Limits {
+        /// The queue.
+        queue: String,
+        /// At most this many claimed or running at once, across every worker.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        concurrency: Option<u32>,
+        /// At most this many starts per second (a token bucket).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// With --rate: the most starts at once after a quiet spell.
+        #[arg(long, requires = "rate", value_parser = clap::value_parser!(u32).range(1..))]
+        burst: Option<u32>,
+        /// At most this many claimed or running per concurrency key.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        key_concurrency: Option<u32>,
+        /// Back to the limits the job type declares.
+        #[arg(long, conflicts_with_all = ["concurrency", "rate", "burst", "key_concurrency"])]
+        reset: bool,
+    },
+    /// End every waiting job of the queue (due, scheduled or retrying; not
+    /// running ones) as dead: "purged by an operator".
+    Purge {
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// Text from the database for a terminal: a job's error (or a hand-written
@@ -171,6 +219,7 @@ pub async fn answer(pool: &PgPool, command: Command, retention: Retention) -> Re
                 println!("{queue:<16} {state:<10} {:>8}", row.count);
             }
             print_schedules(&admin::schedules(pool).await?);
+            print_controls(&admin::queue_controls(pool).await?);
         }
         Command::Dead { limit } => {
             let dead = admin::dead_jobs(pool, limit).await?;
@@ -243,6 +292,7 @@ pub async fn answer(pool: &PgPool, command: Command, retention: Retention) -> Re
             };
             print!("{}", render_workflow(&workflow));
         }
+        Command::Queue(command) => answer_queue(pool, command).await?,
         Command::CancelWorkflow { id } => {
             let cancelled = admin::cancel_workflow(pool, &id).await?;
             println!(
@@ -254,6 +304,113 @@ pub async fn answer(pool: &PgPool, command: Command, retention: Retention) -> Re
         }
     }
     Ok(())
+}
+
+async fn answer_queue(pool: &PgPool, command: QueueCommand) -> Result<(), Error> {
+    match command {
+        QueueCommand::Pause { queue } => {
+            admin::pause(pool, &queue).await?;
+            println!(
+                "queue {} paused: it starts nothing until resumed",
+                printable(&queue)
+            );
+        }
+        QueueCommand::Resume { queue } => {
+            admin::resume(pool, &queue).await?;
+            println!("queue {} resumed", printable(&queue));
+        }
+        QueueCommand::Purge { queue } => {
+            let purged = admin::purge(pool, &queue).await?;
+            println!("queue {}: {purged} waiting jobs purged", printable(&queue));
+        }
+        QueueCommand::Limits {
+            queue,
+            concurrency,
+            rate,
+            burst,
+            key_concurrency,
+            reset,
+        } => {
+            if reset {
+                admin::reset_limits(pool, &queue).await?;
+            } else if concurrency.is_some() || rate.is_some() || key_concurrency.is_some() {
+                let mut limits = Limits::none();
+                if let Some(n) = concurrency {
+                    limits = limits.concurrency(n);
+                }
+                if let Some(per_second) = rate {
+                    let mut rate = Rate::per_second(per_second);
+                    if let Some(burst) = burst {
+                        rate = rate.burst(burst);
+                    }
+                    limits = limits.rate(rate);
+                }
+                if let Some(n) = key_concurrency {
+                    limits = limits.key_concurrency(n);
+                }
+                admin::set_limits(pool, &queue, limits).await?;
+            }
+            let controls = admin::queue_controls_of(pool, &queue).await?;
+            println!(
+                "queue {}{}: in force {}{}; declared {}",
+                printable(&queue),
+                if controls.paused { " (paused)" } else { "" },
+                describe_limits(&controls.in_force),
+                if controls.overridden {
+                    " (set by an operator)"
+                } else {
+                    ""
+                },
+                describe_limits(&controls.declared),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `concurrency 4, rate 10/s burst 5, key concurrency 1`, or `no limits`.
+pub fn describe_limits(limits: &Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = limits.concurrency {
+        parts.push(format!("concurrency {n}"));
+    }
+    if let Some(rate) = limits.rate {
+        let burst = rate
+            .burst
+            .map(|b| format!(" burst {b}"))
+            .unwrap_or_default();
+        parts.push(format!("rate {}/s{burst}", rate.per_second));
+    }
+    if let Some(n) = limits.key_concurrency {
+        parts.push(format!("key concurrency {n}"));
+    }
+    if parts.is_empty() {
+        "no limits".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// `status`'s lines for the queues with controls.
+fn print_controls(controls: &[admin::QueueControls]) {
+    if controls.is_empty() {
+        return;
+    }
+    println!();
+    println!("{:<24} {:<8} LIMITS IN FORCE", "QUEUE", "PAUSED");
+    for control in controls {
+        println!(
+            "{:<24} {:<8} {}{}",
+            printable(&control.queue),
+            if control.paused { "yes" } else { "no" },
+            describe_limits(&control.in_force),
+            if control.overridden {
+                " (set by an operator)"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// The `workflow <id>` command: a header, then one block per step.

@@ -1,8 +1,9 @@
 //! Putting jobs on the queue inside the caller's transaction.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use apalis::prelude::{AbortError, BoxDynError, TaskId};
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use tracing::Instrument as _;
 use ulid::Ulid;
@@ -13,6 +14,65 @@ use crate::{
     queries,
 };
 
+/// When and in which order an enqueued job runs: App Engine's `countdown`
+/// ([`Enqueue::delay`]) and `eta` ([`Enqueue::run_at`]), and a priority.
+///
+/// ```
+/// # use std::time::Duration;
+/// let later = durable_jobs::Enqueue::new().delay(Duration::from_secs(10)).priority(5);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Enqueue {
+    delay: Option<Duration>,
+    run_at: Option<DateTime<Utc>>,
+    priority: Option<i16>,
+}
+
+impl Enqueue {
+    /// Due at once, with the type's [`Job::PRIORITY`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Due `delay` after the enqueuing transaction's start (its `now()`).
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Due at `at` (at once if that has passed). With [`Enqueue::delay`]
+    /// too, the later of the two.
+    #[must_use]
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Runs before due jobs of lower priority (higher first; any `i16`)
+    /// instead of the type's [`Job::PRIORITY`].
+    #[must_use]
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// When the job is due, if not at once: `None` means the transaction's `now()`.
+    fn due(&self) -> Option<DateTime<Utc>> {
+        let delayed = self.delay.map(|delay| {
+            Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or(chrono::TimeDelta::MAX)
+        });
+        match (delayed, self.run_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn priority_of<J: Job>(&self) -> i32 {
+        i32::from(self.priority.unwrap_or(J::PRIORITY))
+    }
+}
+
 /// Puts `job` on its queue using `conn`, typically `&mut *tx` of the
 /// transaction whose write caused it: the job then exists if and only if that
 /// transaction commits, and workers are woken (NOTIFY) at commit.
@@ -22,16 +82,29 @@ use crate::{
 ///
 /// Returns the id of the job that will run this (a ULID).
 pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, Error> {
+    enqueue_with(conn, job, Enqueue::new()).await
+}
+
+/// [`enqueue`] with a delay, a time to run at or a priority ([`Enqueue`]).
+/// A unique job ([`Job::unique`]) runs no earlier than its window's end and
+/// than `options` say; merged into a pending job, it keeps that job's time
+/// and priority.
+pub async fn enqueue_with<J: Job>(
+    conn: &mut PgConnection,
+    job: &J,
+    options: Enqueue,
+) -> Result<Ulid, Error> {
     let span = producer_span(J::NAME);
     async {
         let metadata = observability::inject_current();
         let id = match job.unique() {
             None => {
                 let id = Ulid::generate();
-                insert::<J>(conn, &[id], &[serde_json::to_vec(job)?], metadata).await?;
+                let payload = Payload::of(job)?;
+                insert::<J>(conn, &[id], &[payload], metadata, options).await?;
                 id
             }
-            Some(unique) => upsert::<J>(conn, job, unique, metadata).await?,
+            Some(unique) => upsert::<J>(conn, job, unique, metadata, options).await?,
         };
         tracing::Span::current().record("messaging.message.id", id.to_string());
         // Counted per enqueue request, merged into a pending job or not.
@@ -45,10 +118,19 @@ pub async fn enqueue<J: Job>(conn: &mut PgConnection, job: &J) -> Result<Ulid, E
 /// [`enqueue`] for many jobs of one type, in one statement when none of them
 /// is unique. Returns their ids in order.
 pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result<Vec<Ulid>, Error> {
+    enqueue_many_with(conn, jobs, Enqueue::new()).await
+}
+
+/// [`enqueue_many`] with the same [`Enqueue`] options for every job.
+pub async fn enqueue_many_with<J: Job>(
+    conn: &mut PgConnection,
+    jobs: &[J],
+    options: Enqueue,
+) -> Result<Vec<Ulid>, Error> {
     if jobs.iter().any(|job| job.unique().is_some()) {
         let mut ids = Vec::with_capacity(jobs.len());
         for job in jobs {
-            ids.push(enqueue(conn, job).await?);
+            ids.push(enqueue_with(conn, job, options).await?);
         }
         return Ok(ids);
     }
@@ -57,9 +139,16 @@ pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result
         let ids: Vec<Ulid> = jobs.iter().map(|_| Ulid::generate()).collect();
         let payloads = jobs
             .iter()
-            .map(serde_json::to_vec)
+            .map(Payload::of)
             .collect::<Result<Vec<_>, _>>()?;
-        insert::<J>(conn, &ids, &payloads, observability::inject_current()).await?;
+        insert::<J>(
+            conn,
+            &ids,
+            &payloads,
+            observability::inject_current(),
+            options,
+        )
+        .await?;
         metrics::counter!("durable_jobs_enqueued_total", "queue" => J::NAME)
             .increment(jobs.len() as u64);
         Ok(ids)
@@ -68,20 +157,49 @@ pub async fn enqueue_many<J: Job>(conn: &mut PgConnection, jobs: &[J]) -> Result
     .await
 }
 
+/// A job as its row stores it: the JSON and its concurrency key.
+pub(crate) struct Payload {
+    pub(crate) json: Vec<u8>,
+    pub(crate) concurrency_key: Option<String>,
+}
+
+impl Payload {
+    pub(crate) fn of<J: Job>(job: &J) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            json: serde_json::to_vec(job)?,
+            concurrency_key: job.concurrency_key(),
+        })
+    }
+}
+
 async fn insert<J: Job>(
     conn: &mut PgConnection,
     ids: &[Ulid],
-    payloads: &[Vec<u8>],
+    payloads: &[Payload],
     metadata: HashMap<String, String>,
+    options: Enqueue,
 ) -> Result<(), Error> {
     let (keys, values): (Vec<String>, Vec<String>) = metadata.into_iter().unzip();
     sqlx::query(queries::INSERT_JOBS)
         .bind(ids.iter().map(Ulid::to_string).collect::<Vec<_>>())
         .bind(J::NAME)
-        .bind(payloads)
+        .bind(
+            payloads
+                .iter()
+                .map(|p| p.json.as_slice())
+                .collect::<Vec<_>>(),
+        )
         .bind(i32::try_from(J::MAX_ATTEMPTS).unwrap_or(i32::MAX))
         .bind(&keys)
         .bind(&values)
+        .bind(options.due())
+        .bind(options.priority_of::<J>())
+        .bind(
+            payloads
+                .iter()
+                .map(|p| p.concurrency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *conn)
         .instrument(observability::db_span("INSERT", "apalis.jobs"))
         .await?;
@@ -95,6 +213,7 @@ async fn upsert<J: Job>(
     job: &J,
     unique: Unique,
     mut metadata: HashMap<String, String>,
+    options: Enqueue,
 ) -> Result<Ulid, Error> {
     let (rule, order) = match unique.merge {
         Merge::KeepExisting => ("keep", None),
@@ -121,6 +240,9 @@ async fn upsert<J: Job>(
             .bind(unique.window.map(|window| window.as_secs_f64()))
             .bind(rule)
             .bind(&order)
+            .bind(options.due())
+            .bind(options.priority_of::<J>())
+            .bind(job.concurrency_key())
             .fetch_optional(&mut *conn)
             .instrument(observability::db_span("INSERT", "apalis.jobs"))
             .await?;

@@ -5,6 +5,8 @@ use std::{future::Future, time::Duration};
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::PgPool;
 
+use crate::limits::Limits;
+
 /// A job type: a small serde value (ids, timestamps; not whole records) and
 /// everything about how it runs. Declared once, registered once
 /// ([`crate::Registry::register`]); the runtime, the reaper of unknown types,
@@ -47,6 +49,10 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Delays between attempts. The worker's `JOB_BACKOFF_BASE` and
     /// `JOB_BACKOFF_MAX` override it for every type.
     const BACKOFF: Backoff = Backoff::DEFAULT;
+    /// The priority of its jobs unless the enqueue says otherwise
+    /// (`Enqueue::priority`): a claim takes the highest priority
+    /// first, then the oldest due. Any `i16`; 0 by default.
+    const PRIORITY: i16 = 0;
 
     /// What [`Job::run`] needs (a pool, clients, settings): given once to the
     /// [`crate::Registry`], shared by every run.
@@ -57,6 +63,20 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// At most one pending job per key; see [`Unique`]. `None` (the default):
     /// every enqueue is a job of its own.
     fn unique(&self) -> Option<Unique> {
+        None
+    }
+
+    /// The queue's limits, across every worker process (see [`Limits`]);
+    /// none by default. Operators override them without a deploy
+    /// (`admin::set_limits`).
+    fn limits() -> Limits {
+        Limits::none()
+    }
+
+    /// The key of [`Limits::key_concurrency`] (a tenant, a partner account):
+    /// at most that many of one key's jobs run at once, and claims go
+    /// round-robin across keys. `None` (the default): a key of its own.
+    fn concurrency_key(&self) -> Option<String> {
         None
     }
 

@@ -11,6 +11,7 @@ mod error;
 mod job;
 #[cfg(test)]
 mod layout_test;
+mod limits;
 mod maintenance;
 mod migrate;
 mod queries;
@@ -23,9 +24,10 @@ mod workflow;
 /// The axum the dashboard's router is built on.
 #[cfg(feature = "dashboard")]
 pub use axum;
-pub use enqueue::{enqueue, enqueue_many};
+pub use enqueue::{Enqueue, enqueue, enqueue_many, enqueue_many_with, enqueue_with};
 pub use error::Error;
 pub use job::{Backoff, Job, JobContext, JobError, Merge, StepOf, Unique};
+pub use limits::{Limits, Rate};
 pub use migrate::{is_migrated, migrate};
 pub use runtime::registry::Registry;
 /// The sqlx this engine is built on (0.9): name its `PgPool` and

@@ -119,21 +119,25 @@ where jobs.id = lost.id"#;
 
 // ---- enqueueing (enqueue.rs) ----
 
-/// Inserts jobs due at once: `$1` ids, `$2` queue, `$3` payloads, `$4` max
-/// attempts, `$5`/`$6` the metadata's keys and values (the enqueuer's trace
-/// context, shared by the batch). `run_at` is the transaction's `now()`, so
-/// apalis's insert trigger notifies the workers (it skips future rows).
+/// Inserts jobs: `$1` ids, `$2` queue, `$3` payloads, `$4` max attempts,
+/// `$5`/`$6` the metadata's keys and values (the enqueuer's trace context,
+/// shared by the batch), `$7` when they are due (NULL: the transaction's
+/// `now()`, so apalis's insert trigger notifies the workers; it skips future
+/// rows, which the due-job waker wakes for when due), `$8` their priority,
+/// `$9` their concurrency keys (NULLs for none).
 pub(crate) const INSERT_JOBS: &str = "
-insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata)
-select job.id, $2, job.job, 'Pending', 0, $4, now(), 0, hstore($5::text[], $6::text[])
-from unnest($1::text[], $3::bytea[]) as job(id, job)";
+insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, concurrency_key)
+select job.id, $2, job.job, 'Pending', 0, $4, greatest(coalesce($7::timestamptz, now()), now()), $8,
+       hstore($5::text[], $6::text[]), job.concurrency_key
+from unnest($1::text[], $3::bytea[], $9::text[]) as job(id, job, concurrency_key)";
 
 /// Inserts a unique job, or merges into the pending one of its key. The key
 /// is `$7`, suffixed with the window when `$8` (window seconds) is set; the
 /// job is then due when its window closes, else at once. `$5`/`$6` are the
 /// metadata's keys and values (with the newcomer's order under
 /// `unique.order` for `greatest`), `$9` the merge rule (`keep`, `replace` or
-/// `greatest`), `$10` the newcomer's order.
+/// `greatest`), `$10` the newcomer's order, `$11` the earliest it may run
+/// (NULL: no earlier bound), `$12` its priority, `$13` its concurrency key.
 /// Returns no row when the pending job was claimed meanwhile (try again: the
 /// key is free then).
 pub(crate) const UPSERT_UNIQUE: &str = "
@@ -144,8 +148,9 @@ with slot as (
                 else to_timestamp((floor(extract(epoch from clock_timestamp()) / $8) + 1) * $8) end as run_at
 )
 insert into apalis.jobs as jobs
-    (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, unique_key)
-select $1, $2, $3, 'Pending', 0, $4, slot.run_at, 0, hstore($5::text[], $6::text[]), slot.key
+    (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, unique_key, concurrency_key)
+select $1, $2, $3, 'Pending', 0, $4, greatest(slot.run_at, coalesce($11::timestamptz, now())), $12,
+       hstore($5::text[], $6::text[]), slot.key, $13
 from slot
 on conflict (job_type, unique_key) where unique_key is not null do update set
     job = case when $9 = 'replace'
@@ -532,3 +537,92 @@ select schedules.name as queue, schedules.expression, schedules.catch_up,
 from apalis.schedules
 left join apalis.job_states as jobs on jobs.id = schedules.last_job_id
 order by schedules.name";
+
+// ---- flow control (limits.rs, admin) ----
+
+/// Records queue `$1`'s declared limits (`$2` concurrency, `$3` rate per
+/// second, `$4` burst, `$5` key concurrency; NULLs for none), creating its
+/// control row only when one is set: a queue without a row claims without
+/// taking its lock. A row left with nothing in it goes.
+pub(crate) const DECLARE_LIMITS: &str = "
+with declared as (
+    insert into apalis.queue_controls as controls
+        (queue, declared_concurrency, declared_rate, declared_burst, declared_key_concurrency)
+    select $1, $2, $3, $4, $5
+    where num_nonnulls($2, $3, $4, $5) > 0
+       or exists (select 1 from apalis.queue_controls where queue = $1)
+    on conflict (queue) do update set
+        declared_concurrency = excluded.declared_concurrency,
+        declared_rate = excluded.declared_rate,
+        declared_burst = excluded.declared_burst,
+        declared_key_concurrency = excluded.declared_key_concurrency,
+        updated_at = now()
+    where (controls.declared_concurrency, controls.declared_rate, controls.declared_burst,
+           controls.declared_key_concurrency)
+          is distinct from (excluded.declared_concurrency, excluded.declared_rate,
+                            excluded.declared_burst, excluded.declared_key_concurrency)
+    returning queue
+)
+delete from apalis.queue_controls
+where queue = $1 and not paused and not overridden
+  and num_nonnulls(declared_concurrency, declared_rate, declared_burst, declared_key_concurrency) = 0
+  and num_nonnulls($2, $3, $4, $5) = 0";
+
+/// Pauses (`$2` true) or resumes queue `$1`; a resumed row with nothing
+/// else in it goes.
+pub(crate) const SET_PAUSED: &str = "
+with set as (
+    insert into apalis.queue_controls as controls (queue, paused) values ($1, $2)
+    on conflict (queue) do update set paused = $2, updated_at = now()
+    returning queue, paused, overridden,
+              num_nonnulls(declared_concurrency, declared_rate, declared_burst, declared_key_concurrency) as declared
+)
+delete from apalis.queue_controls
+where queue in (select queue from set where not paused and not overridden and declared = 0)";
+
+/// Overrides queue `$1`'s limits with `$2`..`$5` (as in [`DECLARE_LIMITS`]).
+pub(crate) const OVERRIDE_LIMITS: &str = "
+insert into apalis.queue_controls as controls
+    (queue, overridden, concurrency, rate, burst, key_concurrency, tokens, refilled_at)
+values ($1, true, $2, $3, $4, $5, null, null)
+on conflict (queue) do update set
+    overridden = true, concurrency = $2, rate = $3, burst = $4, key_concurrency = $5,
+    tokens = null, refilled_at = null, updated_at = now()";
+
+/// Puts queue `$1` back on its declared limits.
+pub(crate) const RESET_LIMITS: &str = "
+with reset as (
+    update apalis.queue_controls
+    set overridden = false, concurrency = null, rate = null, burst = null,
+        key_concurrency = null, tokens = null, refilled_at = null, updated_at = now()
+    where queue = $1
+    returning queue, paused,
+              num_nonnulls(declared_concurrency, declared_rate, declared_burst, declared_key_concurrency) as declared
+)
+delete from apalis.queue_controls
+where queue in (select queue from reset where not paused and declared = 0)";
+
+/// Every queue's controls: queue, paused, overridden, then the limits in
+/// force (concurrency, rate, burst, key concurrency) and the declared ones.
+pub(crate) const QUEUE_CONTROLS: &str = "
+select queue, paused, overridden,
+       case when overridden then concurrency else declared_concurrency end,
+       case when overridden then rate else declared_rate end,
+       case when overridden then burst else declared_burst end,
+       case when overridden then key_concurrency else declared_key_concurrency end,
+       declared_concurrency, declared_rate, declared_burst, declared_key_concurrency
+from apalis.queue_controls
+order by queue";
+
+/// Ends queue `$1`'s waiting jobs (due or not, retries included; not those
+/// claimed or running) as dead with the reason `$2`. Returns how many.
+pub(crate) const PURGE_WAITING: &str = "
+with purged as (
+    update apalis.jobs
+    set status = 'Killed', done_at = now(), lock_by = null, lock_at = null, unique_key = null,
+        last_result = jsonb_build_object('Err', $2::text)
+    where job_type = $1
+      and (status = 'Pending' or (status = 'Failed' and attempts < max_attempts))
+    returning 1
+)
+select count(*) from purged";

@@ -415,3 +415,69 @@ async fn a_worker_process_listens_on_one_connection_for_all_its_queues() -> anyh
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_queue_pauses_limits_and_purges_a_queue_for_every_worker() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    let ok = |(code, out, err): (i32, Vec<String>, Vec<String>)| {
+        assert_eq!((code, err.len()), (0, 0), "{out:?} {err:?}");
+        out
+    };
+    let paused = ok(operator(&db, &["queue", "pause", "probe"]).await?);
+    assert_eq!(
+        paused,
+        ["queue probe paused: it starts nothing until resumed"]
+    );
+    let status = ok(operator(&db, &["status"]).await?);
+    assert!(
+        status
+            .iter()
+            .any(|line| line.starts_with("probe") && line.contains(" yes ")),
+        "{status:?}"
+    );
+    let limited = ok(operator(
+        &db,
+        &[
+            "queue",
+            "limits",
+            "probe",
+            "--concurrency",
+            "2",
+            "--rate",
+            "5",
+            "--burst",
+            "3",
+        ],
+    )
+    .await?);
+    assert_eq!(
+        limited,
+        [
+            "queue probe (paused): in force concurrency 2, rate 5/s burst 3 (set by an operator); declared no limits"
+        ]
+    );
+    let reset = ok(operator(&db, &["queue", "limits", "probe", "--reset"]).await?);
+    assert_eq!(
+        reset,
+        ["queue probe (paused): in force no limits; declared no limits"]
+    );
+    tests::enqueue_probes(
+        &db.pool,
+        (0..3).map(|n| Probe {
+            key: format!("waiting-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    let purged = ok(operator(&db, &["queue", "purge", "probe"]).await?);
+    assert_eq!(purged, ["queue probe: 3 waiting jobs purged"]);
+    ok(operator(&db, &["queue", "resume", "probe"]).await?);
+    let (code, _, err) = operator(&db, &["queue", "limits", "probe", "--concurrency", "0"]).await?;
+    assert_eq!(code, 2, "a zero concurrency is refused: {err:?}");
+    let killed: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where status = 'Killed' and last_result ->> 'Err' = 'purged by an operator'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(killed, 3);
+    Ok(())
+}

@@ -12,7 +12,11 @@ mod state;
 
 pub use state::{JobState, UnknownState};
 
-use crate::{error::Error, queries};
+use crate::{
+    error::Error,
+    limits::{self, Limits},
+    queries,
+};
 
 /// How many jobs of one queue are in one state.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -602,4 +606,131 @@ pub struct ScheduleStatus {
 /// Every schedule workers have kept, by queue name.
 pub async fn schedules(pool: &PgPool) -> Result<Vec<ScheduleStatus>, Error> {
     Ok(sqlx::query_as(queries::SCHEDULES).fetch_all(pool).await?)
+}
+
+// ---- flow control ----
+
+/// What controls a queue: paused or not, the limits in force and the ones
+/// its job type declares ([`crate::Job::limits`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueueControls {
+    /// The queue (`job_type`).
+    pub queue: String,
+    /// Whether it starts nothing ([`pause`]).
+    pub paused: bool,
+    /// Whether an operator's limits ([`set_limits`]) replace the declared ones.
+    pub overridden: bool,
+    /// The limits claims obey now.
+    pub in_force: Limits,
+    /// The limits the job type declares (as its last worker to start said).
+    pub declared: Limits,
+}
+
+/// Every queue with a control (paused, or with limits); the others have none.
+pub async fn queue_controls(pool: &PgPool) -> Result<Vec<QueueControls>, Error> {
+    type Row = (
+        String,
+        bool,
+        bool,
+        Option<i32>,
+        Option<f64>,
+        Option<i32>,
+        Option<i32>,
+        Option<i32>,
+        Option<f64>,
+        Option<i32>,
+        Option<i32>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(queries::QUEUE_CONTROLS)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| QueueControls {
+            queue: row.0,
+            paused: row.1,
+            overridden: row.2,
+            in_force: limits::from_columns(row.3, row.4, row.5, row.6),
+            declared: limits::from_columns(row.7, row.8, row.9, row.10),
+        })
+        .collect())
+}
+
+/// The controls of `queue` (none: not paused, no limits).
+pub async fn queue_controls_of(pool: &PgPool, queue: &str) -> Result<QueueControls, Error> {
+    Ok(queue_controls(pool)
+        .await?
+        .into_iter()
+        .find(|controls| controls.queue == queue)
+        .unwrap_or_else(|| QueueControls {
+            queue: queue.to_owned(),
+            paused: false,
+            overridden: false,
+            in_force: Limits::none(),
+            declared: Limits::none(),
+        }))
+}
+
+/// Pauses `queue` on every worker: its claims start nothing until
+/// [`resume`]; jobs already claimed or running finish.
+pub async fn pause(pool: &PgPool, queue: &str) -> Result<(), Error> {
+    sqlx::query(queries::SET_PAUSED)
+        .bind(queue)
+        .bind(true)
+        .execute(pool)
+        .await?;
+    tracing::info!(queue, "queue paused");
+    Ok(())
+}
+
+/// Undoes [`pause`].
+pub async fn resume(pool: &PgPool, queue: &str) -> Result<(), Error> {
+    sqlx::query(queries::SET_PAUSED)
+        .bind(queue)
+        .bind(false)
+        .execute(pool)
+        .await?;
+    tracing::info!(queue, "queue resumed");
+    Ok(())
+}
+
+/// Replaces `queue`'s declared limits with `limits` until [`reset_limits`]
+/// (an operator's override, kept across deploys; `Limits::none()` lifts
+/// every limit).
+pub async fn set_limits(pool: &PgPool, queue: &str, limits: Limits) -> Result<(), Error> {
+    let (concurrency, rate, burst, key_concurrency) = limits::columns(&limits);
+    sqlx::query(queries::OVERRIDE_LIMITS)
+        .bind(queue)
+        .bind(concurrency)
+        .bind(rate)
+        .bind(burst)
+        .bind(key_concurrency)
+        .execute(pool)
+        .await?;
+    tracing::info!(queue, ?limits, "queue limits overridden");
+    Ok(())
+}
+
+/// Puts `queue` back on the limits its job type declares.
+pub async fn reset_limits(pool: &PgPool, queue: &str) -> Result<(), Error> {
+    sqlx::query(queries::RESET_LIMITS)
+        .bind(queue)
+        .execute(pool)
+        .await?;
+    tracing::info!(queue, "queue limits back to the declared ones");
+    Ok(())
+}
+
+/// Ends every waiting job of `queue` (due or scheduled, retries included;
+/// not those claimed or running) as dead, with the reason "purged by an
+/// operator". Returns how many. Cloud Tasks' `PurgeQueue`; the rows stay
+/// (dead, retryable one by one) until the retention prune.
+pub async fn purge(pool: &PgPool, queue: &str) -> Result<u64, Error> {
+    let purged: i64 = sqlx::query_scalar(queries::PURGE_WAITING)
+        .bind(queue)
+        .bind("purged by an operator")
+        .fetch_one(pool)
+        .await?;
+    tracing::info!(queue, jobs.purged = purged, "queue purged");
+    Ok(u64::try_from(purged).unwrap_or_default())
 }

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     backend::wakeups::Wakeups,
     error::Error,
+    limits,
     maintenance::{self, Upkeep, prune::PruneJobs},
     runtime::{
         config::WorkerConfig,
@@ -241,6 +242,13 @@ async fn supervise<C: Clone + Send + Sync + 'static>(
                 restart.clone(),
             ));
             health.set(WorkerState::Running);
+            // Each type's declared limits, for every process's claims; a
+            // failure (the database is down) is the claims' to report.
+            for job in &registry.jobs {
+                if let Err(err) = limits::declare(&pool, job.name, &job.limits).await {
+                    tracing::warn!(queue = job.name, error = %err, "could not record the queue's declared limits");
+                }
+            }
             let parts = WorkerParts {
                 pool: pool.clone(),
                 bookkeeping: bookkeeping.clone(),

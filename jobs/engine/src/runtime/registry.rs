@@ -6,6 +6,7 @@ use apalis::prelude::Monitor;
 
 use crate::{
     job::{Backoff, Job},
+    limits::Limits,
     maintenance::prune::PruneJobs,
     runtime::stack::{self, WorkerParts},
     schedule::{Periodic, Schedule, Tick},
@@ -42,6 +43,8 @@ pub(crate) struct Registration<C> {
     pub(crate) max_attempts: u32,
     pub(crate) timeout: Duration,
     pub(crate) backoff: Backoff,
+    /// Its declared limits ([`Job::limits`]).
+    pub(crate) limits: Limits,
     /// Adds this type's worker to a monitor (monomorphised for the type).
     pub(crate) add_worker: fn(Monitor, &WorkerParts<C>) -> Monitor,
 }
@@ -55,6 +58,7 @@ impl<C> Clone for Registration<C> {
             max_attempts: self.max_attempts,
             timeout: self.timeout,
             backoff: self.backoff,
+            limits: self.limits,
             add_worker: self.add_worker,
         }
     }
@@ -94,6 +98,7 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
                 max_attempts: PruneJobs::MAX_ATTEMPTS,
                 timeout: PruneJobs::TIMEOUT,
                 backoff: PruneJobs::BACKOFF,
+                limits: Limits::none(),
                 add_worker: stack::add_prune_worker::<C>,
             }],
             schedules: Vec::new(),
@@ -116,6 +121,7 @@ impl<C: Clone + Send + Sync + 'static> Registry<C> {
             max_attempts: J::MAX_ATTEMPTS,
             timeout: J::TIMEOUT,
             backoff: J::BACKOFF,
+            limits: J::limits(),
             add_worker: stack::add_worker::<J>,
         });
         self

@@ -53,3 +53,39 @@ pub async fn create_runs_table(pool: &PgPool) -> Result<(), sqlx::Error> {
     .await?;
     Ok(())
 }
+
+/// [`Record`]'s run for a queue with limits: at most 3 at once across every
+/// process (declared), keyed by `tenant` for key concurrency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limited {
+    /// Its concurrency key.
+    pub tenant: String,
+    /// Names the run (`engine_test_runs.key` is `<tenant>/<n>`).
+    pub n: u32,
+    /// How long each attempt takes.
+    pub sleep_millis: u64,
+}
+
+impl Job for Limited {
+    const NAME: &'static str = "engine_test_limited";
+    const MAX_ATTEMPTS: u32 = 3;
+    type Context = PgPool;
+    type Output = ();
+
+    fn limits() -> durable_jobs::Limits {
+        durable_jobs::Limits::none().concurrency(3)
+    }
+
+    fn concurrency_key(&self) -> Option<String> {
+        Some(self.tenant.clone())
+    }
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        Record {
+            key: format!("{}/{}", self.tenant, self.n),
+            sleep_millis: self.sleep_millis,
+        }
+        .run(job)
+        .await
+    }
+}
