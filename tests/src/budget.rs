@@ -22,7 +22,11 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// What a test reserves for itself: its pool ([`crate::TestDb`]'s 10) and
+/// A test's pool ([`crate::TestDb::pool`]) unless it declares a larger one
+/// ([`uses_pool`]).
+pub const POOL: u32 = 10;
+
+/// What a test reserves for itself: its pool ([`POOL`]) and
 /// an in-process worker's bookkeeping pool (a connection per queue and
 /// three: 7 for VisitMe's four queues).
 pub const PER_TEST: u32 = 17;
@@ -179,6 +183,8 @@ pub struct Reservation {
     processes_declared: u32,
     /// Pids of its processes that may still run.
     processes_running: Mutex<Vec<u32>>,
+    /// The size of its databases' pools.
+    pool_size: u32,
     reserved: u32,
     waited: std::time::Duration,
     since: std::time::Instant,
@@ -189,6 +195,8 @@ pub struct Reservation {
 struct Ledger {
     /// Processes declared by tests that have not reserved yet.
     declared: HashMap<String, u32>,
+    /// Pool sizes declared by tests that have not reserved yet.
+    pools: HashMap<String, u32>,
     /// Reservations in force, by test (weak: the test's databases and
     /// processes hold them, and the last one to go frees the share).
     reserved: HashMap<String, std::sync::Weak<Reservation>>,
@@ -231,11 +239,20 @@ pub fn runs_processes(processes: u32) {
     ledger.declared.insert(test, processes);
 }
 
+/// Declares that the running test's [`crate::TestDb`] pool holds up to
+/// `connections` (more than [`POOL`]: a burst of concurrent requests on the
+/// in-process router). Call it before the test's first database.
+pub fn uses_pool(connections: u32) {
+    let Some(test) = current_test() else { return };
+    let mut ledger = ledger().lock().expect("budget ledger lock");
+    ledger.pools.insert(test, connections.max(POOL));
+}
+
 /// The running test's share, reserved on its first call (waiting until it is
 /// free) and shared by its later calls. `None` off a test's thread.
 pub(crate) async fn reserve() -> Option<Arc<Reservation>> {
     let test = current_test()?;
-    let declared = {
+    let (declared, pool_size) = {
         let ledger = ledger().lock().expect("budget ledger lock");
         if let Some(held) = ledger
             .reserved
@@ -244,15 +261,19 @@ pub(crate) async fn reserve() -> Option<Arc<Reservation>> {
         {
             return Some(held);
         }
-        ledger.declared.get(&test).copied().unwrap_or(0)
+        (
+            ledger.declared.get(&test).copied().unwrap_or(0),
+            ledger.pools.get(&test).copied().unwrap_or(POOL),
+        )
     };
-    let wanted = (PER_TEST + declared * PER_PROCESS).min(total().await);
+    let wanted = (PER_TEST + (pool_size - POOL) + declared * PER_PROCESS).min(total().await);
     let asked = std::time::Instant::now();
     let permit = pool().await.acquire(wanted).await;
     let reservation = Arc::new(Reservation {
         test: test.clone(),
         processes_declared: declared,
         processes_running: Mutex::new(Vec::new()),
+        pool_size,
         reserved: wanted,
         waited: asked.elapsed(),
         since: std::time::Instant::now(),
@@ -260,6 +281,7 @@ pub(crate) async fn reserve() -> Option<Arc<Reservation>> {
     });
     let mut ledger = ledger().lock().expect("budget ledger lock");
     ledger.declared.remove(&test);
+    ledger.pools.remove(&test);
     ledger.reserved.insert(test, Arc::downgrade(&reservation));
     Some(reservation)
 }
@@ -305,6 +327,13 @@ fn is_running(pid: u32) -> bool {
         stat.rsplit_once(") ")
             .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
     })
+}
+
+impl Reservation {
+    /// The size of the test's database pools (see [`uses_pool`]).
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size
+    }
 }
 
 impl Drop for Reservation {

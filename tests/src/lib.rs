@@ -77,7 +77,11 @@ impl TestDb {
         conn.close().await?;
         let options = admin.clone().database(&name);
         let pool = PgPoolOptions::new()
-            .max_connections(10)
+            .max_connections(
+                share
+                    .as_ref()
+                    .map_or(budget::POOL, |share| share.pool_size()),
+            )
             .connect_with(options.clone())
             .await?;
         let url = database_url(&options, &name);
