@@ -28,7 +28,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let registry = durable_jobs::Registry::new()
         .register::<jobs::Record>()
-        .register::<jobs::Limited>();
+        .register::<jobs::Limited>()
+        .register::<jobs::Aging>()
+        .register::<jobs::Snoozing>();
     let pool = PgPoolOptions::new()
         .max_connections(args.worker.connections_needed())
         .connect(&args.database_url)

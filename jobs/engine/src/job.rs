@@ -49,6 +49,13 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Delays between attempts. The worker's `JOB_BACKOFF_BASE` and
     /// `JOB_BACKOFF_MAX` override it for every type.
     const BACKOFF: Backoff = Backoff::DEFAULT;
+    /// Give up on a job still failing this long after it was enqueued,
+    /// whatever attempts it has left (App Engine's `task_age_limit`, Cloud
+    /// Tasks' `max_retry_duration`). Checked when an attempt fails: that
+    /// attempt ends the job, dead, with the age as its reason. A delay
+    /// counts: the age is measured from the enqueue (the job id's time).
+    /// `None` (the default): attempts alone decide.
+    const MAX_AGE: Option<Duration> = None;
     /// The priority of its jobs unless the enqueue says otherwise
     /// (`Enqueue::priority`): a claim takes the highest priority
     /// first, then the oldest due. Any `i16`; 0 by default.
@@ -133,7 +140,7 @@ impl<'a, C> JobContext<'a, C> {
 }
 
 /// How an attempt failed: retry later (the default for any error, via `?`),
-/// or give up now.
+/// retry at a time the job names ([`JobError::retry_after`]), or give up now.
 #[derive(Debug)]
 pub struct JobError {
     pub(crate) error: Box<dyn std::error::Error + Send + Sync>,
@@ -156,6 +163,47 @@ impl JobError {
             fatal: true,
         }
     }
+
+    /// Run again `delay` from now instead of after the backoff (a partner's
+    /// `Retry-After`; Oban's snooze). It counts as an attempt (out of
+    /// attempts, or past [`Job::MAX_AGE`], the job is dead) and is logged as
+    /// a retry, with `reason`.
+    pub fn retry_after(
+        delay: Duration,
+        reason: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            error: Box::new(RetryAfter {
+                delay,
+                reason: reason.into(),
+            }),
+            fatal: false,
+        }
+    }
+}
+
+/// The error of [`JobError::retry_after`]: the runtime reads its delay
+/// where it settles the attempt.
+#[derive(Debug)]
+pub(crate) struct RetryAfter {
+    pub(crate) delay: Duration,
+    reason: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (asked to run again in {:?})",
+            self.reason, self.delay
+        )
+    }
+}
+
+impl std::error::Error for RetryAfter {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.reason)
+    }
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for JobError {
@@ -173,26 +221,66 @@ impl std::fmt::Display for JobError {
 /// Exponential backoff between attempts: `base · 2^(attempt-1)`, capped at
 /// `max`, with ±10 % jitter (as Oban does) so that jobs failing together do
 /// not retry together, while each delay stays clearly longer than the last.
-/// The delay is stored in the row (`run_at`), so it survives restarts.
+/// With [`Backoff::max_doublings`] (App Engine's `max_doublings`) the delay
+/// doubles that many times, then grows by the last doubled step each time
+/// (linearly), up to `max`. The delay is stored in the row (`run_at`), so it
+/// survives restarts.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use durable_jobs::Backoff;
+/// // App Engine's min 10 s, max 300 s, 3 doublings: 10, 20, 40, 80, 160, 240, 300, 300 s.
+/// const BACKOFF: Backoff =
+///     Backoff::new(Duration::from_secs(10), Duration::from_secs(300)).max_doublings(3);
+/// assert_eq!(BACKOFF.nominal(6), Duration::from_secs(240));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
     /// Delay after the first failed attempt.
     pub base: Duration,
     /// Longest delay.
     pub max: Duration,
+    /// Doublings before the delay grows linearly (`None`: it doubles up to `max`).
+    pub max_doublings: Option<u32>,
 }
 
 impl Backoff {
     /// 1 s, 2 s, 4 s, … up to an hour.
-    pub const DEFAULT: Self = Self {
-        base: Duration::from_secs(1),
-        max: Duration::from_secs(3600),
-    };
+    pub const DEFAULT: Self = Self::new(Duration::from_secs(1), Duration::from_secs(3600));
+
+    /// `base`, doubling per attempt up to `max`.
+    pub const fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            max_doublings: None,
+        }
+    }
+
+    /// Doubles `doublings` times, then grows linearly.
+    pub const fn max_doublings(mut self, doublings: u32) -> Self {
+        self.max_doublings = Some(doublings);
+        self
+    }
 
     /// The delay after failed attempt number `attempt` (1-based), before jitter.
     pub fn nominal(&self, attempt: u32) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(30);
-        self.base.saturating_mul(1 << exponent).min(self.max)
+        let steps = attempt.saturating_sub(1);
+        let doublings = self.doublings();
+        let delay = if steps <= doublings {
+            self.base.saturating_mul(1 << steps)
+        } else {
+            // Linear past the doublings: base·2^d more per attempt.
+            self.base
+                .saturating_mul(1 << doublings)
+                .saturating_mul(steps - doublings + 1)
+        };
+        delay.min(self.max)
+    }
+
+    /// The doublings in force (30 at most: 2^30 base periods is past any cap).
+    pub(crate) fn doublings(&self) -> u32 {
+        self.max_doublings.unwrap_or(30).min(30)
     }
 }
 
@@ -262,10 +350,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_per_attempt_up_to_the_cap() {
-        let backoff = Backoff {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        };
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let nominal: Vec<u64> = (1..=8).map(|a| backoff.nominal(a).as_secs()).collect();
         assert_eq!(nominal, [1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(
@@ -273,6 +358,18 @@ mod tests {
             Duration::from_secs(60),
             "huge attempts do not overflow"
         );
+    }
+
+    #[test]
+    fn max_doublings_turns_the_growth_linear_as_app_engine_does() {
+        let backoff =
+            Backoff::new(Duration::from_secs(10), Duration::from_secs(300)).max_doublings(3);
+        let nominal: Vec<u64> = (1..=9).map(|a| backoff.nominal(a).as_secs()).collect();
+        assert_eq!(nominal, [10, 20, 40, 80, 160, 240, 300, 300, 300]);
+        let never = Backoff::new(Duration::from_secs(2), Duration::from_secs(60)).max_doublings(0);
+        let nominal: Vec<u64> = (1..=4).map(|a| never.nominal(a).as_secs()).collect();
+        assert_eq!(nominal, [2, 4, 6, 8], "0 doublings: linear from the start");
+        assert_eq!(never.nominal(u32::MAX), Duration::from_secs(60));
     }
 }
 

@@ -53,12 +53,15 @@ where jobs.id = rejected.id and jobs.lock_by = $3";
 /// worker name.
 ///
 /// A failed attempt is settled in the same write as its acknowledgement:
-/// status, attempts, `last_result`, and the retry's `run_at`, pushed out by
-/// `$7 · 2^(attempt-1)` seconds, at most `$8`, with ±10 % jitter.
+/// status, attempts, `last_result`, and the retry's `run_at`: the delay the
+/// job asked for (`$9`, `JobError::retry_after`), else the backoff's,
+/// `$7 · 2^(attempt-1)` seconds for the first `$10` doublings and linear
+/// after them, at most `$8`, with ±10 % jitter (`Backoff::nominal`).
 ///
 /// Binds: `$1` result ids, `$2` attempts, `$3` statuses, `$4` outcomes
 /// (`{"Ok": ..}`/`{"Err": ..}`), `$5` started ids, `$6` the worker's name,
-/// `$7`/`$8` the backoff's base and cap in seconds.
+/// `$7`/`$8` the backoff's base and cap in seconds, `$9` each result's own
+/// retry delay in seconds (NULL: the backoff's), `$10` the backoff's doublings.
 /// Returns the numbers of results and starts recorded.
 pub const RECORD_EVENTS: &str = "
 with finished as (
@@ -66,12 +69,14 @@ with finished as (
     set status = result.status, attempts = result.attempt,
         last_result = result.outcome, done_at = now(),
         run_at = case when result.status = 'Failed'
-            then clock_timestamp() + make_interval(secs =>
-                least($7 * power(2, least(greatest(result.attempt - 1, 0), 30)), $8)
-                * (0.9 + 0.2 * random()))
+            then clock_timestamp() + make_interval(secs => coalesce(result.retry_in,
+                least($7 * case when result.attempt - 1 <= $10
+                                then power(2, greatest(result.attempt - 1, 0))
+                                else power(2, $10) * (result.attempt - $10) end, $8)
+                * (0.9 + 0.2 * random())))
             else jobs.run_at end
-    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[])
-         as result(id, attempt, status, outcome)
+    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[], $9::float8[])
+         as result(id, attempt, status, outcome, retry_in)
     where jobs.id = result.id and jobs.lock_by is not distinct from $6
       and jobs.status in ('Queued', 'Running')
     returning jobs.id
@@ -579,6 +584,12 @@ with set as (
 )
 delete from apalis.queue_controls
 where queue in (select queue from set where not paused and not overridden and declared = 0)";
+
+/// Wakes queue `$1`'s workers in every process (after a resume, or limits
+/// that may let held-back jobs start): their next claim comes now, not at
+/// their poll.
+pub(crate) const WAKE_QUEUE: &str = "
+select pg_notify('apalis::job::insert', json_build_object('job_type', $1::text)::text)";
 
 /// Overrides queue `$1`'s limits with `$2`..`$5` (as in [`DECLARE_LIMITS`]).
 pub(crate) const OVERRIDE_LIMITS: &str = "

@@ -10,7 +10,7 @@
 //! it runs in the very transaction that records a dependency's end, and
 //! counts dependencies off under the dependent's row lock.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -53,6 +53,9 @@ pub struct Step {
     max_attempts: u32,
     depends_on: Vec<String>,
     on_dependency_failure: OnDependencyFailure,
+    delay: Option<Duration>,
+    priority: i16,
+    concurrency_key: Option<String>,
 }
 
 impl Step {
@@ -66,7 +69,24 @@ impl Step {
             max_attempts: J::MAX_ATTEMPTS,
             depends_on: Vec::new(),
             on_dependency_failure: OnDependencyFailure::Cancel,
+            delay: None,
+            priority: J::PRIORITY,
+            concurrency_key: job.concurrency_key(),
         }
+    }
+
+    /// The step's job is due `delay` after the step is released (its
+    /// dependencies ended; a step without any: the workflow's enqueue), and
+    /// `scheduled` until then.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// The step's job's priority (its type's `Job::PRIORITY` unless set).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// The step runs only after each of these steps has ended (done, unless
@@ -259,6 +279,9 @@ pub(crate) async fn add_steps<'e>(
                 "max_attempts": step.max_attempts,
                 "depends_on": step.depends_on,
                 "on_dependency_failure": step.on_dependency_failure.as_str(),
+                "delay_secs": step.delay.map(|delay| delay.as_secs_f64()),
+                "priority": step.priority,
+                "concurrency_key": step.concurrency_key,
             })
         })
         .collect();

@@ -690,7 +690,17 @@ pub async fn resume(pool: &PgPool, queue: &str) -> Result<(), Error> {
         .bind(false)
         .execute(pool)
         .await?;
+    wake(pool, queue).await?;
     tracing::info!(queue, "queue resumed");
+    Ok(())
+}
+
+/// Wakes `queue`'s workers everywhere (see `queries::WAKE_QUEUE`).
+async fn wake(pool: &PgPool, queue: &str) -> Result<(), Error> {
+    sqlx::query(queries::WAKE_QUEUE)
+        .bind(queue)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -707,6 +717,7 @@ pub async fn set_limits(pool: &PgPool, queue: &str, limits: Limits) -> Result<()
         .bind(key_concurrency)
         .execute(pool)
         .await?;
+    wake(pool, queue).await?;
     tracing::info!(queue, ?limits, "queue limits overridden");
     Ok(())
 }
@@ -717,6 +728,7 @@ pub async fn reset_limits(pool: &PgPool, queue: &str) -> Result<(), Error> {
         .bind(queue)
         .execute(pool)
         .await?;
+    wake(pool, queue).await?;
     tracing::info!(queue, "queue limits back to the declared ones");
     Ok(())
 }

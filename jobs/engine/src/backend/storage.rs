@@ -60,7 +60,11 @@ use apalis_postgres::{Config, Error, PgPool, PgTask, queries as apalis_queries};
 use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
-use crate::{backend::wakeups::Wakeup, job::Backoff, queries};
+use crate::{
+    backend::wakeups::Wakeup,
+    job::{Backoff, RetryAfter},
+    queries,
+};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
@@ -120,8 +124,8 @@ pub struct QueueStorage {
     /// Jobs the worker runs at once (its concurrency): the demand.
     slots: usize,
     /// Start marks and results from the worker's [`SettleLayer`].
-    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
-    events: mpsc::UnboundedReceiver<TaskEvent<Value>>,
+    sender: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
     registered: bool,
     register: Option<BoxSyncFuture<Result<(), Error>>>,
     heartbeat_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -138,7 +142,7 @@ pub struct QueueStorage {
     running: usize,
     /// Set while a small claim waits for more free slots (see [`TOP_UP_DELAY`]).
     top_up: Option<Pin<Box<tokio::time::Sleep>>>,
-    unsettled: Vec<TaskEvent<Value>>,
+    unsettled: Vec<Event>,
     settles: Vec<BoxSyncFuture<Result<Recorded, Error>>>,
     hand_back: Option<BoxSyncFuture<Result<u64, Error>>>,
     dead: bool,
@@ -193,7 +197,7 @@ impl QueueStorage {
     /// its slot.
     fn drain_events(&mut self, cx: &mut Context<'_>) {
         while let Poll::Ready(Some(event)) = self.events.poll_recv(cx) {
-            if matches!(event, TaskEvent::Complete(_)) {
+            if matches!(event.0, TaskEvent::Complete(_)) {
                 self.running = self.running.saturating_sub(1);
             }
             self.unsettled.push(event);
@@ -224,7 +228,7 @@ impl QueueStorage {
             let events = std::mem::take(&mut self.unsettled);
             let (pool, name, backoff) = (self.pool.clone(), worker.name().to_owned(), self.backoff);
             self.settles.push(spawned(async move {
-                record_events(&pool, events, &name, backoff).await
+                record_round(&pool, EventRound::from(events), &name, backoff).await
             }));
         }
     }
@@ -543,7 +547,7 @@ impl Backend for QueueStorage {
 /// `Persisted`; its channel cannot be read by another backend).
 #[derive(Debug, Clone)]
 pub struct SettleLayer {
-    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
+    sender: mpsc::UnboundedSender<Event>,
 }
 
 impl<S> Layer<S> for SettleLayer {
@@ -560,7 +564,7 @@ impl<S> Layer<S> for SettleLayer {
 #[derive(Debug, Clone)]
 pub struct SettleService<S> {
     inner: S,
-    sender: mpsc::UnboundedSender<TaskEvent<Value>>,
+    sender: mpsc::UnboundedSender<Event>,
 }
 
 impl<S, Args> Service<Task<Args>> for SettleService<S>
@@ -585,7 +589,7 @@ where
         if let Some(task_id) = task_id.clone() {
             // A closed channel means the backend is gone; the result is then
             // lost as after a crash, and the lease returns the job.
-            let _ = sender.send(TaskEvent::Lock { task_id });
+            let _ = sender.send((TaskEvent::Lock { task_id }, None));
         }
         let run = self.inner.call(task);
         Box::pin(async move {
@@ -595,12 +599,20 @@ where
                     Ok(response) => serde_json::to_value(response).map_err(|err| err.to_string()),
                     Err(error) => Err(error.to_string()),
                 };
-                let _ = sender.send(TaskEvent::Complete(TaskResult {
-                    task_id,
-                    attempt: ctx.attempt(),
-                    status: ctx.status(),
-                    result: outcome,
-                }));
+                // A job's own `JobError::retry_after` replaces the backoff.
+                let retry_in = result
+                    .as_ref()
+                    .err()
+                    .and_then(|error| error.downcast_ref::<RetryAfter>().map(|retry| retry.delay));
+                let _ = sender.send((
+                    TaskEvent::Complete(TaskResult {
+                        task_id,
+                        attempt: ctx.attempt(),
+                        status: ctx.status(),
+                        result: outcome,
+                    }),
+                    retry_in,
+                ));
             }
             result
         })
@@ -644,7 +656,16 @@ pub async fn record_events(
     worker: &str,
     backoff: Backoff,
 ) -> Result<Recorded, Error> {
-    let round = EventRound::from(events);
+    record_round(pool, EventRound::from(events), worker, backoff).await
+}
+
+/// Records one round (see [`record_events`]).
+async fn record_round(
+    pool: &PgPool,
+    round: EventRound,
+    worker: &str,
+    backoff: Backoff,
+) -> Result<Recorded, Error> {
     if round.is_empty() {
         return Ok(Recorded::default());
     }
@@ -664,6 +685,8 @@ pub async fn record_events(
             .bind(worker)
             .bind(backoff.base.as_secs_f64())
             .bind(backoff.max.as_secs_f64())
+            .bind(&round.retry_in)
+            .bind(i32::try_from(backoff.doublings()).unwrap_or(30))
             .fetch_one(pool)
             .await;
         match settled {
@@ -841,8 +864,14 @@ struct EventRound {
     attempts: Vec<i32>,
     statuses: Vec<String>,
     outcomes: Vec<Value>,
+    /// Seconds until the retry, where the job named them (else the backoff's).
+    retry_in: Vec<Option<f64>>,
     started_ids: Vec<String>,
 }
+
+/// A start mark or result from the [`SettleLayer`], with the delay a job
+/// asked for its retry (`JobError::retry_after`).
+type Event = (TaskEvent<Value>, Option<Duration>);
 
 impl EventRound {
     fn is_empty(&self) -> bool {
@@ -851,22 +880,35 @@ impl EventRound {
 }
 
 impl From<Vec<TaskEvent<Value>>> for EventRound {
+    fn from(events: Vec<TaskEvent<Value>>) -> Self {
+        events
+            .into_iter()
+            .map(|event| (event, None))
+            .collect::<Vec<Event>>()
+            .into()
+    }
+}
+
+impl From<Vec<Event>> for EventRound {
     /// Results are sorted by id, so that concurrent writers lock rows in one
     /// order; a job that started and finished in the same round needs no
     /// start mark.
-    fn from(events: Vec<TaskEvent<Value>>) -> Self {
-        let mut results: Vec<TaskResult<Value>> = Vec::new();
+    fn from(events: Vec<Event>) -> Self {
+        let mut results: Vec<(TaskResult<Value>, Option<Duration>)> = Vec::new();
         let mut started_ids = Vec::new();
-        for event in events {
+        for (event, retry_in) in events {
             match event {
-                TaskEvent::Complete(result) => results.push(result),
+                TaskEvent::Complete(result) => results.push((result, retry_in)),
                 TaskEvent::Lock { task_id } => started_ids.push(task_id.to_string()),
                 _ => {}
             }
         }
-        results.sort_by_key(|result| result.task_id.to_string());
+        results.sort_by_key(|(result, _)| result.task_id.to_string());
         let mut round = Self::default();
-        for result in results {
+        for (result, retry_in) in results {
+            round
+                .retry_in
+                .push(retry_in.map(|delay| delay.as_secs_f64()));
             round.finished_ids.push(result.task_id.to_string());
             round
                 .attempts

@@ -8,17 +8,27 @@
 //! insert's notifications delivered five times. Here one listener reads
 //! them and wakes the workers of the queue named.
 //!
+//! A job inserted for later (a delay, a unique window, a delayed workflow
+//! step) is announced too, with how long until it is due (`due_in`, the
+//! earliest of the statement's rows): the listener wakes its queue's workers
+//! then, on a timer of its own, so a delayed job starts on time however long
+//! the poll interval is.
+//!
 //! A wake-up is a hint: a worker also claims at its poll interval and when
-//! a job finishes, so a notification lost while the listener reconnects
-//! costs at most one interval; after a reconnect every worker is woken.
+//! a job finishes, so a notification lost while the listener reconnects (or
+//! sent before this process started) costs at most one interval; after a
+//! reconnect every worker is woken.
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use sqlx::{PgPool, postgres::PgListener};
@@ -39,26 +49,73 @@ pub(crate) struct Wakeups {
     subscribers: Arc<Mutex<HashMap<String, Vec<mpsc::Sender<()>>>>>,
 }
 
-/// What a notification says: the queue with a due job (any other field is
-/// ignored).
+/// What a notification says: the queue with a due job, or with one due in
+/// `due_in` seconds (any other field is ignored).
 #[derive(Debug, Deserialize)]
 struct Notification {
     job_type: String,
+    #[serde(default)]
+    due_in: Option<f64>,
 }
+
+/// Timed wake-ups further out than this are not kept.
+const TIMED_WAKE_HORIZON_SECS: f64 = 86_400.0;
+
+/// A timed wake-up comes this long after the job's due time, so that the
+/// database's clock has passed it too when the worker claims (the claim
+/// takes jobs with `run_at < now()`); a second one follows in case the first
+/// still came early (the notification is sent at the insert, received after
+/// the commit).
+const TIMED_WAKE_LATE: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(150)];
 
 impl Wakeups {
     /// Starts listening on a connection of `pool` until `stop` fires; the
     /// listener reconnects by itself after a lost connection.
     pub(crate) fn listen(pool: PgPool, stop: CancellationToken) -> Self {
         let wakeups = Self::default();
-        let listener = wakeups.clone();
+        let (listener, timers) = (wakeups.clone(), wakeups.clone());
+        let (timer, timed) = mpsc::unbounded_channel();
+        let timers_stop = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = listener.run(&pool) => {}
+                () = timers.run_timers(timed) => {}
+                () = timers_stop.cancelled() => {}
+            }
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                () = listener.run(&pool, &timer) => {}
                 () = stop.cancelled() => {}
             }
         });
         wakeups
+    }
+
+    /// Wakes each queue at the times sent on `timed` (the earliest first).
+    async fn run_timers(&self, mut timed: mpsc::UnboundedReceiver<(Instant, String)>) {
+        let mut due: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+        loop {
+            let next = due.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                received = timed.recv() => match received {
+                    Some(wake) => due.push(Reverse(wake)),
+                    None => return,
+                },
+                () = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let now = Instant::now();
+                    while due.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                        if let Some(Reverse((_, queue))) = due.pop() {
+                            self.wake(Some(&queue));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A stream that yields once for every burst of notifications for
@@ -104,7 +161,7 @@ impl Wakeups {
         }
     }
 
-    async fn run(&self, pool: &PgPool) {
+    async fn run(&self, pool: &PgPool, timer: &mpsc::UnboundedSender<(Instant, String)>) {
         let mut failing = false;
         loop {
             let mut listener = match connect(pool).await {
@@ -128,6 +185,18 @@ impl Wakeups {
                 match listener.try_recv().await {
                     Ok(Some(notification)) => {
                         match serde_json::from_str::<Notification>(notification.payload()) {
+                            Ok(Notification {
+                                job_type,
+                                due_in: Some(due_in),
+                            }) if due_in > 0.0 => {
+                                // Further out than the horizon: the poll comes first.
+                                if due_in <= TIMED_WAKE_HORIZON_SECS {
+                                    let due = Instant::now() + Duration::from_secs_f64(due_in);
+                                    for late in TIMED_WAKE_LATE {
+                                        let _ = timer.send((due + late, job_type.clone()));
+                                    }
+                                }
+                            }
                             Ok(notification) => self.wake(Some(&notification.job_type)),
                             // Not ours to read: wake everyone rather than miss a job.
                             Err(_) => self.wake(None),

@@ -144,6 +144,7 @@ impl WorkerConfig {
         Backoff {
             base: self.backoff_base.unwrap_or(declared.base),
             max: self.backoff_max.unwrap_or(declared.max),
+            max_doublings: declared.max_doublings,
         }
     }
 

@@ -136,6 +136,7 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
             .layer(DurabilityLayer::new(
                 J::NAME,
                 config.backoff(J::BACKOFF),
+                J::MAX_AGE,
                 activity.clone(),
             ))
             .concurrency(usize::from(config.concurrency))

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use durable_jobs::{Job, JobContext, JobError};
+use durable_jobs::{Backoff, Job, JobContext, JobError};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -54,7 +54,7 @@ pub async fn create_runs_table(pool: &PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// [`Record`]'s run for a queue with limits: at most 3 at once across every
+/// [`Record`]'s run for a queue with limits: at most 4 at once across every
 /// process (declared), keyed by `tenant` for key concurrency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limited {
@@ -73,7 +73,7 @@ impl Job for Limited {
     type Output = ();
 
     fn limits() -> durable_jobs::Limits {
-        durable_jobs::Limits::none().concurrency(3)
+        durable_jobs::Limits::none().concurrency(4)
     }
 
     fn concurrency_key(&self) -> Option<String> {
@@ -87,5 +87,66 @@ impl Job for Limited {
         }
         .run(job)
         .await
+    }
+}
+
+/// Fails every attempt (each recorded as [`Record`] does) until its age
+/// limit of 2 s ends it, long before its attempts run out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aging {
+    /// Names the runs.
+    pub key: String,
+}
+
+impl Job for Aging {
+    const NAME: &'static str = "engine_test_aging";
+    const MAX_ATTEMPTS: u32 = 1000;
+    const MAX_AGE: Option<Duration> = Some(Duration::from_secs(2));
+    const BACKOFF: Backoff = Backoff::new(Duration::from_millis(300), Duration::from_millis(300));
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        Record {
+            key: self.key,
+            sleep_millis: 0,
+        }
+        .run(job)
+        .await?;
+        Err(JobError::retry("the partner is still down"))
+    }
+}
+
+/// Asks to run again `after_millis` later on its first attempt (a partner's
+/// `Retry-After`), and succeeds on the next; each attempt recorded as
+/// [`Record`] does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snoozing {
+    /// Names the runs.
+    pub key: String,
+    /// The delay the first attempt asks for.
+    pub after_millis: u64,
+}
+
+impl Job for Snoozing {
+    const NAME: &'static str = "engine_test_snoozing";
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        let first = job.attempt() == 1;
+        Record {
+            key: self.key,
+            sleep_millis: 0,
+        }
+        .run(job)
+        .await?;
+        if first {
+            return Err(JobError::retry_after(
+                Duration::from_millis(self.after_millis),
+                "the partner answered 429 with Retry-After",
+            ));
+        }
+        Ok(())
     }
 }

@@ -144,6 +144,8 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
         .bind("w-new")
         .bind(1.0_f64)
         .bind(3600.0_f64)
+        .bind(vec![None::<f64>; queued.len()])
+        .bind(30_i32)
         .fetch_one(&db.pool)
         .await?;
     let plan = plan.to_string();
@@ -266,18 +268,31 @@ async fn a_batch_insert_notifies_once_per_queue_not_once_per_row() -> anyhow::Re
     )
     .execute(&db.pool)
     .await?;
-    let mut queues = Vec::new();
+    let (mut due, mut timed) = (Vec::new(), Vec::new());
     while let Ok(notification) =
         tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await
     {
         let payload: Value = serde_json::from_str(notification?.payload())?;
-        queues.push(payload["job_type"].as_str().unwrap_or_default().to_owned());
+        let queue = payload["job_type"].as_str().unwrap_or_default().to_owned();
+        match payload["due_in"].as_f64() {
+            None => due.push(queue),
+            Some(due_in) => timed.push((queue, due_in.round())),
+        }
     }
-    queues.sort();
+    due.sort();
+    timed.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
-        queues,
+        due,
         ["engine_test_a", "engine_test_b"],
         "one wake-up per queue with due jobs"
+    );
+    assert_eq!(
+        timed,
+        [
+            ("engine_test_a".to_owned(), 3600.0),
+            ("engine_test_b".to_owned(), 3600.0)
+        ],
+        "and one per queue with jobs for later, saying when"
     );
     Ok(())
 }
@@ -316,5 +331,46 @@ async fn a_worker_without_its_row_claims_nothing() -> anyhow::Result<()> {
             .fetch_all(&db.pool)
             .await?;
     assert_eq!(ids, [pending]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_attempt_waits_the_backoff_with_its_doublings_then_linear_growth()
+-> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let running = jobs_of(&db, "w-ours", "Running", 7).await?;
+    // App Engine's example: min 10 s, max 300 s, 3 doublings.
+    let backoff = durable_jobs::Backoff::new(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(300),
+    )
+    .max_doublings(3);
+    let events = running
+        .iter()
+        .zip(1..)
+        .map(|(id, attempt)| {
+            Ok(TaskEvent::Complete(TaskResult {
+                task_id: task_id(id)?,
+                attempt,
+                status: Status::Failed,
+                result: Err("boom".to_owned()),
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    storage::record_events(&db.pool, events, "w-ours", backoff).await?;
+    for (id, attempt) in running.iter().zip(1..) {
+        let waits: f64 = sqlx::query_scalar(
+            "select extract(epoch from run_at - now())::float8 from apalis.jobs where id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+        let nominal = backoff.nominal(attempt).as_secs_f64();
+        println!("attempt {attempt}: waits {waits:.1} s (nominal {nominal} s)");
+        assert!(
+            (nominal * 0.9 - 0.5..=nominal * 1.1 + 0.5).contains(&waits),
+            "attempt {attempt} waits {waits:.1} s, not about {nominal} s (10, 20, 40, 80, 160, 240, 300)"
+        );
+    }
     Ok(())
 }
