@@ -19,7 +19,7 @@
 use std::{io::Write as _, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use durable_jobs::{Job, JobError, Merge, Unique, Workflow};
+use durable_jobs::{Job, JobError, Limits, Merge, Unique, Workflow};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor, PgPool, types::Json};
 use tracing::Instrument as _;
@@ -41,6 +41,13 @@ impl Job for TrimVisits {
     const MAX_ATTEMPTS: u32 = 5;
     type Context = JobContext;
     type Output = TrimOutcome;
+
+    /// Two trims never delete at once, across every worker process: a trim
+    /// that finds another running waits for its slot (in the claim), so
+    /// their deletes never contend for the same rows.
+    fn limits() -> Limits {
+        Limits::none().concurrency(1)
+    }
 
     /// Page views coalesce: one pending trim per [`COALESCE_WINDOW`], keeping
     /// the latest threshold (so it deletes everything each view's would

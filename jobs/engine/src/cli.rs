@@ -355,40 +355,17 @@ async fn answer_queue(pool: &PgPool, command: QueueCommand) -> Result<(), Error>
                 "queue {}{}: in force {}{}; declared {}",
                 printable(&queue),
                 if controls.paused { " (paused)" } else { "" },
-                describe_limits(&controls.in_force),
+                controls.in_force,
                 if controls.overridden {
                     " (set by an operator)"
                 } else {
                     ""
                 },
-                describe_limits(&controls.declared),
+                controls.declared,
             );
         }
     }
     Ok(())
-}
-
-/// `concurrency 4, rate 10/s burst 5, key concurrency 1`, or `no limits`.
-pub fn describe_limits(limits: &Limits) -> String {
-    let mut parts = Vec::new();
-    if let Some(n) = limits.concurrency {
-        parts.push(format!("concurrency {n}"));
-    }
-    if let Some(rate) = limits.rate {
-        let burst = rate
-            .burst
-            .map(|b| format!(" burst {b}"))
-            .unwrap_or_default();
-        parts.push(format!("rate {}/s{burst}", rate.per_second));
-    }
-    if let Some(n) = limits.key_concurrency {
-        parts.push(format!("key concurrency {n}"));
-    }
-    if parts.is_empty() {
-        "no limits".to_owned()
-    } else {
-        parts.join(", ")
-    }
 }
 
 /// `status`'s lines for the queues with controls.
@@ -403,7 +380,7 @@ fn print_controls(controls: &[admin::QueueControls]) {
             "{:<24} {:<8} {}{}",
             printable(&control.queue),
             if control.paused { "yes" } else { "no" },
-            describe_limits(&control.in_force),
+            control.in_force,
             if control.overridden {
                 " (set by an operator)"
             } else {

@@ -102,6 +102,31 @@ impl Rate {
 
 /// The SQL columns of `limits`: concurrency, rate per second, burst, key
 /// concurrency.
+/// "concurrency 4, rate 10/s burst 5, key concurrency 1", or "no limits".
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(n) = self.concurrency {
+            parts.push(format!("concurrency {n}"));
+        }
+        if let Some(rate) = self.rate {
+            let burst = rate
+                .burst
+                .map(|b| format!(" burst {b}"))
+                .unwrap_or_default();
+            parts.push(format!("rate {}/s{burst}", rate.per_second));
+        }
+        if let Some(n) = self.key_concurrency {
+            parts.push(format!("key concurrency {n}"));
+        }
+        if parts.is_empty() {
+            f.write_str("no limits")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 pub(crate) fn columns(limits: &Limits) -> (Option<i32>, Option<f64>, Option<i32>, Option<i32>) {
     let count = |n: Option<u32>| n.map(|n| i32::try_from(n).unwrap_or(i32::MAX));
     (

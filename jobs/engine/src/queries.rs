@@ -379,6 +379,48 @@ from apalis.jobs
 where job_type = $1
   and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))";
 
+/// Queue `$1`'s unfinished jobs: due and waiting, not yet due (a delay, a
+/// retry's backoff, a unique window), and claimed or running.
+pub(crate) const QUEUE_PAGE_COUNTS: &str = "
+select count(*) filter (where run_at <= now() and status in ('Pending', 'Failed')) as waiting,
+       count(*) filter (where run_at > now() and status in ('Pending', 'Failed')) as scheduled,
+       count(*) filter (where status in ('Queued', 'Running')) as running
+from apalis.jobs
+where job_type = $1
+  and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))";
+
+/// Queue `$1`'s last hour, minute by minute (60 rows, the current minute
+/// last): jobs started (by their latest attempt's start), jobs finished
+/// (done or dead), and the p50 and p95 of the wait from due to start, in
+/// seconds, of the jobs started that minute. Read from the job rows, so
+/// jobs pruned within the hour drop out of it.
+pub(crate) const QUEUE_MINUTES: &str = "
+with minutes as (
+    select generate_series(date_trunc('minute', now()) - interval '59 minutes',
+                           date_trunc('minute', now()), interval '1 minute') as minute
+), started as (
+    select date_trunc('minute', lock_at) as minute, count(*) as started,
+           percentile_cont(0.5) within group (order by greatest(extract(epoch from lock_at - run_at), 0)) as wait_p50,
+           percentile_cont(0.95) within group (order by greatest(extract(epoch from lock_at - run_at), 0)) as wait_p95
+    from apalis.jobs
+    where job_type = $1 and status in ('Running', 'Done', 'Killed') and lock_at is not null
+      and lock_at >= date_trunc('minute', now()) - interval '59 minutes'
+    group by 1
+), finished as (
+    select date_trunc('minute', done_at) as minute, count(*) as finished
+    from apalis.jobs
+    where job_type = $1 and status in ('Done', 'Killed')
+      and done_at >= date_trunc('minute', now()) - interval '59 minutes'
+    group by 1
+)
+select minutes.minute, coalesce(started.started, 0) as started,
+       coalesce(finished.finished, 0) as finished,
+       started.wait_p50, started.wait_p95
+from minutes
+left join started using (minute)
+left join finished using (minute)
+order by minutes.minute";
+
 // ---- workflows (workflow.rs; the release itself is the engine's trigger
 // `jobs_settle_workflow_step`, see the workflows migration) ----
 

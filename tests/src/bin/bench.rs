@@ -132,6 +132,10 @@ enum Section {
     /// 7: workflows: fan-in latency, 3-step chains per second, a trim of a
     /// huge backlog as a workflow of chunks.
     Workflows,
+    /// 8: flow control: a drain with key concurrency 1 over 100 keys, a
+    /// rate-limited queue's achieved rate, the claim's cost over 100,000
+    /// waiting jobs of 1,000 keys.
+    Flow,
 }
 
 /// VisitMe measured against the physical limit: web throughput and latency,
@@ -201,6 +205,9 @@ async fn run(
     }
     if wanted(Section::Workflows) {
         workflows(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Flow) {
+        flow_control(&db, &sizes, &mut report).await?;
     }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
     report.write(&path)?;
@@ -437,16 +444,26 @@ async fn pgbench(
 }
 
 /// Bulk-enqueues `count` probe jobs of `behaviour` (raw SQL, one statement).
-async fn bulk_enqueue(db: &TestDb, count: i64, behaviour: &str) -> anyhow::Result<()> {
+/// Inserts `count` due probes; with `keys`, their concurrency keys cycle
+/// through that many (`key-0` ..).
+async fn bulk_enqueue(
+    db: &TestDb,
+    count: i64,
+    behaviour: &str,
+    keys: Option<i64>,
+) -> anyhow::Result<()> {
     sqlx::query(
-        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority,
+                                  concurrency_key)
          select apalis.generate_ulid(), 'probe',
                 convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
-                'Pending', 0, 3, now() - interval '1 second', 0
+                'Pending', 0, 3, now() - interval '1 second', 0,
+                case when $3::bigint is not null then 'key-' || (n % $3::bigint) end
          from generate_series(1, $1) as n",
     )
     .bind(count)
     .bind(behaviour)
+    .bind(keys)
     .execute(&db.pool)
     .await?;
     Ok(())
@@ -463,7 +480,7 @@ async fn drain_with_workers(
 ) -> anyhow::Result<Duration> {
     let mut env = worker_env(db, concurrency);
     env.extend(claim_batch.map(|batch| ("WORKER_CLAIM_BATCH", batch)));
-    drain(db, None, &env, processes, count, behaviour).await
+    drain(db, None, &env, processes, count, behaviour, None).await
 }
 
 /// Starts `processes` idle workers (the `binary`, else this commit's
@@ -476,6 +493,7 @@ async fn drain(
     processes: usize,
     count: i64,
     behaviour: &str,
+    keys: Option<i64>,
 ) -> anyhow::Result<Duration> {
     // A baseline's database is migrated by its first worker.
     let migrated: bool = sqlx::query_scalar("select to_regclass('apalis.jobs') is not null")
@@ -506,7 +524,7 @@ async fn drain(
         workers.push(worker);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    bulk_enqueue(db, count, behaviour).await?;
+    bulk_enqueue(db, count, behaviour, keys).await?;
     // From the commit (the jobs are all there, workers are woken by NOTIFY) to
     // the last result, both on the database's clock: the waiting below can
     // then poll rarely, and its queries take no CPU from the drain.
@@ -582,7 +600,7 @@ async fn default_drains(
             configs.insert(2, (3, Some(path), old_db, &baseline_tuned));
         }
         for (index, binary, db, env) in configs {
-            let figure = rate(drain(db, binary, env, 1, DEFAULT_DRAIN_JOBS, noop).await?);
+            let figure = rate(drain(db, binary, env, 1, DEFAULT_DRAIN_JOBS, noop, None).await?);
             println!("   run {}: {} {figure:.0} jobs/s", run + 1, names[index]);
             figures[index].push(figure);
         }
@@ -968,5 +986,151 @@ async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
         .execute(&db.pool)
         .await?;
     worker.terminate(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Section 8: what the limits cost and whether they hold their figure.
+async fn flow_control(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    use durable_jobs::{Limits, Rate, admin};
+    let jobs = sizes.queue_jobs;
+    println!(
+        "8. flow control: {jobs} no-op jobs over 100 keys at key concurrency 1; a rate limit's achieved rate; the claim over 100,000 waiting jobs of 1,000 keys"
+    );
+    let defaults = [("DATABASE_URL", db.url.as_str())];
+    let noop = r#"{"kind":"noop"}"#;
+    // The drain's own queue is migrated by now (earlier sections, or this).
+    admin::reset_limits(&db.pool, "probe").await?;
+    let plain = drain(db, None, &defaults, 1, jobs, noop, Some(100)).await?;
+    report.add(
+        "flow",
+        "drain, default settings (keys set, no limit)",
+        jobs as f64 / plain.as_secs_f64(),
+        "jobs/s",
+    );
+    admin::set_limits(&db.pool, "probe", Limits::none().key_concurrency(1)).await?;
+    let keyed = drain(db, None, &defaults, 1, jobs, noop, Some(100)).await?;
+    report.add(
+        "flow",
+        "drain, key_concurrency(1) over 100 keys",
+        jobs as f64 / keyed.as_secs_f64(),
+        "jobs/s",
+    );
+    report.add(
+        "flow",
+        "key_concurrency(1) / no limit",
+        plain.as_secs_f64() / keyed.as_secs_f64(),
+        "x",
+    );
+
+    // A token bucket of 200/s, burst 10: what a worker achieves over a window.
+    let window = Duration::from_secs(if sizes.default_drains > 1 { 30 } else { 10 });
+    let limit = 200.0;
+    admin::set_limits(
+        &db.pool,
+        "probe",
+        Limits::none().rate(Rate::per_second(limit).burst(10)),
+    )
+    .await?;
+    sqlx::query("delete from apalis.jobs")
+        .execute(&db.pool)
+        .await?;
+    let worker = Process::started_worker(&defaults).await?;
+    bulk_enqueue(
+        db,
+        (limit as i64) * (window.as_secs() as i64 + 10),
+        noop,
+        None,
+    )
+    .await?;
+    // Past the burst, then count the starts of one window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from apalis.jobs where job_type = 'probe' and status <> 'Pending'",
+        )
+        .fetch_one(&pool)
+        .await
+    };
+    let before = started(db.pool.clone()).await?;
+    let from = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    let after = started(db.pool.clone()).await?;
+    let achieved = (after - before) as f64 / from.elapsed().as_secs_f64();
+    worker.terminate(Duration::from_secs(30)).await?;
+    report.add("flow", "rate limit 200/s: achieved", achieved, "jobs/s");
+    report.add(
+        "flow",
+        "rate limit 200/s: achieved / limit",
+        achieved / limit,
+        "x",
+    );
+
+    // The claim alone (no worker): 100,000 waiting jobs of 1,000 keys.
+    sqlx::query("delete from apalis.jobs")
+        .execute(&db.pool)
+        .await?;
+    bulk_enqueue(db, 100_000, noop, Some(1_000)).await?;
+    sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ('bench-claimer', 'probe', 'PgStorage', '', now()) on conflict (id) do update set last_seen = now()",
+    )
+    .execute(&db.pool)
+    .await?;
+    // None: no control row at all (the claim of a queue without limits).
+    let claim_ms = |limits: Option<Limits>| {
+        let pool = db.pool.clone();
+        async move {
+            match limits {
+                Some(limits) => admin::set_limits(&pool, "probe", limits).await?,
+                None => admin::reset_limits(&pool, "probe").await?,
+            }
+            let mut times = Vec::new();
+            for _ in 0..50 {
+                let start = std::time::Instant::now();
+                let claimed: i64 = sqlx::query_scalar(
+                    "select count(*) from apalis.get_jobs('bench-claimer', 'probe', 10)",
+                )
+                .fetch_one(&pool)
+                .await?;
+                times.push(start.elapsed());
+                anyhow::ensure!(claimed == 10, "a claim took {claimed} of 10");
+            }
+            // Back to waiting, for the next figure.
+            sqlx::query(
+                "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null
+                 where status = 'Queued'",
+            )
+            .execute(&pool)
+            .await?;
+            times.sort();
+            anyhow::Ok(percentile(&times, 0.5))
+        }
+    };
+    let unlimited = claim_ms(None).await?;
+    let keyed = claim_ms(Some(Limits::none().key_concurrency(1))).await?;
+    let counted = claim_ms(Some(Limits::none().concurrency(1_000))).await?;
+    report.add(
+        "flow",
+        "claim of 10, 100,000 waiting: no limit (p50)",
+        unlimited,
+        "ms",
+    );
+    report.add(
+        "flow",
+        "claim of 10, 100,000 waiting: concurrency(1000) (p50)",
+        counted,
+        "ms",
+    );
+    report.add(
+        "flow",
+        "claim of 10, 100,000 waiting over 1,000 keys: key_concurrency(1) (p50)",
+        keyed,
+        "ms",
+    );
+    admin::reset_limits(&db.pool, "probe").await?;
+    sqlx::query("delete from apalis.jobs")
+        .execute(&db.pool)
+        .await?;
     Ok(())
 }

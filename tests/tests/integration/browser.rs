@@ -491,3 +491,175 @@ async fn the_panel_follows_the_trim_in_place_and_the_dashboard_filters_pages_and
     }
     app.stop().await
 }
+
+/// Runs a find-and-act `step` again when the page's refresh replaced the
+/// element between the find and the act (a stale element reference).
+async fn retry_stale<T, F, Fut>(mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
+    let mut tries = 0;
+    loop {
+        match step().await {
+            Err(err) if tries < 5 && err.to_string().contains("stale element") => tries += 1,
+            result => return Ok(result?),
+        }
+    }
+}
+
+/// The text of `css`, found afresh (see [`retry_stale`]).
+async fn fresh_text(client: &fantoccini::Client, css: &str) -> anyhow::Result<String> {
+    retry_stale(|| async { client.find(Locator::Css(css)).await?.text().await }).await
+}
+
+/// Clicks `css`, found afresh (see [`retry_stale`]).
+async fn fresh_click(client: &fantoccini::Client, css: &str) -> anyhow::Result<()> {
+    retry_stale(|| async { client.find(Locator::Css(css)).await?.click().await }).await
+}
+
+#[tokio::test]
+async fn a_person_reads_a_queues_last_hour_pauses_it_and_overrides_its_limits() -> anyhow::Result<()>
+{
+    require_browser()?;
+    let db = TestDb::migrated().await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("browser-token");
+    let mut app = TestApp::spawn_with(db, state).await?;
+    app.start_worker_with(fast_worker_config());
+    let ran = tests::enqueue_probes(
+        &app.db.pool,
+        (0..30).map(|n| Probe {
+            key: format!("charted-{n}"),
+            behaviour: Behaviour::Succeed,
+        }),
+    )
+    .await?;
+    for id in &ran {
+        app.db
+            .wait_for_status(id, "Done", Duration::from_secs(30))
+            .await?;
+    }
+    let browser = Browser::start_with(Window {
+        width: 1280,
+        height: 900,
+        dark: false,
+    })
+    .await?;
+    let client = &browser.client;
+    sign_in(&app, client).await?;
+    // From the overview's queue table to the queue's page.
+    client
+        .find(Locator::Css(r#"#queue-counts tr[data-queue="probe"] a"#))
+        .await?
+        .click()
+        .await?;
+    wait_for(client, r#"#queue-page[data-queue="probe"]"#).await?;
+    assert_eq!(fresh_text(client, "#queue-state").await?, "running");
+    assert_eq!(
+        fresh_text(client, "#limits-in-force").await?,
+        "no limits (as declared)"
+    );
+    // The chart: the 30 runs, drawn as bars the browser lays out.
+    let started: i64 = retry_stale(|| async {
+        client
+            .find(Locator::Css("#throughput-chart svg"))
+            .await?
+            .attr("data-started")
+            .await
+    })
+    .await?
+    .unwrap_or_default()
+    .parse()?;
+    assert!(started >= 30, "{started} started in the last hour");
+    let drawn = client
+        .execute(
+            "const bars = [...document.querySelectorAll('#throughput-chart rect.started')];
+             return bars.reduce((sum, bar) => sum + bar.getBoundingClientRect().height, 0);",
+            vec![],
+        )
+        .await?;
+    assert!(
+        drawn.as_f64().is_some_and(|height| height > 50.0),
+        "the bars have a height on screen: {drawn}"
+    );
+    let wait_line = retry_stale(|| async {
+        client
+            .find(Locator::Css("#wait-chart path.p95"))
+            .await?
+            .attr("d")
+            .await
+    })
+    .await?
+    .unwrap_or_default();
+    assert!(wait_line.starts_with('M'), "a p95 line: {wait_line:?}");
+    browser
+        .screenshot_to(&screenshot_path("queue-1280-light"))
+        .await?;
+
+    // Pause, override the limits, go back to the declared ones, resume.
+    let click = |css: &'static str| fresh_click(client, css);
+    click(r#"form[action$="/pause"] button"#).await?;
+    assert!(
+        wait_for(client, "#notice")
+            .await?
+            .text()
+            .await?
+            .starts_with("Paused")
+    );
+    assert_eq!(fresh_text(client, "#queue-state").await?, "paused");
+    // Typing puts the focus in the form: the page's refresh leaves it be.
+    retry_stale(|| async {
+        client
+            .find(Locator::Css(r#"#limits-form input[name="concurrency"]"#))
+            .await?
+            .send_keys("2")
+            .await
+    })
+    .await?;
+    click("#limits-form button").await?;
+    wait_for(client, "#notice").await?;
+    assert_eq!(
+        fresh_text(client, "#limits-in-force").await?,
+        "concurrency 2 (set by an operator)"
+    );
+    assert_eq!(
+        durable_jobs::admin::queue_controls_of(&app.db.pool, "probe")
+            .await?
+            .in_force,
+        durable_jobs::Limits::none().concurrency(2)
+    );
+    click(r#"form[action$="/reset-limits"] button"#).await?;
+    wait_for(client, "#notice").await?;
+    click(r#"form[action$="/resume"] button"#).await?;
+    assert!(
+        wait_for(client, "#notice")
+            .await?
+            .text()
+            .await?
+            .starts_with("Resumed")
+    );
+    let controls = durable_jobs::admin::queue_controls_of(&app.db.pool, "probe").await?;
+    assert!(!controls.paused && !controls.overridden, "{controls:?}");
+    browser.close().await?;
+
+    // A phone's width: nothing overflows.
+    let browser = Browser::start_with(Window {
+        width: 390,
+        height: 844,
+        dark: true,
+    })
+    .await?;
+    sign_in(&app, &browser.client).await?;
+    browser.client.goto(&app.url("/admin/queues/probe")).await?;
+    wait_for(&browser.client, "#queue-page").await?;
+    let (page, viewport) = browser.horizontal_overflow().await?;
+    assert!(
+        page <= viewport,
+        "the queue page is {page} px wide at {viewport} px"
+    );
+    browser
+        .screenshot_to(&screenshot_path("queue-390-dark"))
+        .await?;
+    browser.close().await?;
+    app.stop().await
+}

@@ -271,7 +271,14 @@ async fn three_worker_processes_drain_3000_jobs_running_each_exactly_once() -> a
     // A lease no heartbeat misses: with the tests' 3 s, a worker starved of
     // CPU by the tests beside it lost its lease (its jobs ran again, at least
     // once as promised); this test is about claims, not leases.
-    env.extend([("DATABASE_URL", db.url.as_str()), ("JOB_LEASE", "30")]);
+    // Likewise the job timeout: a no-op starved past the tests' 2 s timed
+    // out and ran again.
+    env.retain(|(name, _)| *name != "JOB_TIMEOUT");
+    env.extend([
+        ("DATABASE_URL", db.url.as_str()),
+        ("JOB_LEASE", "30"),
+        ("JOB_TIMEOUT", "30"),
+    ]);
     let mut workers = Vec::new();
     for _ in 0..3 {
         let worker = Process::started_worker(&env).await?;

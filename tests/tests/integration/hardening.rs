@@ -1010,6 +1010,86 @@ async fn the_workflow_cancel_form_needs_its_sessions_csrf_token() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn the_queue_pages_forms_need_the_sessions_csrf_token_and_numbers() -> anyhow::Result<()> {
+    tests::budget::runs_processes(1);
+    let db = TestDb::migrated().await?;
+    let (web, address) = spawn_web(&db, &[("ADMIN_TOKEN", TOKEN)]).await?;
+    let client = plain_client()?;
+    let (session, _) = login(&client, &address).await?;
+    let page = client
+        .get(format!("http://{address}/admin/queues/trim_visits"))
+        .header("cookie", &session)
+        .send()
+        .await?;
+    assert_eq!(page.status(), 200);
+    let page = page.text().await?;
+    let csrf = csrf_of(&page).ok_or_else(|| anyhow::anyhow!("no form on {page}"))?;
+    let post = |action: &str, form: Vec<(&'static str, String)>| {
+        client
+            .post(format!(
+                "http://{address}/admin/queues/trim_visits/{action}"
+            ))
+            .header("cookie", &session)
+            .form(&form)
+            .send()
+    };
+    let paused = || async {
+        anyhow::Ok(
+            durable_jobs::admin::queue_controls_of(&db.pool, "trim_visits")
+                .await?
+                .paused,
+        )
+    };
+    for wrong in ["", "0000", &format!("{csrf}x")] {
+        let refused = post("pause", vec![("csrf", wrong.to_owned())]).await?;
+        assert_eq!(refused.status(), 403, "token {wrong:?}");
+    }
+    assert!(!paused().await?, "a refused form pauses nothing");
+    assert_eq!(
+        post("pause", vec![("csrf", csrf.clone())]).await?.status(),
+        303
+    );
+    assert!(paused().await?, "the page's form paused the queue");
+    // Limits must be numbers in range; a refused form changes nothing.
+    for (field, value) in [
+        ("concurrency", "0"),
+        ("rate", "NaN"),
+        ("burst", "3"),
+        ("key_concurrency", "-2"),
+    ] {
+        let refused = post(
+            "limits",
+            vec![("csrf", csrf.clone()), (field, value.to_owned())],
+        )
+        .await?;
+        assert_eq!(refused.status(), 400, "{field}={value}");
+    }
+    let controls = durable_jobs::admin::queue_controls_of(&db.pool, "trim_visits").await?;
+    assert!(!controls.overridden, "{controls:?}");
+    let set = post(
+        "limits",
+        vec![
+            ("csrf", csrf.clone()),
+            ("rate", "2.5".to_owned()),
+            ("burst", "3".to_owned()),
+        ],
+    )
+    .await?;
+    assert_eq!(set.status(), 303);
+    let controls = durable_jobs::admin::queue_controls_of(&db.pool, "trim_visits").await?;
+    assert_eq!(
+        controls.in_force,
+        durable_jobs::Limits::none().rate(durable_jobs::Rate::per_second(2.5).burst(3))
+    );
+    assert_eq!(
+        post("no-such-action", vec![("csrf", csrf)]).await?.status(),
+        404
+    );
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_flood_of_wrong_tokens_logs_one_line_per_address_and_minute() -> anyhow::Result<()> {
     tests::budget::runs_processes(1);
     let db = TestDb::migrated().await?;

@@ -361,3 +361,60 @@ async fn a_large_trim_runs_as_a_workflow_of_bounded_chunks_and_logs_one_summary(
     assert!(status.success(), "worker exits 0 on SIGTERM, got {status}");
     app.stop().await
 }
+
+#[tokio::test]
+async fn two_trims_never_delete_at_once_the_queue_declares_one_at_a_time() -> anyhow::Result<()> {
+    let mut app = TestApp::spawn().await?;
+    // Each trim's delete takes a second.
+    sqlx::raw_sql(
+        "create function slow_trim() returns trigger language plpgsql as $$
+         begin perform pg_sleep(1); return null; end $$;
+         create trigger slow_trim before delete on visits
+             for each statement execute function slow_trim();
+         insert into visits (visitor, created_at) values ('old', now() - interval '1 hour');",
+    )
+    .execute(&app.db.pool)
+    .await?;
+    // Two trims, due at once (no coalescing: each is a job of its own).
+    let mut tx = app.db.pool.begin().await?;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = durable_jobs::enqueue_with(
+            &mut tx,
+            &TrimVisits {
+                older_than: Utc::now(),
+            },
+            durable_jobs::Enqueue::new(),
+        )
+        .await?;
+        ids.push(id.to_string());
+        sqlx::query("update apalis.jobs set unique_key = null where id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    app.start_worker(); // 4 slots: only the limit keeps them apart
+    for id in &ids {
+        app.db
+            .wait_for_status(id, "Done", Duration::from_secs(30))
+            .await?;
+    }
+    let runs: Vec<(chrono::DateTime<Utc>, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "select lock_at, done_at from apalis.jobs where id = any($1) order by lock_at",
+    )
+    .bind(&ids)
+    .fetch_all(&app.db.pool)
+    .await?;
+    println!("two trims: {runs:?}");
+    assert!(
+        runs[0].1 <= runs[1].0,
+        "the second started after the first ended: {runs:?}"
+    );
+    let controls = durable_jobs::admin::queue_controls_of(&app.db.pool, "trim_visits").await?;
+    assert_eq!(
+        controls.declared,
+        durable_jobs::Limits::none().concurrency(1)
+    );
+    app.stop().await
+}

@@ -228,3 +228,33 @@ async fn probes_unknown_routes_and_wrong_methods_answer_sensibly() -> anyhow::Re
     assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
     app.stop().await
 }
+
+#[tokio::test]
+async fn the_panel_shows_a_delayed_trim_as_scheduled_and_due_in_3_s() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let mut tx = app.db.pool.begin().await?;
+    let id = durable_jobs::enqueue_with(
+        &mut tx,
+        &jobs::TrimVisits {
+            older_than: chrono::Utc::now(),
+        },
+        durable_jobs::Enqueue::new().delay(Duration::from_secs(3)),
+    )
+    .await?
+    .to_string();
+    tx.commit().await?;
+    let panel = app
+        .client
+        .get(app.url("/background-work"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(panel.contains(&id), "the newest trim is shown: {panel}");
+    assert!(
+        panel.contains(r#"data-state="scheduled""#),
+        "scheduled until due: {panel}"
+    );
+    assert!(panel.contains(">in 3 s<"), "due in 3 s: {panel}");
+    app.stop().await
+}

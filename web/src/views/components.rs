@@ -17,7 +17,9 @@ pub fn timestamp(at: DateTime<Utc>, now: DateTime<Utc>) -> Markup {
 
 /// "12 s ago", "3 min ago", "in 2 s": the distance from `now`, in its largest unit.
 pub fn ago(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    let seconds = (now - at).num_seconds();
+    // To the nearest second, as the page's script does: a trim due in
+    // 2.98 s reads "in 3 s".
+    let seconds = ((now - at).num_milliseconds() as f64 / 1000.0).round() as i64;
     let distance = seconds.unsigned_abs();
     let (amount, unit) = match distance {
         0..60 => (distance, "s"),
@@ -112,5 +114,7 @@ mod tests {
         assert_eq!(ago(before(75), now), "1 min ago");
         assert_eq!(ago(before(7_300), now), "2 h ago");
         assert_eq!(ago(before(-2), now), "in 2 s");
+        let soon = now + chrono::TimeDelta::milliseconds(2_980);
+        assert_eq!(ago(soon, now), "in 3 s", "to the nearest second");
     }
 }

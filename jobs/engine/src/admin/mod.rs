@@ -583,6 +583,57 @@ pub async fn open_counts_of(pool: &PgPool, queue: &str) -> Result<OpenCounts, Er
         .await?)
 }
 
+/// What the dashboard's queue page shows of one queue ([`queue_view`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueView {
+    /// Paused or not, and its limits (declared, in force).
+    pub controls: QueueControls,
+    /// Due jobs waiting for a claim.
+    pub waiting: i64,
+    /// Jobs not yet due: delayed, retrying after a backoff, in a unique window.
+    pub scheduled: i64,
+    /// Claimed or running.
+    pub running: i64,
+    /// The last hour, minute by minute, oldest first (60 entries).
+    pub minutes: Vec<QueueMinute>,
+}
+
+/// One minute of a queue's last hour (see [`QueueView::minutes`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct QueueMinute {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Jobs whose latest attempt started in it.
+    pub started: i64,
+    /// Jobs that ended (done or dead) in it.
+    pub finished: i64,
+    /// Median wait from due to start of the jobs started in it, in seconds.
+    pub wait_p50: Option<f64>,
+    /// 95th percentile of that wait, in seconds.
+    pub wait_p95: Option<f64>,
+}
+
+/// `queue`'s state, limits, counts and last hour (the dashboard's queue
+/// page). Jobs are counted from the rows: a scan of the queue's unfinished
+/// jobs and of those that started or ended within the hour.
+pub async fn queue_view(pool: &PgPool, queue: &str) -> Result<QueueView, Error> {
+    let (waiting, scheduled, running): (i64, i64, i64) = sqlx::query_as(queries::QUEUE_PAGE_COUNTS)
+        .bind(queue)
+        .fetch_one(pool)
+        .await?;
+    let minutes = sqlx::query_as(queries::QUEUE_MINUTES)
+        .bind(queue)
+        .fetch_all(pool)
+        .await?;
+    Ok(QueueView {
+        controls: queue_controls_of(pool, queue).await?,
+        waiting,
+        scheduled,
+        running,
+        minutes,
+    })
+}
+
 /// One schedule as operators see it (`worker status`, the dashboard).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ScheduleStatus {

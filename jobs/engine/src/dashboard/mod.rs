@@ -15,13 +15,18 @@
 //! ones (`POST <prefix>/jobs/<id>/retry|cancel`, then back to the overview
 //! with a notice). `GET <prefix>/jobs/<id>` is one job's page: its payload,
 //! metadata, attempts, last error, timings, worker, and a link to its trace
-//! ([`Dashboard::with_trace_links`]). Both pages carry
+//! ([`Dashboard::with_trace_links`]). `GET <prefix>/queues/<queue>` is one
+//! queue's page: running or paused, its limits (in force and declared), its
+//! waiting, scheduled and running jobs, a chart of its last hour, and the
+//! operator's pause, resume, purge and limits. The pages carry
 //! `data-refresh-from` on their content, for a script of the app's layout
 //! to refresh them in place (an app's own script, served beside its pages). It has no authentication of its own. Against cross-site
 //! posts: where the app's auth layer inserts a [`Csrf`] extension (cookie
 //! sessions), the forms carry that token and a post must bring it back;
 //! without one (e.g. a bearer token, which browsers never send by
 //! themselves) no token is asked for.
+
+mod queue;
 
 use std::sync::Arc;
 
@@ -104,6 +109,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(dashboard: Dashboard) -> Router<
         .route("/jobs/{id}/{action}", post(act))
         .route("/workflows/{id}", get(workflow_page))
         .route("/workflows/{id}/cancel", post(cancel_workflow))
+        .route("/queues/{queue}", get(queue::queue_page))
+        .route("/queues/{queue}/{action}", post(queue::act_on_queue))
         .with_state(Arc::new(dashboard))
 }
 
@@ -422,7 +429,7 @@ impl Page<'_> {
                 tbody {
                     @for queue in queues {
                         tr data-queue=(queue) {
-                            td { code { (queue) } }
+                            td { a href=(queue::queue_page_path(self.prefix, queue)) { code { (queue) } } }
                             @for state in JobState::ALL.map(JobState::as_str) { td.num data-state=(state) { (count(queue, state)) } }
                         }
                     }
