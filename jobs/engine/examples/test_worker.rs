@@ -26,16 +26,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let registry = durable_jobs::Registry::new()
-        .register::<jobs::Record>()
-        .register::<jobs::Limited>()
-        .register::<jobs::Aging>()
-        .register::<jobs::Snoozing>();
+    let registry = jobs::registry();
     let pool = PgPoolOptions::new()
         .max_connections(args.worker.connections_needed())
         .connect(&args.database_url)
         .await?;
     jobs::create_runs_table(&pool).await?;
+    jobs::create_rows_table(&pool).await?;
     let shutdown = durable_jobs::shutdown::on_signal();
     durable_jobs::Worker::new(pool.clone(), registry, pool)
         .config(args.worker)

@@ -1,6 +1,6 @@
 //! The one declaration of a job type: [`Job`].
 
-use std::{future::Future, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
 
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::PgPool;
@@ -102,9 +102,13 @@ pub struct JobContext<'a, C> {
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) context: &'a C,
-    /// The engine's pool (workflow reads and additions).
+    /// The engine's pool (workflow reads and additions, checkpoints).
     pub(crate) pool: &'a PgPool,
     pub(crate) step: Option<&'a StepOf>,
+    /// The job's checkpoints, read at its first checkpoint call.
+    pub(crate) checkpoints: &'a Checkpoints,
+    /// The key that signs its signal URLs.
+    pub(crate) signal_key: &'a [u8],
 }
 
 impl<'a, C> JobContext<'a, C> {
@@ -179,6 +183,14 @@ impl JobError {
             }),
             fatal: false,
         }
+    }
+}
+
+impl JobError {
+    /// The child failure inside, if this is an awaited child's death
+    /// ([`JobContext::await_result`]).
+    pub fn child_failure(&self) -> Option<&ChildFailed> {
+        self.error.downcast_ref()
     }
 }
 
@@ -380,4 +392,28 @@ pub struct StepOf {
     pub workflow: String,
     /// The step's name.
     pub step: String,
+}
+
+/// The error of an awaited child that died (out of attempts, fatal,
+/// cancelled): `JobContext::await_result` fails with it, and the parent is
+/// then dead too unless it handles it ([`JobError::child_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("child job {child} died: {error}")]
+pub struct ChildFailed {
+    /// The child's id.
+    pub child: String,
+    /// Its last error.
+    pub error: String,
+}
+
+/// The job's checkpoints, read once per attempt at its first checkpoint call.
+#[derive(Debug, Default)]
+pub(crate) struct Checkpoints(pub(crate) Mutex<Option<HashMap<String, Checkpoint>>>);
+
+/// One recorded checkpoint (see `durable`).
+#[derive(Debug, Clone)]
+pub(crate) struct Checkpoint {
+    pub(crate) kind: String,
+    pub(crate) value_type: String,
+    pub(crate) value: serde_json::Value,
 }

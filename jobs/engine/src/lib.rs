@@ -6,6 +6,7 @@ mod backend;
 pub mod cli;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
+mod durable;
 mod enqueue;
 mod error;
 mod job;
@@ -24,9 +25,13 @@ mod workflow;
 /// The axum the dashboard's router is built on.
 #[cfg(feature = "dashboard")]
 pub use axum;
+pub use durable::{
+    Child, StepFuture,
+    signals::{self, Signalled, signal},
+};
 pub use enqueue::{Enqueue, enqueue, enqueue_many, enqueue_many_with, enqueue_with};
 pub use error::Error;
-pub use job::{Backoff, Job, JobContext, JobError, Merge, StepOf, Unique};
+pub use job::{Backoff, ChildFailed, Job, JobContext, JobError, Merge, StepOf, Unique};
 pub use limits::{Limits, Rate};
 pub use migrate::{is_migrated, migrate};
 pub use runtime::registry::Registry;

@@ -61,22 +61,33 @@ where jobs.id = rejected.id and jobs.lock_by = $3";
 /// Binds: `$1` result ids, `$2` attempts, `$3` statuses, `$4` outcomes
 /// (`{"Ok": ..}`/`{"Err": ..}`), `$5` started ids, `$6` the worker's name,
 /// `$7`/`$8` the backoff's base and cap in seconds, `$9` each result's own
-/// retry delay in seconds (NULL: the backoff's), `$10` the backoff's doublings.
+/// retry delay in seconds (NULL: the backoff's), `$10` the backoff's doublings,
+/// `$11` what each suspended job waits for (NULL: not suspended; then `$9`
+/// is how long until it is due, and the job is waiting again with its
+/// attempts and last result as they were).
 /// Returns the numbers of results and starts recorded.
 pub const RECORD_EVENTS: &str = "
 with finished as (
     update apalis.jobs as jobs
-    set status = result.status, attempts = result.attempt,
-        last_result = result.outcome, done_at = now(),
-        run_at = case when result.status = 'Failed'
+    set status = case when result.suspended_for is null then result.status else 'Pending' end,
+        attempts = case when result.suspended_for is null then result.attempt else jobs.attempts end,
+        last_result = case when result.suspended_for is null then result.outcome else jobs.last_result end,
+        done_at = case when result.suspended_for is null then now() end,
+        lock_by = case when result.suspended_for is null then jobs.lock_by end,
+        lock_at = case when result.suspended_for is null then jobs.lock_at end,
+        suspended_for = result.suspended_for,
+        run_at = case
+            when result.suspended_for is not null
+            then clock_timestamp() + make_interval(secs => result.retry_in)
+            when result.status = 'Failed'
             then clock_timestamp() + make_interval(secs => coalesce(result.retry_in,
                 least($7 * case when result.attempt - 1 <= $10
                                 then power(2, greatest(result.attempt - 1, 0))
                                 else power(2, $10) * (result.attempt - $10) end, $8)
                 * (0.9 + 0.2 * random())))
             else jobs.run_at end
-    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[], $9::float8[])
-         as result(id, attempt, status, outcome, retry_in)
+    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[], $9::float8[], $11::text[])
+         as result(id, attempt, status, outcome, retry_in, suspended_for)
     where jobs.id = result.id and jobs.lock_by is not distinct from $6
       and jobs.status in ('Queued', 'Running')
     returning jobs.id
@@ -201,7 +212,7 @@ pub(crate) const QUEUE_STATUS: &str = "
 select job_type as queue, state, count(*) as count from apalis.job_states
 group by job_type, state
 order by job_type, array_position(
-    array['pending', 'scheduled', 'claimed', 'running', 'done', 'dead'], state)";
+    array['pending', 'scheduled', 'sleeping', 'waiting', 'claimed', 'running', 'done', 'dead'], state)";
 
 /// Jobs per queue and unfinished state. It spells the states out instead
 /// of reading `apalis.job_states`, so that waiting jobs are counted through
@@ -209,7 +220,9 @@ order by job_type, array_position(
 /// with the view.
 pub(crate) const OPEN_JOB_COUNTS: &str = "
 select job_type as queue,
-       case when status = 'Failed' or run_at > now() then 'scheduled' else 'pending' end as state,
+       case when suspended_for like 'sleep:%' then 'sleeping'
+            when suspended_for is not null then 'waiting'
+            when status = 'Failed' or run_at > now() then 'scheduled' else 'pending' end as state,
        count(*) as count
 from apalis.jobs
 where status = 'Pending' or (status = 'Failed' and attempts < max_attempts)
@@ -258,10 +271,11 @@ select count(*) from woken";
 /// A job `$1` that has not started ends dead, cancelled.
 pub(crate) const CANCEL: &str = r#"
 update apalis.jobs
-set status = 'Killed', done_at = now(), unique_key = null,
+set status = 'Killed', done_at = now(), unique_key = null, suspended_for = null,
     last_result = '{"Err": "cancelled by an operator"}'::jsonb
 where id = $1
-  and id in (select id from apalis.job_states where id = $1 and state in ('pending', 'scheduled'))"#;
+  and id in (select id from apalis.job_states
+             where id = $1 and state in ('pending', 'scheduled', 'sleeping', 'waiting'))"#;
 
 /// Deletes done jobs older than `$1` seconds and dead ones older than `$2`,
 /// except workflow steps: a workflow is pruned whole (`PRUNE_WORKFLOWS`).
@@ -679,3 +693,71 @@ with purged as (
     returning 1
 )
 select count(*) from purged";
+
+// ---- durable execution (durable/) ----
+
+/// Job `$1`'s checkpoints: name, kind, value type, value.
+pub(crate) const JOB_CHECKPOINTS: &str = "
+select name, kind, value_type, value from apalis.job_checkpoints where job_id = $1";
+
+/// Job `$1`'s checkpoint `$2`: kind, value type, value.
+pub(crate) const JOB_CHECKPOINT: &str = "
+select kind, value_type, value from apalis.job_checkpoints where job_id = $1 and name = $2";
+
+/// Records checkpoint `$2` of job `$1` (kind `$3`, value type `$4`, value
+/// `$5`) unless it exists; returns the value when it recorded it. In the
+/// transaction of a `step_tx` (or a spawn), committed as that transaction is.
+pub(crate) const RECORD_CHECKPOINT: &str = "
+insert into apalis.job_checkpoints (job_id, name, kind, value_type, value)
+values ($1, $2, $3, $4, $5)
+on conflict (job_id, name) do nothing
+returning value";
+
+/// [`RECORD_CHECKPOINT`] on its own, committed without waiting for the disk
+/// flush: a step's result, a sleep's or wait's deadline. A database crash
+/// can lose the newest of them, and then the job's settle after it too (the
+/// log is replayed in order): the job runs again and redoes that step (at
+/// least once, as promised) or starts that sleep again. One flush per
+/// checkpoint held a debug worker to 80 sleeps a second here.
+pub(crate) const RECORD_CHECKPOINT_NO_FLUSH: &str = "
+with no_flush as (select set_config('synchronous_commit', 'off', true))
+insert into apalis.job_checkpoints (job_id, name, kind, value_type, value)
+select $1, $2, $3, $4, $5 from no_flush
+on conflict (job_id, name) do nothing
+returning value";
+
+/// A wait's outcome (`$3`: its deadline and outcome) replaces checkpoint
+/// `$2` of job `$1`.
+pub(crate) const SETTLE_CHECKPOINT: &str = "
+with no_flush as (select set_config('synchronous_commit', 'off', true))
+update apalis.job_checkpoints set value = $3 from no_flush where job_id = $1 and name = $2";
+
+/// The value of signal `$2` to job `$1`, if it arrived.
+pub(crate) const SIGNAL_OF: &str = "
+select value from apalis.job_signals where job_id = $1 and name = $2";
+
+/// Makes job `$1` a child of job `$2`.
+pub(crate) const ADOPT: &str = "update apalis.jobs set parent_id = $2 where id = $1";
+
+/// Job `$1`'s state and result, if it exists.
+pub(crate) const CHILD_OUTCOME: &str = "
+select state, last_result from apalis.job_states where id = $1";
+
+/// The key that signs signal URLs.
+pub(crate) const SIGNAL_KEY: &str = "
+select secret from apalis.engine_secrets where name = 'signal_urls'";
+
+/// Sends signal `$2` with value `$3` to job `$1` (see the migration's
+/// `apalis.send_signal`): `delivered`, `already` or `no_job`.
+pub(crate) const SEND_SIGNAL: &str = "select apalis.send_signal($1, $2, $3)";
+
+/// After a settle that suspended jobs `$1` (waiting for `$2`): wakes those
+/// whose signal or child arrived meanwhile (before that settle committed),
+/// which no wake-up could find suspended yet.
+pub(crate) const WAKE_SUSPENDED: &str = "
+select apalis.wake_suspended(job.id, job.waiting_for)
+from unnest($1::text[], $2::text[]) as job(id, waiting_for)
+where exists (select 1 from apalis.job_signals as signal
+              where signal.job_id = job.id and 'signal:' || signal.name = job.waiting_for)
+   or exists (select 1 from apalis.job_states as child
+              where 'child:' || child.id = job.waiting_for and child.state in ('done', 'dead'))";

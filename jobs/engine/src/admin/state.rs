@@ -13,6 +13,11 @@ pub enum JobState {
     Pending,
     /// Waiting for its time: a retry's backoff, a delay, a unique window.
     Scheduled,
+    /// Suspended in a durable sleep (`JobContext::sleep`), due when it ends.
+    Sleeping,
+    /// Suspended until a signal or a child arrives (`JobContext::wait_for`,
+    /// `JobContext::await_result`), or its timeout.
+    Waiting,
     /// Taken by a worker, not started yet.
     Claimed,
     /// An attempt is running.
@@ -25,20 +30,25 @@ pub enum JobState {
 
 impl JobState {
     /// Every state, in lifecycle order.
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 8] = [
         Self::Pending,
         Self::Scheduled,
+        Self::Sleeping,
+        Self::Waiting,
         Self::Claimed,
         Self::Running,
         Self::Done,
         Self::Dead,
     ];
 
-    /// Its name: `pending`, `scheduled`, `claimed`, `running`, `done`, `dead`.
+    /// Its name: `pending`, `scheduled`, `sleeping`, `waiting`, `claimed`,
+    /// `running`, `done`, `dead`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Scheduled => "scheduled",
+            Self::Sleeping => "sleeping",
+            Self::Waiting => "waiting",
             Self::Claimed => "claimed",
             Self::Running => "running",
             Self::Done => "done",
@@ -60,7 +70,9 @@ impl fmt::Display for JobState {
 
 /// A name that is not one of [`JobState::ALL`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a job state (pending, scheduled, claimed, running, done, dead)")]
+#[error(
+    "{0:?} is not a job state (pending, scheduled, sleeping, waiting, claimed, running, done, dead)"
+)]
 pub struct UnknownState(pub String);
 
 impl FromStr for JobState {

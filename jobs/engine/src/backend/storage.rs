@@ -62,6 +62,7 @@ use tower::{Layer, Service};
 
 use crate::{
     backend::wakeups::Wakeup,
+    durable::Suspension,
     job::{Backoff, RetryAfter},
     queries,
 };
@@ -589,7 +590,7 @@ where
         if let Some(task_id) = task_id.clone() {
             // A closed channel means the backend is gone; the result is then
             // lost as after a crash, and the lease returns the job.
-            let _ = sender.send((TaskEvent::Lock { task_id }, None));
+            let _ = sender.send((TaskEvent::Lock { task_id }, Resume::Backoff));
         }
         let run = self.inner.call(task);
         Box::pin(async move {
@@ -599,11 +600,12 @@ where
                     Ok(response) => serde_json::to_value(response).map_err(|err| err.to_string()),
                     Err(error) => Err(error.to_string()),
                 };
-                // A job's own `JobError::retry_after` replaces the backoff.
-                let retry_in = result
-                    .as_ref()
-                    .err()
-                    .and_then(|error| error.downcast_ref::<RetryAfter>().map(|retry| retry.delay));
+                // A job's own `JobError::retry_after` replaces the backoff;
+                // a suspended job waits for its time instead.
+                let retry_in = match result.as_ref().err() {
+                    Some(error) => Resume::of(&**error),
+                    None => Resume::Backoff,
+                };
                 let _ = sender.send((
                     TaskEvent::Complete(TaskResult {
                         task_id,
@@ -687,10 +689,14 @@ async fn record_round(
             .bind(backoff.max.as_secs_f64())
             .bind(&round.retry_in)
             .bind(i32::try_from(backoff.doublings()).unwrap_or(30))
+            .bind(&round.suspended_for)
             .fetch_one(pool)
             .await;
         match settled {
-            Ok((finished, started)) => return Ok(Recorded { finished, started }),
+            Ok((finished, started)) => {
+                wake_arrived(pool, &round).await?;
+                return Ok(Recorded { finished, started });
+            }
             Err(sqlx::Error::Database(err))
                 if tries < SETTLE_RETRIES
                     && matches!(err.code().as_deref(), Some("40P01" | "40001")) =>
@@ -701,6 +707,27 @@ async fn record_round(
             Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Wakes the jobs this round suspended whose signal or child arrived before
+/// the round committed (`queries::WAKE_SUSPENDED`).
+async fn wake_arrived(pool: &PgPool, round: &EventRound) -> Result<(), Error> {
+    let (ids, waiting_for): (Vec<&str>, Vec<&str>) = round
+        .finished_ids
+        .iter()
+        .zip(&round.suspended_for)
+        .filter_map(|(id, waiting)| Some((id.as_str(), waiting.as_deref()?)))
+        .filter(|(_, waiting)| !waiting.starts_with("sleep:"))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(queries::WAKE_SUSPENDED)
+        .bind(&ids)
+        .bind(&waiting_for)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Settles tried again after a deadlock or serialization failure.
@@ -864,14 +891,47 @@ struct EventRound {
     attempts: Vec<i32>,
     statuses: Vec<String>,
     outcomes: Vec<Value>,
-    /// Seconds until the retry, where the job named them (else the backoff's).
+    /// Seconds until the retry, where the job named them (else the backoff's),
+    /// or until a suspended job is due.
     retry_in: Vec<Option<f64>>,
+    /// What each suspended job waits for (NULL: not suspended).
+    suspended_for: Vec<Option<String>>,
     started_ids: Vec<String>,
 }
 
-/// A start mark or result from the [`SettleLayer`], with the delay a job
-/// asked for its retry (`JobError::retry_after`).
-type Event = (TaskEvent<Value>, Option<Duration>);
+/// A start mark or result from the [`SettleLayer`], with how the job goes on.
+type Event = (TaskEvent<Value>, Resume);
+
+/// When a finished attempt's job is due again.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Resume {
+    /// After the backoff (if it failed).
+    #[default]
+    Backoff,
+    /// After the delay the job asked for (`JobError::retry_after`).
+    After(Duration),
+    /// Suspended (a durable sleep or wait): waiting again, due in at most
+    /// `wake_in`, using no attempt.
+    Suspended {
+        wake_in: Duration,
+        waiting_for: String,
+    },
+}
+
+impl Resume {
+    fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        if let Some(suspension) = error.downcast_ref::<Suspension>() {
+            return Self::Suspended {
+                wake_in: suspension.wake_in,
+                waiting_for: suspension.waiting_for.clone(),
+            };
+        }
+        match error.downcast_ref::<RetryAfter>() {
+            Some(retry) => Self::After(retry.delay),
+            None => Self::Backoff,
+        }
+    }
+}
 
 impl EventRound {
     fn is_empty(&self) -> bool {
@@ -883,7 +943,7 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
     fn from(events: Vec<TaskEvent<Value>>) -> Self {
         events
             .into_iter()
-            .map(|event| (event, None))
+            .map(|event| (event, Resume::Backoff))
             .collect::<Vec<Event>>()
             .into()
     }
@@ -894,7 +954,7 @@ impl From<Vec<Event>> for EventRound {
     /// order; a job that started and finished in the same round needs no
     /// start mark.
     fn from(events: Vec<Event>) -> Self {
-        let mut results: Vec<(TaskResult<Value>, Option<Duration>)> = Vec::new();
+        let mut results: Vec<(TaskResult<Value>, Resume)> = Vec::new();
         let mut started_ids = Vec::new();
         for (event, retry_in) in events {
             match event {
@@ -905,10 +965,17 @@ impl From<Vec<Event>> for EventRound {
         }
         results.sort_by_key(|(result, _)| result.task_id.to_string());
         let mut round = Self::default();
-        for (result, retry_in) in results {
-            round
-                .retry_in
-                .push(retry_in.map(|delay| delay.as_secs_f64()));
+        for (result, resume) in results {
+            let (retry_in, suspended_for) = match resume {
+                Resume::Backoff => (None, None),
+                Resume::After(delay) => (Some(delay.as_secs_f64()), None),
+                Resume::Suspended {
+                    wake_in,
+                    waiting_for,
+                } => (Some(wake_in.as_secs_f64()), Some(waiting_for)),
+            };
+            round.retry_in.push(retry_in);
+            round.suspended_for.push(suspended_for);
             round.finished_ids.push(result.task_id.to_string());
             round
                 .attempts

@@ -433,7 +433,7 @@ impl Page<'_> {
                             @for state in JobState::ALL.map(JobState::as_str) { td.num data-state=(state) { (count(queue, state)) } }
                         }
                     }
-                    @if queues.is_empty() { tr { td colspan="7" { "The queue is empty." } } }
+                    @if queues.is_empty() { tr { td colspan="9" { "The queue is empty." } } }
                 }
             } }
             h2 { "Last hour" }
@@ -571,7 +571,7 @@ fn actions(prefix: &str, id: &str, state: &str, csrf: Option<&str>) -> Markup {
     };
     html! {
         @if state == "dead" { (form("retry", "Retry")) }
-        @if state == "pending" || state == "scheduled" { (form("cancel", "Cancel")) }
+        @if matches!(state, "pending" | "scheduled" | "sleeping" | "waiting") { (form("cancel", "Cancel")) }
     }
 }
 

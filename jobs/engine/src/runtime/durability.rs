@@ -28,6 +28,7 @@ use apalis::prelude::{AbortError, BoxDynError, ExecutionContext, Status, Task};
 use tower::{Layer, Service};
 
 use crate::{
+    durable::Suspension,
     job::{Backoff, RetryAfter},
     runtime::health::{Activity, mark_activity},
 };
@@ -131,6 +132,15 @@ where
                     metrics::counter!("durable_jobs_succeeded_total", "queue" => queue)
                         .increment(1);
                     "success"
+                }
+                Err(error) if error.downcast_ref::<Suspension>().is_some() => {
+                    // Not a failure: the settle makes it wait again, using no attempt.
+                    ctx.raw_status().store(Status::Pending);
+                    metrics::counter!("durable_jobs_suspended_total", "queue" => queue)
+                        .increment(1);
+                    tracing::info!(job.id = %job_id, job.attempt = ctx.attempt(), "job {error}");
+                    result = Err(error);
+                    "suspended"
                 }
                 Err(error) => {
                     metrics::counter!("durable_jobs_failed_total", "queue" => queue).increment(1);

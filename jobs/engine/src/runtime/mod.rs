@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backend::wakeups::Wakeups,
+    durable,
     error::Error,
     limits,
     maintenance::{self, Upkeep, prune::PruneJobs},
@@ -249,16 +250,26 @@ async fn supervise<C: Clone + Send + Sync + 'static>(
                     tracing::warn!(queue = job.name, error = %err, "could not record the queue's declared limits");
                 }
             }
-            let parts = WorkerParts {
-                pool: pool.clone(),
-                bookkeeping: bookkeeping.clone(),
-                wakeups: wakeups.clone(),
-                config: config.clone(),
-                generation: generation * 1000,
-                activity: activity.clone(),
-                context: context.clone(),
+            // The key of signal URLs; unreadable, the database is down.
+            let ended = match durable::signal_key(&pool).await {
+                Ok(key) => {
+                    let parts = WorkerParts {
+                        pool: pool.clone(),
+                        bookkeeping: bookkeeping.clone(),
+                        wakeups: wakeups.clone(),
+                        config: config.clone(),
+                        generation: generation * 1000,
+                        activity: activity.clone(),
+                        signal_key: key.into(),
+                        context: context.clone(),
+                    };
+                    run_monitor(&registry, &parts, &shutdown, &restart).await
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not read the signal URLs' key");
+                    Ended::Died
+                }
             };
-            let ended = run_monitor(&registry, &parts, &shutdown, &restart).await;
             watchdog.abort();
             match ended {
                 Ended::Shutdown => return Ok(()),

@@ -2,7 +2,10 @@
 //! concurrency, its own task, its span, its timeout), the backend it claims
 //! from, and the handler that decodes and runs the job.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use apalis::prelude::{
     AbortError, Attempt, BoxDynError, Data, MetadataStore, Monitor, ParallelizeExt as _, TaskId,
@@ -13,7 +16,7 @@ use apalis_postgres::{Config, PgPool};
 use crate::{
     backend::{storage::QueueStorage, wakeups::Wakeups},
     enqueue::decode,
-    job::{Job, JobContext, StepOf},
+    job::{Checkpoints, Job, JobContext, StepOf},
     maintenance::prune::{PruneContext, PruneJobs},
     queries,
     runtime::{
@@ -66,6 +69,7 @@ pub(crate) struct WorkerParts<C> {
     pub(crate) config: WorkerConfig,
     pub(crate) generation: usize,
     pub(crate) activity: Activity,
+    pub(crate) signal_key: Arc<[u8]>,
     pub(crate) context: C,
 }
 
@@ -83,6 +87,7 @@ impl<C> WorkerParts<C> {
             config: self.config.clone(),
             generation: self.generation,
             activity: self.activity.clone(),
+            signal_key: self.signal_key.clone(),
             context: context(&self.pool, &self.config),
         }
     }
@@ -108,10 +113,14 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
         config,
         generation,
         activity,
+        signal_key,
         context,
     } = parts;
     let (pool, bookkeeping, wakeups, config, generation, activity, context) = (
-        EnginePool(pool.clone()),
+        EnginePool {
+            pool: pool.clone(),
+            signal_key: signal_key.clone(),
+        },
         bookkeeping.clone(),
         wakeups.clone(),
         config.clone(),
@@ -149,10 +158,14 @@ pub(crate) fn add_worker<J: Job>(monitor: Monitor, parts: &WorkerParts<J::Contex
     })
 }
 
-/// The pool a job's workflow reads and additions use (the process's main
-/// pool: additions must survive a crash as the job's own writes do).
+/// The pool a job's workflow reads and additions and its checkpoints use
+/// (the process's main pool: they must survive a crash as the job's own
+/// writes do), and the key of its signal URLs.
 #[derive(Debug, Clone)]
-struct EnginePool(PgPool);
+struct EnginePool {
+    pool: PgPool,
+    signal_key: Arc<[u8]>,
+}
 
 /// The handler of every job type: decodes the stored JSON (a row nobody can
 /// decode fails only its own job, dead with the reason) and runs it. A
@@ -185,7 +198,7 @@ async fn handle<J: Job>(
             .bind(&step.workflow)
             .bind(&step.step)
             .bind(traceparent)
-            .execute(&(*pool).0)
+            .execute(&pool.pool)
             .await
         {
             tracing::warn!(job.id = %id, error = %err, "could not record the workflow step's start");
@@ -197,8 +210,10 @@ async fn handle<J: Job>(
         attempt: u32::try_from(attempt.current()).unwrap_or(u32::MAX),
         max_attempts: J::MAX_ATTEMPTS,
         context: &*context,
-        pool: &(*pool).0,
+        pool: &pool.pool,
         step: step.as_ref(),
+        checkpoints: &Checkpoints::default(),
+        signal_key: &pool.signal_key,
     };
     job.run(run).await.map_err(|failure| {
         if failure.fatal {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use durable_jobs::{Enqueue, Job as _, Limits, Rate, Registry, WorkerConfig, admin};
+use durable_jobs::{Enqueue, Job as _, Limits, Rate, WorkerConfig, admin};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +13,7 @@ use crate::{
     support::{DEFAULT_RESERVE, POOL_SIZE, Process, TestDb, fast_config, fast_env, wait_until},
 };
 
-type Running = (
+pub(crate) type Running = (
     CancellationToken,
     tokio::task::JoinHandle<Result<(), durable_jobs::Error>>,
 );
@@ -22,22 +22,17 @@ fn start(db: &TestDb) -> Running {
     start_with(db, fast_config())
 }
 
-fn start_with(db: &TestDb, config: WorkerConfig) -> Running {
+pub(crate) fn start_with(db: &TestDb, config: WorkerConfig) -> Running {
     let shutdown = CancellationToken::new();
-    let registry = Registry::new()
-        .register::<Record>()
-        .register::<Limited>()
-        .register::<Aging>()
-        .register::<Snoozing>();
     let worker = tokio::spawn(
-        durable_jobs::Worker::new(db.pool.clone(), registry, db.pool.clone())
+        durable_jobs::Worker::new(db.pool.clone(), crate::jobs::registry(), db.pool.clone())
             .config(config)
             .run(shutdown.clone()),
     );
     (shutdown, worker)
 }
 
-async fn stop((shutdown, worker): Running) -> anyhow::Result<()> {
+pub(crate) async fn stop((shutdown, worker): Running) -> anyhow::Result<()> {
     shutdown.cancel();
     worker.await??;
     Ok(())
@@ -46,7 +41,7 @@ async fn stop((shutdown, worker): Running) -> anyhow::Result<()> {
 const LIMITED: &str = Limited::NAME;
 
 /// The database's clock (the runs' times are the database's).
-async fn db_now(pool: &PgPool) -> anyhow::Result<DateTime<Utc>> {
+pub(crate) async fn db_now(pool: &PgPool) -> anyhow::Result<DateTime<Utc>> {
     Ok(sqlx::query_scalar("select clock_timestamp()")
         .fetch_one(pool)
         .await?)

@@ -150,3 +150,207 @@ impl Job for Snoozing {
         Ok(())
     }
 }
+
+/// Every job type of the tests, as the tests' worker process registers them.
+pub fn registry() -> durable_jobs::Registry<PgPool> {
+    durable_jobs::Registry::new()
+        .register::<Record>()
+        .register::<Limited>()
+        .register::<Aging>()
+        .register::<Snoozing>()
+        .register::<Steps>()
+        .register::<InsertOnce>()
+        .register::<Sleeper>()
+        .register::<Approval>()
+        .register::<Parent>()
+        .register::<Doomed>()
+}
+
+/// Records a run of `engine_test_runs` under `key` (started and finished at once).
+async fn mark(pool: &PgPool, key: String, attempt: u32) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into engine_test_runs (key, attempt, finished_at) values ($1, $2, clock_timestamp())",
+    )
+    .bind(key)
+    .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Three checkpointed steps, each recording a run `<key>/<step>`; with
+/// `kill_after_two`, its first attempt SIGKILLs its own process after the
+/// second step. Its output is the sum of the steps' results (1 + 2 + 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Steps {
+    /// Names the runs.
+    pub key: String,
+    /// Whether the first attempt kills its worker after step two.
+    pub kill_after_two: bool,
+}
+
+impl Job for Steps {
+    const NAME: &'static str = "engine_test_steps";
+    type Context = PgPool;
+    type Output = u32;
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<u32, JobError> {
+        let pool = job.context().clone();
+        let mut sum = 0;
+        for (n, name) in [(1, "one"), (2, "two"), (3, "three")] {
+            let (pool, key, attempt) =
+                (pool.clone(), format!("{}/{name}", self.key), job.attempt());
+            sum += job
+                .step(name, async move {
+                    mark(&pool, key, attempt).await?;
+                    Ok::<u32, sqlx::Error>(n)
+                })
+                .await?;
+            if n == 2 && self.kill_after_two && job.attempt() == 1 {
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)?;
+            }
+        }
+        Ok(sum)
+    }
+}
+
+/// Inserts a row into `engine_test_rows` and completes, in one `step_tx`:
+/// exactly once, however its workers die.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InsertOnce {
+    /// The row's key.
+    pub key: String,
+}
+
+impl Job for InsertOnce {
+    const NAME: &'static str = "engine_test_insert_once";
+    type Context = PgPool;
+    type Output = i64;
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<i64, JobError> {
+        let key = self.key.clone();
+        job.step_tx("insert", |tx| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, i64>(
+                    "insert into engine_test_rows (key) values ($1) returning id",
+                )
+                .bind(key)
+                .fetch_one(&mut **tx)
+                .await
+            })
+        })
+        .await
+    }
+}
+
+/// The table [`InsertOnce`] writes to (no unique key: duplicates show).
+pub async fn create_rows_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "create table if not exists engine_test_rows (
+             id bigint generated always as identity primary key, key text not null)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Sleeps durably for `millis`, then ends (its row says so: no write of
+/// its own, so that 10,000 of them measure the engine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sleeper {
+    /// Names the job.
+    pub key: String,
+    /// How long it sleeps.
+    pub millis: u64,
+}
+
+impl Job for Sleeper {
+    const NAME: &'static str = "engine_test_sleeper";
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        job.sleep("nap", Duration::from_millis(self.millis)).await?;
+        Ok(())
+    }
+}
+
+/// Records its signal URL (`<key>/url`), waits up to `timeout_millis` for
+/// signal `approval` (a string), and records what came (`<key>/<value or
+/// none>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Names the runs.
+    pub key: String,
+    /// How long it waits.
+    pub timeout_millis: u64,
+}
+
+impl Job for Approval {
+    const NAME: &'static str = "engine_test_approval";
+    type Context = PgPool;
+    type Output = Option<String>;
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<Option<String>, JobError> {
+        let url = job.signal_url("approval");
+        let (pool, key) = (job.context().clone(), format!("{}/url {url}", self.key));
+        let attempt = job.attempt();
+        job.step("url", async move { mark(&pool, key, attempt).await })
+            .await?;
+        let approval: Option<String> = job
+            .wait_for("approval", Duration::from_millis(self.timeout_millis))
+            .await?;
+        let seen = approval.clone().unwrap_or_else(|| "none".to_owned());
+        mark(job.context(), format!("{}/{seen}", self.key), job.attempt()).await?;
+        Ok(approval)
+    }
+}
+
+/// Spawns a [`Steps`] child (or, with `failing_child`, an [`Aging`] one that
+/// dies) and returns its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    /// Names the child's runs.
+    pub key: String,
+    /// Whether the child fails for good.
+    pub failing_child: bool,
+}
+
+impl Job for Parent {
+    const NAME: &'static str = "engine_test_parent";
+    type Context = PgPool;
+    type Output = u32;
+
+    async fn run(self, job: JobContext<'_, PgPool>) -> Result<u32, JobError> {
+        mark(job.context(), format!("{}/parent", self.key), job.attempt()).await?;
+        if self.failing_child {
+            let child = job.spawn("child", &Doomed).await?;
+            job.await_result(child).await?;
+            return Ok(0);
+        }
+        let child = job
+            .spawn(
+                "child",
+                &Steps {
+                    key: format!("{}/child", self.key),
+                    kill_after_two: false,
+                },
+            )
+            .await?;
+        job.await_result(child).await
+    }
+}
+
+/// Dies at once with "the partner refused it".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doomed;
+
+impl Job for Doomed {
+    const NAME: &'static str = "engine_test_doomed";
+    type Context = PgPool;
+    type Output = ();
+
+    async fn run(self, _job: JobContext<'_, PgPool>) -> Result<(), JobError> {
+        Err(JobError::fatal("the partner refused it"))
+    }
+}

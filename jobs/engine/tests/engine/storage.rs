@@ -146,6 +146,7 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
         .bind(3600.0_f64)
         .bind(vec![None::<f64>; queued.len()])
         .bind(30_i32)
+        .bind(vec![None::<String>; queued.len()])
         .fetch_one(&db.pool)
         .await?;
     let plan = plan.to_string();
