@@ -9,15 +9,8 @@ use sqlx::PgPool;
 use crate::{
     flow::{db_now, start_with, stop},
     jobs::{Approval, InsertOnce, Parent, Sleeper, Steps, create_rows_table, create_runs_table},
-    support::{POOL_SIZE, Process, TestDb, fast_config, fast_env, wait_until},
+    support::{POOL_SIZE, Process, TestDb, enqueue, fast_config, fast_env, wait_until},
 };
-
-async fn enqueue<J: durable_jobs::Job>(pool: &PgPool, job: &J) -> anyhow::Result<String> {
-    let mut tx = pool.begin().await?;
-    let id = durable_jobs::enqueue(&mut tx, job).await?.to_string();
-    tx.commit().await?;
-    Ok(id)
-}
 
 /// The keys of the runs recorded, in order.
 async fn run_keys(pool: &PgPool) -> anyhow::Result<Vec<String>> {

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     jobs::{Aging, Limited, Record, Snoozing, create_runs_table},
-    support::{DEFAULT_RESERVE, POOL_SIZE, Process, TestDb, fast_config, fast_env, wait_until},
+    support::{
+        DEFAULT_RESERVE, POOL_SIZE, Process, TestDb, enqueue, fast_config, fast_env, wait_until,
+    },
 };
 
 pub(crate) type Running = (
@@ -439,16 +441,13 @@ async fn a_job_failing_past_its_max_age_dies_with_that_reason() -> anyhow::Resul
     let db = TestDb::new().await?;
     create_runs_table(&db.pool).await?;
     let running = start(&db);
-    let mut tx = db.pool.begin().await?;
-    let id = durable_jobs::enqueue(
-        &mut tx,
+    let id = enqueue(
+        &db.pool,
         &Aging {
             key: "aging".to_owned(),
         },
     )
-    .await?
-    .to_string();
-    tx.commit().await?;
+    .await?;
     db.wait_for_status(&id, "Killed", Duration::from_secs(30))
         .await?;
     let (attempts, lived): (i32, f64) = sqlx::query_as(
@@ -481,17 +480,14 @@ async fn retry_after_runs_the_job_again_at_its_time() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     create_runs_table(&db.pool).await?;
     let running = start(&db);
-    let mut tx = db.pool.begin().await?;
-    let id = durable_jobs::enqueue(
-        &mut tx,
+    let id = enqueue(
+        &db.pool,
         &Snoozing {
             key: "snooze".to_owned(),
             after_millis: 2000,
         },
     )
-    .await?
-    .to_string();
-    tx.commit().await?;
+    .await?;
     db.wait_for_status(&id, "Done", Duration::from_secs(30))
         .await?;
     let runs: Vec<(i32, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(

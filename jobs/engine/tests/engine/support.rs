@@ -249,6 +249,14 @@ pub fn fast_config() -> WorkerConfig {
     }
 }
 
+/// Enqueues `job` in a transaction of its own; returns its id.
+pub async fn enqueue<J: durable_jobs::Job>(pool: &PgPool, job: &J) -> anyhow::Result<String> {
+    let mut tx = pool.begin().await?;
+    let id = durable_jobs::enqueue(&mut tx, job).await?.to_string();
+    tx.commit().await?;
+    Ok(id)
+}
+
 /// The same settings as environment variables, for worker processes.
 pub fn fast_env() -> Vec<(&'static str, &'static str)> {
     vec![
