@@ -1,7 +1,8 @@
 //! What VisitMe's jobs need at run time.
 
-use std::num::NonZeroU32;
+use std::{num::NonZeroU32, time::Duration};
 
+use durable_jobs::SecondsRange;
 use sqlx::PgPool;
 
 /// Shared, cheap-to-clone resources handed to every job run (the registry's
@@ -25,7 +26,19 @@ pub struct JobSettings {
     /// million visits never becomes one huge DELETE.
     #[arg(long, env = "TRIM_CHUNK", default_value_t = JobSettings::DEFAULT_TRIM_CHUNK, value_parser = parse_trim_chunk)]
     pub trim_chunk: NonZeroU32,
+    /// A trim that would delete more visits than this waits for an
+    /// operator's approval (Approve or Reject on the dashboard's job page)
+    /// before it deletes anything. Unset: trims never wait.
+    #[arg(long, env = "TRIM_APPROVAL_ABOVE")]
+    pub trim_approval_above: Option<u64>,
+    /// How long a trim waits for that approval, in seconds; then it gives
+    /// up without deleting, and logs why.
+    #[arg(long, env = "TRIM_APPROVAL_TIMEOUT", default_value = "86400", value_parser = APPROVAL_TIMEOUT.parser())]
+    pub trim_approval_timeout: Duration,
 }
+
+/// From a second to 30 days.
+const APPROVAL_TIMEOUT: SecondsRange = SecondsRange::new(1.0, 30.0 * 86_400.0);
 
 /// The most visits one chunk may delete: a chunk is one transaction, and its
 /// record of the deleted ids is one row.
@@ -44,12 +57,16 @@ fn parse_trim_chunk(value: &str) -> Result<NonZeroU32, String> {
 impl JobSettings {
     /// The default [`JobSettings::trim_chunk`].
     pub const DEFAULT_TRIM_CHUNK: NonZeroU32 = NonZeroU32::new(1000).expect("not zero");
+    /// The default [`JobSettings::trim_approval_timeout`]: a day.
+    pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(86_400);
 }
 
 impl Default for JobSettings {
     fn default() -> Self {
         Self {
             trim_chunk: Self::DEFAULT_TRIM_CHUNK,
+            trim_approval_above: None,
+            trim_approval_timeout: Self::DEFAULT_APPROVAL_TIMEOUT,
         }
     }
 }

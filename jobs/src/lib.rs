@@ -12,7 +12,10 @@ pub use durable_jobs::{
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-pub use trim_visits::{ChunkOutcome, TrimChunk, TrimOutcome, TrimPlan, TrimSummary, TrimVisits};
+pub use trim_visits::{
+    APPROVAL, ChunkOutcome, Decision, NotApproved, TrimChunk, TrimOutcome, TrimPlan, TrimSummary,
+    TrimVisits,
+};
 
 /// Every job type VisitMe runs, registered once: the worker runtime, the
 /// unknown-type reaper, the watchdog, pool sizing and the dashboard read this.

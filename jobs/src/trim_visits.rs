@@ -3,8 +3,9 @@
 //! **Running it twice is harmless, and reports the same**: delivery is
 //! at-least-once (a job whose acknowledgement was lost, to a killed worker or
 //! a Postgres crash, runs again under the same job id), so every step that
-//! deletes commits its DELETE with a row of `trim_deletions` recording the ids
-//! it deleted, in one transaction. A re-run finds that row, deletes nothing
+//! deletes commits its DELETE with the record of the ids it deleted, in one
+//! transaction: a row of `trim_deletions` for a small trim, the `step_tx`
+//! checkpoint of a large trim's chunk. A re-run finds that row, deletes nothing
 //! and reports the recorded count, and logs the recorded ids unless the row
 //! says their log lines were written: the total is exact and every deleted id
 //! is logged at least once.
@@ -15,6 +16,11 @@
 //! id range in its own transaction) and a [`TrimSummary`] fan-in logs the
 //! Module 7 summary once, with the total. The plan is keyed by the planning
 //! job's id, so a re-run of `TrimVisits` plans it once.
+//!
+//! With `TRIM_APPROVAL_ABOVE` set, a trim that would delete more visits
+//! than that first waits (durably: holding no worker slot) for an
+//! operator's [`Decision`], signalled from the dashboard's job page, for at
+//! most `TRIM_APPROVAL_TIMEOUT`.
 
 use std::{io::Write as _, time::Duration};
 
@@ -71,15 +77,28 @@ impl Job for TrimVisits {
         tracing::debug!(job.id = job.id(), job.attempt = job.attempt(), older_than = %self.older_than, "trimming visits");
         let context = job.context();
         prune_records(&context.pool).await?;
-        let chunk = i64::from(context.settings.trim_chunk.get());
-        let old: i64 = sqlx::query_scalar(
-            "select count(*) from (select 1 from visits where created_at < $1 limit $2) as old",
-        )
-        .bind(self.older_than)
-        .bind(chunk + 1)
-        .fetch_one(&context.pool)
-        .instrument(observability::db_span("SELECT", "visits"))
-        .await?;
+        let settings = context.settings;
+        let chunk = i64::from(settings.trim_chunk.get());
+        let old = match settings.trim_approval_above {
+            None => self.count_older(&context.pool, chunk + 1).await?,
+            Some(above) => {
+                let above = i64::try_from(above).unwrap_or(i64::MAX - 1);
+                // A checkpoint: the job runs again from the top after the
+                // approval, and must decide as it did before.
+                let old = job
+                    .step(
+                        "count",
+                        self.count_older(&context.pool, above.max(chunk) + 1),
+                    )
+                    .await?;
+                if old > above
+                    && let Some(declined) = self.approved(&job, above).await?
+                {
+                    return Ok(declined);
+                }
+                old
+            }
+        };
         if old <= chunk {
             return Ok(self.perform(&context.pool, job.id()).await?);
         }
@@ -87,10 +106,33 @@ impl Job for TrimVisits {
     }
 }
 
+/// An operator's answer to a large trim (`TRIM_APPROVAL_ABOVE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Delete them.
+    Approve,
+    /// Delete nothing.
+    Reject,
+}
+
+/// Why a large trim deleted nothing, waiting for an approval that did not come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotApproved {
+    /// An operator rejected it.
+    Rejected,
+    /// No answer within `TRIM_APPROVAL_TIMEOUT`.
+    TimedOut,
+    /// Another trim already waited for an approval (this job's id): that
+    /// one deletes, once approved, what this one would have.
+    LeftTo(String),
+}
+
 /// What a `TrimVisits` run did; stored as the job's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimOutcome {
-    /// How many visits were deleted (0 when the trim was planned as a workflow).
+    /// How many visits were deleted (0 when the trim was planned as a
+    /// workflow, or not approved).
     pub deleted: usize,
     /// The ids deleted, oldest first: the first [`SUMMARY_IDS`] of them
     /// (the page shows them; every id is also logged).
@@ -99,6 +141,9 @@ pub struct TrimOutcome {
     /// The workflow that runs a large trim, if this one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planned: Option<TrimPlan>,
+    /// Why it deleted nothing, when it needed an approval and had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_approved: Option<NotApproved>,
 }
 
 /// A large trim, planned as a workflow of chunks.
@@ -112,11 +157,100 @@ pub struct TrimPlan {
     pub visits: i64,
 }
 
+/// The signal a large trim waits for (see [`Decision`]).
+pub const APPROVAL: &str = "approval";
+
 /// Longest list of ids written into the summary line; every id also has its own
 /// log record, so nothing is lost by shortening a huge summary.
 pub const SUMMARY_IDS: usize = 100;
 
 impl TrimVisits {
+    /// How many visits are older than the threshold, counting at most `limit`.
+    async fn count_older(&self, pool: &PgPool, limit: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "select count(*) from (select 1 from visits where created_at < $1 limit $2) as old",
+        )
+        .bind(self.older_than)
+        .bind(limit)
+        .fetch_one(pool)
+        .instrument(observability::db_span("SELECT", "visits"))
+        .await
+    }
+
+    /// Waits for an operator to approve deleting more than `above` visits:
+    /// `None` once approved (go on), else the outcome of a trim that deletes
+    /// nothing. Only one trim waits at a time: a later one, which would
+    /// delete the same old visits and more, leaves them to it.
+    async fn approved(
+        &self,
+        job: &durable_jobs::JobContext<'_, JobContext>,
+        above: i64,
+    ) -> Result<Option<TrimOutcome>, JobError> {
+        let context = job.context();
+        let waiting = job
+            .step("already-waiting", async {
+                let waiting =
+                    durable_jobs::admin::oldest_waiting_for(&context.pool, Self::NAME, APPROVAL)
+                        .await?;
+                Ok::<_, durable_jobs::Error>(waiting.map(|other| other.id))
+            })
+            .await?;
+        let threshold = self.older_than.to_rfc3339();
+        let timeout = context.settings.trim_approval_timeout;
+        let not_approved = |why| {
+            Some(TrimOutcome {
+                deleted: 0,
+                ids: Vec::new(),
+                planned: None,
+                not_approved: Some(why),
+            })
+        };
+        if let Some(other) = waiting {
+            tracing::info!(
+                job.id = job.id(),
+                waiting = %other,
+                "more than {above} visits are older than {threshold}: trim {other} already waits \
+                 for an operator's approval to delete them, and this one leaves them to it"
+            );
+            return Ok(not_approved(NotApproved::LeftTo(other)));
+        }
+        job.step("ask", async {
+            tracing::warn!(
+                job.id = job.id(),
+                "more than {above} visits are older than {threshold} (TRIM_APPROVAL_ABOVE={above}): \
+                 waiting up to {timeout:?} for an operator's approval (Approve or Reject on this \
+                 job's dashboard page) before deleting any"
+            );
+            Ok::<_, JobError>(())
+        })
+        .await?;
+        let choices = [("Approve", Decision::Approve), ("Reject", Decision::Reject)];
+        match job.wait_for_choice(APPROVAL, timeout, &choices).await? {
+            Some(Decision::Approve) => {
+                tracing::info!(
+                    job.id = job.id(),
+                    "an operator approved deleting the visits older than {threshold}"
+                );
+                Ok(None)
+            }
+            Some(Decision::Reject) => {
+                tracing::info!(
+                    job.id = job.id(),
+                    "an operator rejected deleting the visits older than {threshold}: nothing deleted"
+                );
+                Ok(not_approved(NotApproved::Rejected))
+            }
+            None => {
+                tracing::warn!(
+                    job.id = job.id(),
+                    "gave up: no operator approved deleting more than {above} visits older than \
+                     {threshold} within {timeout:?} (TRIM_APPROVAL_TIMEOUT); nothing deleted"
+                );
+                Ok(not_approved(NotApproved::TimedOut))
+            }
+        }
+    }
+
     /// Deletes the visits older than the threshold and returns their ids,
     /// oldest first (no record: see [`TrimVisits::perform`]).
     pub async fn delete_older(
@@ -155,6 +289,7 @@ impl TrimVisits {
                 deleted: 0,
                 ids: Vec::new(),
                 planned: Some(plan),
+                not_approved: None,
             });
         }
         log_once(pool, job_id, &record).await?;
@@ -164,6 +299,7 @@ impl TrimVisits {
             deleted: ids.len(),
             ids: ids.into_iter().take(SUMMARY_IDS).collect(),
             planned: None,
+            not_approved: None,
         })
     }
 
@@ -242,18 +378,19 @@ impl TrimVisits {
             deleted: 0,
             ids: Vec::new(),
             planned: Some(plan),
+            not_approved: None,
         })
     }
 }
 
 /// One chunk of a large trim: deletes the visits older than the threshold
 /// whose ids are in `first_id..=last_id` (at most `TRIM_CHUNK`: the plan cut
-/// the ranges so), in one short transaction with its `trim_deletions` row,
-/// and logs each id.
+/// the ranges so) in a `step_tx` (one short transaction with the step's
+/// checkpoint, which records the ids), then logs each id in a `step`.
 ///
 /// **Running it twice is harmless**: the second run deletes nothing and
-/// returns the recorded count (logging the ids if their lines were not
-/// marked written).
+/// returns the recorded ids (logging them again if the log step's
+/// checkpoint was not written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimChunk {
     /// The trim's threshold.
@@ -283,12 +420,21 @@ impl Job for TrimChunk {
         self,
         job: durable_jobs::JobContext<'_, JobContext>,
     ) -> Result<ChunkOutcome, JobError> {
-        let pool = &job.context().pool;
-        let record = delete_once(pool, job.id(), Target::Range(self)).await?;
-        log_once(pool, job.id(), &record).await?;
+        // The delete and its record (the step's checkpoint) commit together.
+        let ids: Vec<i64> = job
+            .step_tx("delete", |tx| {
+                Box::pin(async move { Target::Range(self).delete(tx).await })
+            })
+            .await?;
+        // At least once: a kill before this step's checkpoint logs them again.
+        job.step("log", async {
+            log_deleted(job.id(), &ids);
+            std::io::stdout().flush()
+        })
+        .await?;
         Ok(ChunkOutcome {
-            deleted: record.ids.len(),
-            first_ids: record.ids.into_iter().take(SUMMARY_IDS).collect(),
+            deleted: ids.len(),
+            first_ids: ids.into_iter().take(SUMMARY_IDS).collect(),
         })
     }
 }
@@ -323,6 +469,7 @@ impl Job for TrimSummary {
             deleted,
             ids: first,
             planned: None,
+            not_approved: None,
         })
     }
 }

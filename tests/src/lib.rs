@@ -10,6 +10,7 @@
 //! `postgres://localhost/postgres`): any database there works as the
 //! maintenance database from which test databases are created.
 
+pub mod admin;
 pub mod browser;
 pub mod budget;
 pub mod cluster;
@@ -324,10 +325,19 @@ impl TestApp {
 
     /// Starts the real job worker with `config`.
     pub fn start_worker_with(&mut self, config: jobs::WorkerConfig) {
+        self.start_worker_with_settings(config, jobs::JobSettings::default());
+    }
+
+    /// Starts the real job worker with `config` and VisitMe's job `settings`.
+    pub fn start_worker_with_settings(
+        &mut self,
+        config: jobs::WorkerConfig,
+        settings: jobs::JobSettings,
+    ) {
         self.worker = Some(tokio::spawn(jobs::run(
             self.db.pool.clone(),
             config,
-            jobs::JobSettings::default(),
+            settings,
             self.shutdown.clone(),
         )));
     }

@@ -94,6 +94,9 @@ pub struct BackgroundWork {
     pub last_trim: Option<durable_jobs::admin::JobDetail>,
     /// Its queue's waiting, running and retrying jobs.
     pub queue: OpenCounts,
+    /// The trim that waits for an operator's approval, if one does
+    /// (`TRIM_APPROVAL_ABOVE`).
+    pub awaiting_approval: Option<durable_jobs::admin::JobSummary>,
 }
 
 impl BackgroundWork {
@@ -114,6 +117,12 @@ pub async fn background_work(
     Ok(BackgroundWork {
         last_trim: durable_jobs::admin::latest_job_of(pool, TrimVisits::NAME).await?,
         queue: counts.get(pool).await?,
+        awaiting_approval: durable_jobs::admin::oldest_waiting_for(
+            pool,
+            TrimVisits::NAME,
+            jobs::APPROVAL,
+        )
+        .await?,
     })
 }
 

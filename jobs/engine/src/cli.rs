@@ -213,10 +213,23 @@ pub async fn answer(pool: &PgPool, command: Command, retention: Retention) -> Re
             if counts.is_empty() {
                 println!("the queue is empty");
             }
-            println!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
+            println!("{:<16} {:<10} {:>8}  NEXT DUE", "QUEUE", "STATE", "JOBS");
+            let now = chrono::Utc::now();
             for row in counts {
                 let (queue, state) = (printable(&row.queue), row.state.as_str());
-                println!("{queue:<16} {state:<10} {:>8}", row.count);
+                // Sleeping and waiting jobs are due when they wake (a wait
+                // at its timeout, or at once when its signal arrives).
+                let next = row
+                    .next_due
+                    .map(|at| {
+                        format!(
+                            "  {} ({})",
+                            at.format("%Y-%m-%d %H:%M:%S UTC"),
+                            due_in(at - now)
+                        )
+                    })
+                    .unwrap_or_default();
+                println!("{queue:<16} {state:<10} {:>8}{next}", row.count);
             }
             print_schedules(&admin::schedules(pool).await?);
             print_controls(&admin::queue_controls(pool).await?);
@@ -494,5 +507,40 @@ fn print_schedules(schedules: &[admin::ScheduleStatus]) {
             time(schedule.last_tick),
             time(schedule.next_tick),
         );
+    }
+}
+
+/// `in 4m 10s`, `in 2h 5m`, `now` (due or past).
+fn due_in(left: chrono::TimeDelta) -> String {
+    let seconds = left.num_seconds();
+    if seconds <= 0 {
+        return "now".to_owned();
+    }
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("in {s}s"),
+        (0, 0, _) => format!("in {m}m {s}s"),
+        (0, _, _) => format!("in {h}h {m}m"),
+        _ => format!("in {d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod due_in_tests {
+    use super::due_in;
+    use chrono::TimeDelta;
+
+    #[test]
+    fn due_times_read_in_the_two_largest_units() {
+        assert_eq!(due_in(TimeDelta::seconds(-3)), "now");
+        assert_eq!(due_in(TimeDelta::seconds(5)), "in 5s");
+        assert_eq!(due_in(TimeDelta::seconds(250)), "in 4m 10s");
+        assert_eq!(due_in(TimeDelta::seconds(7500)), "in 2h 5m");
+        assert_eq!(due_in(TimeDelta::seconds(90_000)), "in 1d 1h");
     }
 }

@@ -209,7 +209,9 @@ cross join lateral (
 
 /// Jobs per queue and state, in lifecycle order.
 pub(crate) const QUEUE_STATUS: &str = "
-select job_type as queue, state, count(*) as count from apalis.job_states
+select job_type as queue, state, count(*) as count,
+       min(run_at) filter (where state in ('scheduled', 'sleeping', 'waiting')) as next_due
+from apalis.job_states
 group by job_type, state
 order by job_type, array_position(
     array['pending', 'scheduled', 'sleeping', 'waiting', 'claimed', 'running', 'done', 'dead'], state)";
@@ -223,12 +225,14 @@ select job_type as queue,
        case when suspended_for like 'sleep:%' then 'sleeping'
             when suspended_for is not null then 'waiting'
             when status = 'Failed' or run_at > now() then 'scheduled' else 'pending' end as state,
-       count(*) as count
+       count(*) as count,
+       min(run_at) filter (where status = 'Failed' or run_at > now()) as next_due
 from apalis.jobs
 where status = 'Pending' or (status = 'Failed' and attempts < max_attempts)
 group by 1, 2
 union all
-select job_type, case when status = 'Queued' then 'claimed' else 'running' end, count(*)
+select job_type, case when status = 'Queued' then 'claimed' else 'running' end, count(*),
+       null::timestamptz
 from apalis.jobs
 where status in ('Queued', 'Running')
 group by 1, 2
@@ -365,7 +369,8 @@ select id, job_type as queue, state, status, attempts, max_attempts, run_at, loc
        octet_length(job)::bigint as payload_bytes,
        hstore_to_json(metadata)::text as metadata,
        left(last_result::text, $2) as last_result,
-       octet_length(last_result::text)::bigint as last_result_bytes, unique_key
+       octet_length(last_result::text)::bigint as last_result_bytes, unique_key,
+       suspended_for, parent_id
 from apalis.job_states where id = $1";
 
 /// Each failed attempt of job `$1`, oldest first.
@@ -380,7 +385,8 @@ select id, job_type as queue, state, status, attempts, max_attempts, run_at, loc
        octet_length(job)::bigint as payload_bytes,
        hstore_to_json(metadata)::text as metadata,
        left(last_result::text, $2) as last_result,
-       octet_length(last_result::text)::bigint as last_result_bytes, unique_key
+       octet_length(last_result::text)::bigint as last_result_bytes, unique_key,
+       suspended_for, parent_id
 from apalis.job_states where job_type = $1 order by id desc limit 1";
 
 /// The unfinished jobs of queue `$1`: waiting, claimed or running, and
@@ -521,7 +527,8 @@ select step.name, step.job_id, step.job_type, step.depends_on, step.on_dependenc
        step.added_at, step.released_at, step.started_at,
        coalesce(step.finished_at, case when jobs.state in ('done', 'dead') then jobs.done_at end)
            as finished_at,
-       jobs.last_result -> 'Ok' as result, jobs.last_result ->> 'Err' as error
+       jobs.last_result -> 'Ok' as result, jobs.last_result ->> 'Err' as error,
+       jobs.suspended_for
 from apalis.workflow_steps as step
 left join apalis.job_states as jobs on jobs.id = step.job_id
 where step.workflow_id = $1
@@ -734,7 +741,15 @@ update apalis.job_checkpoints set value = $3 from no_flush where job_id = $1 and
 
 /// The value of signal `$2` to job `$1`, if it arrived.
 pub(crate) const SIGNAL_OF: &str = "
-select value from apalis.job_signals where job_id = $1 and name = $2";
+select value, traceparent from apalis.job_signals where job_id = $1 and name = $2";
+
+/// Keeps job `$1`'s suspending run's `traceparent` (`$2`) in its metadata
+/// under `durable.previous_run` (`durable::PREVIOUS_RUN_KEY`), for the next
+/// run to link to.
+pub(crate) const REMEMBER_RUN: &str = "
+with no_flush as (select set_config('synchronous_commit', 'off', true))
+update apalis.jobs set metadata = coalesce(metadata, ''::hstore) || hstore('durable.previous_run', $2)
+from no_flush where id = $1";
 
 /// Makes job `$1` a child of job `$2`.
 pub(crate) const ADOPT: &str = "update apalis.jobs set parent_id = $2 where id = $1";
@@ -749,7 +764,7 @@ select secret from apalis.engine_secrets where name = 'signal_urls'";
 
 /// Sends signal `$2` with value `$3` to job `$1` (see the migration's
 /// `apalis.send_signal`): `delivered`, `already` or `no_job`.
-pub(crate) const SEND_SIGNAL: &str = "select apalis.send_signal($1, $2, $3)";
+pub(crate) const SEND_SIGNAL: &str = "select apalis.send_signal($1, $2, $3, $4)";
 
 /// After a settle that suspended jobs `$1` (waiting for `$2`): wakes those
 /// whose signal or child arrived meanwhile (before that settle committed),
@@ -761,3 +776,26 @@ where exists (select 1 from apalis.job_signals as signal
               where signal.job_id = job.id and 'signal:' || signal.name = job.waiting_for)
    or exists (select 1 from apalis.job_states as child
               where 'child:' || child.id = job.waiting_for and child.state in ('done', 'dead'))";
+
+/// Job `$1`'s checkpoints for the dashboard, oldest first.
+pub(crate) const CHECKPOINT_VIEWS: &str = "
+select name, kind, value_type, value, created_at from apalis.job_checkpoints
+where job_id = $1 order by created_at, name";
+
+/// The jobs job `$1` spawned, as [`JOBS_PAGE`] lists them.
+pub(crate) const CHILDREN_OF: &str = "
+select id, job_type as queue, state, attempts, max_attempts, run_at,
+       last_result ->> 'Err' as last_error
+from apalis.job_states where parent_id = $1 order by id";
+
+/// The oldest job of queue `$1` suspended for `$2` (`signal:<name>`).
+pub(crate) const OLDEST_WAITING_FOR: &str = "
+select id, job_type as queue, state, attempts, max_attempts, run_at,
+       null::text as last_error
+from apalis.job_states
+where job_type = $1 and status = 'Pending' and suspended_for = $2 order by id limit 1";
+
+/// Job `$1`'s wait checkpoint `$2`, locked (an answer reads its choices).
+pub(crate) const WAIT_CHECKPOINT: &str = "
+select value from apalis.job_checkpoints where job_id = $1 and name = $2 and kind = 'wait'
+for update";

@@ -663,3 +663,117 @@ async fn a_person_reads_a_queues_last_hour_pauses_it_and_overrides_its_limits() 
     browser.close().await?;
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_person_approves_a_large_trim_on_its_job_page_and_reads_its_workflows_graph()
+-> anyhow::Result<()> {
+    require_browser()?;
+    let db = TestDb::migrated().await?;
+    // 40 old visits: the page view's trim would delete 31, over the 20
+    // allowed; approved, it runs as a workflow of 7 chunks of 5 and a summary.
+    sqlx::query(
+        "insert into visits (visitor, created_at)
+         select 'old-' || n, now() - interval '1 day' + n * interval '1 ms'
+         from generate_series(1, 40) as n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let state = web::AppState::new(db.pool.clone()).with_admin_token("browser-token");
+    let mut app = TestApp::spawn_with(db, state).await?;
+    app.start_worker_with_settings(
+        fast_worker_config(),
+        jobs::JobSettings {
+            trim_chunk: std::num::NonZeroU32::new(5).expect("not zero"),
+            trim_approval_above: Some(20),
+            ..jobs::JobSettings::default()
+        },
+    );
+    let browser = Browser::start_with(Window {
+        width: 1280,
+        height: 900,
+        dark: false,
+    })
+    .await?;
+    let client = &browser.client;
+    sign_in(&app, client).await?;
+    client.goto(&app.url("/")).await?;
+    // The panel refreshes in place until it says a trim waits.
+    let waiting = wait_for(client, "#trim-approval").await?;
+    let trim = waiting
+        .attr("data-job-id")
+        .await?
+        .context("the notice names its job")?;
+    assert!(
+        fresh_text(client, "#trim-approval")
+            .await?
+            .contains("waiting for an operator's approval")
+    );
+    fresh_click(client, "#trim-approval a").await?;
+    let suspension = wait_for(client, "#job-suspension").await?.text().await?;
+    assert!(suspension.contains("signal approval"), "{suspension}");
+    wait_for(client, r#"#job-checkpoints tr[data-checkpoint="count"]"#).await?;
+    browser
+        .screenshot_to(&screenshot_path("approval-1280-light"))
+        .await?;
+    fresh_click(client, r#"form.answer button[value="Approve"]"#).await?;
+    let notice = wait_for(client, "#notice").await?.text().await?;
+    assert!(
+        notice.contains("answer") && notice.contains(&trim) && notice.contains("sent"),
+        "{notice}"
+    );
+    app.db
+        .wait_for_status(&trim, "Done", Duration::from_secs(30))
+        .await?;
+    let workflow: String = sqlx::query_scalar(
+        "select last_result -> 'Ok' -> 'planned' ->> 'workflow' from apalis.jobs where id = $1",
+    )
+    .bind(&trim)
+    .fetch_one(&app.db.pool)
+    .await?;
+    app.db.drain_queue(Duration::from_secs(30)).await?;
+    client
+        .goto(&app.url(&format!("/admin/workflows/{workflow}")))
+        .await?;
+    wait_for(client, "#workflow-graph svg").await?;
+    // Laid out by the browser: 8 boxes side by side in 2 columns, 7 arrows.
+    let drawn = client
+        .execute(
+            "const boxes = [...document.querySelectorAll('#workflow-graph g.step rect')]
+                 .map(r => r.getBoundingClientRect());
+             const arrows = document.querySelectorAll('#workflow-graph path.dependency').length;
+             const columns = new Set(boxes.map(b => Math.round(b.left))).size;
+             return [boxes.length, columns, arrows, Math.min(...boxes.map(b => b.width))];",
+            vec![],
+        )
+        .await?;
+    assert_eq!(drawn[0], 8, "a box per step: {drawn}");
+    assert_eq!(drawn[1], 2, "chunks, then the summary: {drawn}");
+    assert_eq!(drawn[2], 7, "an arrow per dependency: {drawn}");
+    assert!(
+        drawn[3].as_f64().is_some_and(|width| width > 100.0),
+        "{drawn}"
+    );
+    let states: Vec<String> = client
+        .execute(
+            "return [...document.querySelectorAll('#workflow-graph g.step')].map(g => g.dataset.state);",
+            vec![],
+        )
+        .await?
+        .as_array()
+        .map(|states| {
+            states
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        states.len() == 8 && states.iter().all(|s| s == "done"),
+        "{states:?}"
+    );
+    browser
+        .screenshot_to(&screenshot_path("workflow-graph-1280-light"))
+        .await?;
+    browser.close().await?;
+    app.stop().await
+}

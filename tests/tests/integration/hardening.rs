@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{Process, TestApp, TestDb};
+use tests::{
+    Process, TestApp, TestDb,
+    admin::{TOKEN, csrf_of, login, plain_client},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -481,28 +484,6 @@ async fn web_refuses_to_start_with_an_admin_token_under_16_characters() -> anyho
     Ok(())
 }
 
-const TOKEN: &str = "a-long-enough-admin-token";
-
-/// A client that keeps no cookies and follows no redirects.
-fn plain_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?)
-}
-
-/// Logs in with the form; returns the `name=value` of the session cookie and the whole header.
-async fn login(client: &reqwest::Client, address: &str) -> anyhow::Result<(String, String)> {
-    let response = client
-        .post(format!("http://{address}/admin/login"))
-        .form(&[("token", TOKEN)])
-        .send()
-        .await?;
-    anyhow::ensure!(response.status() == 303, "login: {}", response.status());
-    let cookie = response.headers()["set-cookie"].to_str()?.to_owned();
-    let session = cookie.split(';').next().unwrap_or_default().to_owned();
-    Ok((session, cookie))
-}
-
 async fn dashboard_status(
     client: &reqwest::Client,
     address: &str,
@@ -771,12 +752,6 @@ async fn job_ids_are_percent_encoded_in_the_dashboards_form_actions() -> anyhow:
 }
 
 // ---- Red team, turn 3 (issue 21, item 5) ----
-
-/// The dashboard's `name="csrf"` value on `page`, if it has a form.
-fn csrf_of(page: &str) -> Option<String> {
-    let (_, rest) = page.split_once(r#"name="csrf" value=""#)?;
-    Some(rest.split('"').next()?.to_owned())
-}
 
 #[tokio::test]
 async fn a_nul_byte_in_a_dashboard_id_or_filter_is_a_400_and_logs_no_error() -> anyhow::Result<()> {

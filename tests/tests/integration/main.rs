@@ -1,5 +1,6 @@
 //! VisitMe's one integration-test binary: everything against real Postgres.
 
+mod approval;
 mod browser;
 mod durability;
 mod faults;

@@ -135,7 +135,7 @@ async fn operator_commands_print_only_their_answer_and_an_error_once_on_stderr()
 -> anyhow::Result<()> {
     // Not migrated yet: the first command migrates it, and must not say so.
     let db = TestDb::empty().await?;
-    let header = format!("{:<16} {:<10} {:>8}", "QUEUE", "STATE", "JOBS");
+    let header = format!("{:<16} {:<10} {:>8}  NEXT DUE", "QUEUE", "STATE", "JOBS");
     let empty = operator(&db, &["status"]).await?;
     assert_eq!(
         empty,

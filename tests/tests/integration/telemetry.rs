@@ -623,3 +623,104 @@ async fn grpc_export_is_chosen_by_otel_exporter_otlp_protocol() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_approved_trims_resumed_run_links_its_first_run_and_the_operators_answer()
+-> anyhow::Result<()> {
+    use tests::admin::{TOKEN, csrf_of, login, plain_client};
+    tests::budget::runs_processes(1);
+    let receiver = OtlpReceiver::start().await?;
+    let endpoint = receiver.endpoint();
+    let db = TestDb::migrated().await?;
+    // 40 old visits: the page view's trim would delete 31, over the 20 allowed.
+    sqlx::query(
+        "insert into visits (visitor, created_at)
+         select 'old-' || n, now() - interval '1 day' + n * interval '1 ms'
+         from generate_series(1, 40) as n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
+        ("BIND", "127.0.0.1:0"),
+        ("ADMIN_TOKEN", TOKEN),
+        ("TRIM_APPROVAL_ABOVE", "20"),
+    ];
+    let mut web = Process::spawn("web", &[&env[..], &fast_worker_env()[..]].concat())?;
+    let address = web.web_address().await?;
+    tests::visit_times(&address, 1, "traced").await?;
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let trim = loop {
+        if let Some(job) =
+            durable_jobs::admin::oldest_waiting_for(&db.pool, "trim_visits", "approval").await?
+        {
+            break job.id;
+        }
+        anyhow::ensure!(std::time::Instant::now() < give_up, "no trim waits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let client = plain_client()?;
+    let (session, _) = login(&client, &address).await?;
+    let page = client
+        .get(format!("http://{address}/admin/jobs/{trim}"))
+        .header("cookie", &session)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let csrf = csrf_of(&page).ok_or_else(|| anyhow::anyhow!("no form on {page}"))?;
+    let answered = client
+        .post(format!("http://{address}/admin/jobs/{trim}/answer"))
+        .header("cookie", &session)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("wait", "approval"),
+            ("choice", "Approve"),
+        ])
+        .send()
+        .await?;
+    assert_eq!(answered.status(), 303);
+    db.wait_for_status(&trim, "Done", Duration::from_secs(30))
+        .await?;
+    assert!(web.terminate(Duration::from_secs(30)).await?.success());
+
+    let spans = receiver.spans();
+    let view = spans
+        .iter()
+        .find(|s| s.name == "GET /")
+        .ok_or_else(|| anyhow::anyhow!("no page view span"))?;
+    let runs: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "process trim_visits" && s.attributes.get("job.id") == Some(&trim))
+        .collect();
+    assert_eq!(runs.len(), 2, "the run that waited, and the resumed one");
+    assert!(
+        runs.iter().all(|run| run.trace_id == view.trace_id),
+        "both runs are in the page view's trace"
+    );
+    let (first, resumed) = match runs[0].links.iter().any(|(_, id)| *id == runs[1].span_id) {
+        true => (runs[1], runs[0]),
+        false => (runs[0], runs[1]),
+    };
+    assert!(
+        resumed.links.iter().any(|(_, id)| *id == first.span_id),
+        "the resumed run links to the run before it: {:?}",
+        resumed.links
+    );
+    let answer_traces: Vec<&String> = spans
+        .iter()
+        .filter(|s| s.kind == SERVER && s.name.starts_with("POST /admin/jobs"))
+        .map(|s| &s.trace_id)
+        .collect();
+    assert_eq!(answer_traces.len(), 1, "one answer request");
+    assert!(
+        resumed
+            .links
+            .iter()
+            .any(|(trace, _)| trace == answer_traces[0]),
+        "the resumed run links to the operator's answer: {:?}",
+        resumed.links
+    );
+    Ok(())
+}

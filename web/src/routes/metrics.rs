@@ -65,7 +65,14 @@ pub async fn track(request: Request, next: Next) -> Response {
 
 /// The states counted as queue depth (finished jobs are the
 /// `durable_jobs_*_total` counters instead).
-const OPEN_STATES: [&str; 4] = ["pending", "scheduled", "claimed", "running"];
+const OPEN_STATES: [&str; 6] = [
+    "pending",
+    "scheduled",
+    "sleeping",
+    "waiting",
+    "claimed",
+    "running",
+];
 
 /// The queue depth for `/metrics`, counted at most once per `refresh`.
 #[derive(Debug, Clone)]

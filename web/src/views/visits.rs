@@ -7,6 +7,8 @@ use super::{
     components::{short_browser, timestamp, visitor_parts},
     layout,
 };
+use jobs::NotApproved;
+
 use crate::visits::{BackgroundWork, RecordedVisit};
 
 /// Where the page's script fetches a fresh panel (see [`background_panel`]).
@@ -101,6 +103,15 @@ pub fn background_panel(
                                     (plan.visits) " visits, in a workflow of " (plan.chunks) " chunk steps ("
                                     code { (plan.workflow) } ")"
                                 }
+                            } @else if let Some(why) = work.last_outcome().and_then(|o| o.not_approved) {
+                                span.not-approved data-deleted="0" {
+                                    "nothing: "
+                                    @match why {
+                                        NotApproved::Rejected => "an operator rejected the trim",
+                                        NotApproved::TimedOut => "no operator approved the trim in time",
+                                        NotApproved::LeftTo(other) => { "left to trim " code { (other) } ", which waits for an approval" }
+                                    }
+                                }
                             } @else if let Some(outcome) = work.last_outcome() {
                                 @let ids: Vec<String> = outcome.ids.iter().map(i64::to_string).collect();
                                 span data-deleted=(outcome.deleted) data-ids=(ids.join(",")) {
@@ -115,6 +126,13 @@ pub fn background_panel(
                             }
                         }
                     }
+                }
+            }
+            @if let Some(waiting) = &work.awaiting_approval {
+                p.approval #trim-approval data-job-id=(waiting.id) {
+                    "Trim " code { (waiting.id) } " is waiting for an operator's approval: it would delete more visits than "
+                    code { "TRIM_APPROVAL_ABOVE" } " allows. Approve or reject it on its "
+                    a href=(format!("/admin/jobs/{}", waiting.id)) { "dashboard page" } "."
                 }
             }
             p.queue #trim-queue {

@@ -8,8 +8,10 @@ use chrono::{DateTime, Utc};
 
 use sqlx::PgPool;
 
+mod durable;
 mod state;
 
+pub use durable::{CheckpointView, answer, checkpoints, children, oldest_waiting_for};
 pub use state::{JobState, UnknownState};
 
 use crate::{
@@ -27,6 +29,9 @@ pub struct StateCount {
     pub state: JobState,
     /// Number of jobs.
     pub count: i64,
+    /// When the first of them is due, for jobs that wait for a time
+    /// (`scheduled`, `sleeping`, `waiting`: a wait's timeout).
+    pub next_due: Option<DateTime<Utc>>,
 }
 
 /// Job counts per queue and state, in a fixed order.
@@ -270,6 +275,10 @@ pub struct StepView {
     pub result: Option<serde_json::Value>,
     /// Its last error.
     pub error: Option<String>,
+    /// What its job is suspended for (durable execution), as
+    /// [`JobDetail::suspended_for`]: a step `waiting` with this set waits
+    /// for a signal or a child, not for its dependencies.
+    pub suspended_for: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -433,6 +442,36 @@ pub struct JobDetail {
     pub last_result_bytes: Option<i64>,
     /// Its uniqueness key while it waits.
     pub unique_key: Option<String>,
+    /// What it is suspended for (durable execution): `sleep:<name>`,
+    /// `signal:<name>` or `child:<job id>`; see [`JobDetail::suspension`].
+    pub suspended_for: Option<String>,
+    /// The job that spawned it, if one did.
+    pub parent_id: Option<String>,
+}
+
+/// What a suspended job waits for (its state is `sleeping` or `waiting`,
+/// until its due time [`JobDetail::run_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspension<'a> {
+    /// Its sleep of this name.
+    Sleep(&'a str),
+    /// The signal of this name.
+    Signal(&'a str),
+    /// The end of its child job with this id.
+    Child(&'a str),
+}
+
+impl JobDetail {
+    /// What it waits for while suspended.
+    pub fn suspension(&self) -> Option<Suspension<'_>> {
+        let (kind, what) = self.suspended_for.as_deref()?.split_once(':')?;
+        match kind {
+            "sleep" => Some(Suspension::Sleep(what)),
+            "signal" => Some(Suspension::Signal(what)),
+            "child" => Some(Suspension::Child(what)),
+            _ => None,
+        }
+    }
 }
 
 impl JobDetail {

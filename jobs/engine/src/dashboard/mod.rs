@@ -26,6 +26,8 @@
 //! without one (e.g. a bearer token, which browsers never send by
 //! themselves) no token is asked for.
 
+mod durable;
+mod graph;
 mod queue;
 
 use std::sync::Arc;
@@ -50,6 +52,7 @@ use crate::{
         self, AttemptError, HourStats, JobDetail, JobFilter, JobState, JobSummary, ScheduleStatus,
         StateCount, WorkflowSummary, WorkflowView,
     },
+    durable::signals::Signalled,
     error::Error,
 };
 
@@ -122,14 +125,18 @@ enum Notice {
     Cancelled,
     NotDead,
     NotPending,
+    Answered,
+    NotWaiting,
 }
 
 impl Notice {
-    const ALL: [Notice; 4] = [
+    const ALL: [Notice; 6] = [
         Notice::Retried,
         Notice::Cancelled,
         Notice::NotDead,
         Notice::NotPending,
+        Notice::Answered,
+        Notice::NotWaiting,
     ];
 
     fn from_code(code: &str) -> Option<Self> {
@@ -142,6 +149,8 @@ impl Notice {
             Notice::Cancelled => "cancelled",
             Notice::NotDead => "not-dead",
             Notice::NotPending => "not-pending",
+            Notice::Answered => "answered",
+            Notice::NotWaiting => "not-waiting",
         }
     }
 
@@ -153,6 +162,10 @@ impl Notice {
             Notice::Cancelled => format!("cancel:{job} done"),
             Notice::NotDead => format!("retry:{job} not done, the job is not dead"),
             Notice::NotPending => format!("cancel:{job} not done, the job is not pending"),
+            Notice::Answered => format!("answer:{job} sent"),
+            Notice::NotWaiting => format!(
+                "answer:{job} not sent, the job no longer waits for it (answered, timed out or finished)"
+            ),
         }
     }
 }
@@ -258,17 +271,20 @@ async fn to_overview(prefix: NestedPath, RawQuery(query): RawQuery) -> Redirect 
 struct ActionForm {
     #[serde(default)]
     csrf: String,
+    /// For `answer`: the wait answered, and the choice's label.
+    wait: Option<String>,
+    choice: Option<String>,
 }
 
 /// A 403 when the session has a CSRF token and the form does not bring it back.
 fn refuse_without_csrf(
     dashboard: &Dashboard,
     csrf: Option<Extension<Csrf>>,
-    form: &ActionForm,
+    given: &str,
     id: &str,
 ) -> Option<Response> {
     let Extension(Csrf(expected)) = csrf?;
-    if bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes())) {
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         return None;
     }
     tracing::warn!(id, "dashboard action refused: missing or wrong CSRF token");
@@ -288,14 +304,31 @@ async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if holds_nul([Some(id.as_str())]) {
+    if holds_nul([
+        Some(id.as_str()),
+        form.wait.as_deref(),
+        form.choice.as_deref(),
+    ]) {
         return bad_request(&dashboard);
     }
-    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
+    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form.csrf, &id) {
         return refused;
     }
     let pool = &dashboard.pool;
     let (result, done, refused) = match action.as_str() {
+        "answer" => {
+            let (Some(wait), Some(choice)) = (&form.wait, &form.choice) else {
+                return bad_request(&dashboard);
+            };
+            let answered = admin::answer(pool, &id, wait, choice).await.and_then(|sent| {
+                tracing::info!(job.id = %id, wait = %wait, choice = %choice, outcome = ?sent, "dashboard answer");
+                match sent {
+                    Signalled::Delivered => Ok(()),
+                    _ => Err(Error::NoSuchJob { id: id.clone(), expected: "waiting" }),
+                }
+            });
+            (answered, Notice::Answered, Notice::NotWaiting)
+        }
         "retry" => (
             admin::retry(pool, &id).await,
             Notice::Retried,
@@ -632,16 +665,20 @@ async fn job_page(
         return bad_request(&dashboard);
     }
     let loaded = async {
-        let job = admin::job(&dashboard.pool, &id).await?;
-        let errors = match &job {
-            Some(_) => admin::job_errors(&dashboard.pool, &id).await?,
-            None => Vec::new(),
+        let pool = &dashboard.pool;
+        let Some(job) = admin::job(pool, &id).await? else {
+            return Ok::<_, Error>(None);
         };
-        Ok::<_, Error>((job, errors))
+        let errors = admin::job_errors(pool, &id).await?;
+        let durable = Durable {
+            checkpoints: admin::checkpoints(pool, &id).await?,
+            children: admin::children(pool, &id).await?,
+        };
+        Ok(Some((job, errors, durable)))
     };
-    let (job, errors) = match loaded.await {
-        Ok((Some(job), errors)) => (job, errors),
-        Ok((None, _)) => {
+    let (job, errors, durable) = match loaded.await {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => {
             return not_found(&dashboard, prefix.as_str(), "job");
         }
         Err(err) => return unavailable(&dashboard, &err),
@@ -649,7 +686,7 @@ async fn job_page(
     let csrf = csrf.map(|Extension(Csrf(token))| token);
     let body = html! {
         div #job-page data-refresh-from=(job_page_path(prefix.as_str(), &job.id)) {
-            (render_job(prefix.as_str(), &job, &errors, csrf.as_deref(), dashboard.trace_ui.as_deref()))
+            (render_job(prefix.as_str(), &job, &errors, &durable, csrf.as_deref(), dashboard.trace_ui.as_deref()))
         }
     };
     (dashboard.layout)(&format!("Job {}", job.id), body).into_response()
@@ -659,10 +696,17 @@ async fn job_page(
 /// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
 /// its trace. Links and forms are under `prefix` (where the dashboard is
 /// nested); `csrf` as for the overview's forms.
+/// A job's durable-execution records, for its page.
+struct Durable {
+    checkpoints: Vec<admin::CheckpointView>,
+    children: Vec<JobSummary>,
+}
+
 fn render_job(
     prefix: &str,
     job: &JobDetail,
     errors: &[AttemptError],
+    durable: &Durable,
     csrf: Option<&str>,
     trace_ui: Option<&str>,
 ) -> Markup {
@@ -687,6 +731,7 @@ fn render_job(
             dt { "Last ended" } dd { @if let Some(at) = job.done_at { (timestamp(at)) } @else { "not yet" } }
             @if let Some(took) = &took { dt { "Took" } dd { (took) } }
             dt { "Worker" } dd { @if let Some(worker) = &job.lock_by { code { (worker) } } @else { "none" } }
+            (durable::facts(prefix, job, &durable.checkpoints, csrf))
             @if let Some(step) = job.workflow_step() {
                 dt { "Workflow" } dd {
                     "step " code { (step.step) } " of "
@@ -720,6 +765,7 @@ fn render_job(
             h2 { "Result" }
             pre.payload #job-result { (serde_json::to_string_pretty(&output).unwrap_or_default()) }
         }
+        (durable::sections(prefix, &durable.checkpoints, &durable.children))
         h2 { "Payload" }
         @if job.payload_is_cut() {
             p.note #job-payload-cut { (cut_note(job.payload.len(), job.payload_bytes)) }
@@ -833,6 +879,8 @@ fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>) ->
             @if let Some(at) = workflow.cancel_requested_at { dt { "Cancel requested" } dd { (timestamp(at)) } }
             @if let Some(key) = &workflow.key { dt { "Key" } dd { code { (key) } } }
         }
+        h2 { "Graph" }
+        div.scroll tabindex="0" { (graph::workflow_graph(prefix, workflow)) }
         h2 { "Steps" }
         div.scroll tabindex="0" { table.grid #workflow-steps {
             thead { tr { th { "step" } th { "queue" } th { "after" } th { "state" } th { "attempts" } th { "released" } th { "finished" } th { "result or error" } } }
@@ -878,7 +926,7 @@ async fn cancel_workflow(
     if holds_nul([Some(id.as_str())]) {
         return bad_request(&dashboard);
     }
-    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form, &id) {
+    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form.csrf, &id) {
         return refused;
     }
     match admin::cancel_workflow(&dashboard.pool, &id).await {

@@ -19,8 +19,8 @@ use percent_encoding::utf8_percent_encode;
 use serde::Deserialize;
 
 use super::{
-    ActionForm, Csrf, Dashboard, PATH_SEGMENT, bad_request, holds_nul, overview_path,
-    refuse_without_csrf, unavailable,
+    Csrf, Dashboard, PATH_SEGMENT, bad_request, holds_nul, overview_path, refuse_without_csrf,
+    unavailable,
 };
 use crate::{
     admin::{self, QueueMinute, QueueView},
@@ -398,10 +398,7 @@ pub(super) async fn act_on_queue(
     if holds_nul([Some(queue.as_str())]) {
         return bad_request(&dashboard);
     }
-    let token = ActionForm {
-        csrf: form.csrf.clone(),
-    };
-    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &token, &queue) {
+    if let Some(refused) = refuse_without_csrf(&dashboard, csrf, &form.csrf, &queue) {
         return refused;
     }
     let pool = &dashboard.pool;

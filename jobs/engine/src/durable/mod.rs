@@ -362,7 +362,7 @@ impl<C> JobContext<'_, C> {
         if left.is_zero() {
             return Ok(());
         }
-        Err(suspend(left, format!("sleep:{name}")))
+        Err(self.suspend(left, format!("sleep:{name}")).await)
     }
 
     /// Suspends the job until signal `name` arrives ([`signals::signal`],
@@ -370,6 +370,45 @@ impl<C> JobContext<'_, C> {
     /// `Ok(Some(value))`, or `Ok(None)` after the timeout. A signal sent
     /// before the wait is kept and received; the first signal wins.
     pub async fn wait_for<T>(&self, name: &str, timeout: Duration) -> Result<Option<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+    {
+        self.wait(name, timeout, None).await
+    }
+
+    /// [`JobContext::wait_for`] a signal that a person answers: the
+    /// dashboard's job page shows one button per choice (its label), and a
+    /// press sends that choice's value as the signal (CSRF-checked, like
+    /// its other actions). Any sender may still signal it with another value.
+    ///
+    /// ```ignore
+    /// let decision = job.wait_for_choice("approval", Duration::from_secs(86_400),
+    ///     &[("Approve", Decision::Approve), ("Reject", Decision::Reject)]).await?;
+    /// ```
+    pub async fn wait_for_choice<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        choices: &[(&str, T)],
+    ) -> Result<Option<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+    {
+        let choices = choices
+            .iter()
+            .map(|(label, value)| {
+                Ok(json!({ "label": label, "value": serde_json::to_value(value)? }))
+            })
+            .collect::<Result<Vec<Value>, serde_json::Error>>()?;
+        self.wait(name, timeout, Some(Value::Array(choices))).await
+    }
+
+    async fn wait<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        choices: Option<Value>,
+    ) -> Result<Option<T>, JobError>
     where
         T: Serialize + DeserializeOwned + Send,
     {
@@ -385,7 +424,10 @@ impl<C> JobContext<'_, C> {
             None => {
                 let until = Utc::now()
                     + chrono::TimeDelta::from_std(timeout).unwrap_or(chrono::TimeDelta::MAX / 2);
-                let value = json!({ "until": until });
+                let mut value = json!({ "until": until });
+                if let Some(choices) = choices {
+                    value["choices"] = choices;
+                }
                 match self.record(name, "wait", &value_type, &value).await? {
                     Some(_) => until,
                     None => deadline(
@@ -395,16 +437,20 @@ impl<C> JobContext<'_, C> {
                 }
             }
         };
-        let signal: Option<Value> = sqlx::query_scalar(queries::SIGNAL_OF)
+        let signal: Option<(Value, Option<String>)> = sqlx::query_as(queries::SIGNAL_OF)
             .bind(self.id)
             .bind(name)
             .fetch_optional(self.pool)
             .await?;
         let left = (until - Utc::now()).to_std().unwrap_or_default();
         let outcome = match signal {
-            Some(value) => Some(value),
+            Some((value, sender)) => {
+                // The run that receives it links to the span that sent it.
+                observability::link_traceparents(&tracing::Span::current(), sender.as_deref());
+                Some(value)
+            }
             None if left.is_zero() => None,
-            None => return Err(suspend(left, format!("signal:{name}"))),
+            None => return Err(self.suspend(left, format!("signal:{name}")).await),
         };
         // The outcome becomes the checkpoint's: a replay returns it even once
         // the signal row is gone.
@@ -413,6 +459,7 @@ impl<C> JobContext<'_, C> {
             None => None,
         };
         let recorded = json!({ "until": until, "outcome": outcome });
+        // Without the choices: the wait is answered, the buttons go.
         sqlx::query(queries::SETTLE_CHECKPOINT)
             .bind(self.id)
             .bind(name)
@@ -504,7 +551,9 @@ impl<C> JobContext<'_, C> {
                     error,
                 }))
             }
-            Some(_) => Err(suspend(CHILD_RECHECK, format!("child:{}", child.id))),
+            Some(_) => Err(self
+                .suspend(CHILD_RECHECK, format!("child:{}", child.id))
+                .await),
             None => Err(JobError::fatal(format!(
                 "child job {} is gone (pruned before it was awaited?)",
                 child.id
@@ -522,7 +571,28 @@ fn deadline(name: &str, value: Value) -> Result<DateTime<Utc>, JobError> {
         .ok_or_else(|| JobError::fatal(format!("checkpoint {name:?} holds no deadline")))
 }
 
-fn suspend(wake_in: Duration, waiting_for: String) -> JobError {
+/// The metadata key of a suspended job's last run's `traceparent`: the run
+/// that resumes it links to that span (`runtime::job_span`).
+pub(crate) const PREVIOUS_RUN_KEY: &str = "durable.previous_run";
+
+impl<C> JobContext<'_, C> {
+    /// Ends the attempt suspended (see [`Suspension`]), keeping this run's
+    /// span for the next run to link to.
+    async fn suspend(&self, wake_in: Duration, waiting_for: String) -> JobError {
+        if let Some(run) = observability::inject_current().remove("traceparent")
+            && let Err(err) = sqlx::query(queries::REMEMBER_RUN)
+                .bind(self.id)
+                .bind(run)
+                .execute(self.pool)
+                .await
+        {
+            return err.into();
+        }
+        suspension(wake_in, waiting_for)
+    }
+}
+
+fn suspension(wake_in: Duration, waiting_for: String) -> JobError {
     JobError::retry(Suspension {
         wake_in,
         waiting_for,

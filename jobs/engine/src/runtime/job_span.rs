@@ -17,7 +17,10 @@ use apalis::prelude::{BoxDynError, Task};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::workflow::{WORKFLOW_ID_KEY, WORKFLOW_LINKS_KEY, WORKFLOW_STEP_KEY};
+use crate::{
+    durable::PREVIOUS_RUN_KEY,
+    workflow::{WORKFLOW_ID_KEY, WORKFLOW_LINKS_KEY, WORKFLOW_STEP_KEY},
+};
 
 /// Wraps a worker's service with [`JobSpan`].
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +94,11 @@ where
             .collect();
         // Before the span is entered: a started span cannot change its parent.
         observability::extract_into(&span, &carrier);
+        // A durable job resumed after a sleep or wait: linked to the run that
+        // suspended it (all its runs are children of the enqueue's span).
+        if let Some(previous) = ctx.metadata().get(PREVIOUS_RUN_KEY) {
+            observability::link_traceparents(&span, [previous]);
+        }
         // A workflow step: its dependencies' spans are its links (a fan-in's many).
         if let Some(workflow) = ctx.metadata().get(WORKFLOW_ID_KEY) {
             span.record("workflow.id", workflow);

@@ -205,6 +205,7 @@ async fn a_signal_is_received_sent_before_or_during_the_wait_and_refused_after()
         &Approval {
             key: "early".to_owned(),
             timeout_millis: 60_000,
+            choices: false,
         },
     )
     .await?
@@ -222,6 +223,7 @@ async fn a_signal_is_received_sent_before_or_during_the_wait_and_refused_after()
         &Approval {
             key: "during".to_owned(),
             timeout_millis: 60_000,
+            choices: false,
         },
     )
     .await?;
@@ -261,6 +263,7 @@ async fn a_signal_is_received_sent_before_or_during_the_wait_and_refused_after()
         &Approval {
             key: "late".to_owned(),
             timeout_millis: 1_000,
+            choices: false,
         },
     )
     .await?;
@@ -287,6 +290,69 @@ async fn a_signal_is_received_sent_before_or_during_the_wait_and_refused_after()
 }
 
 #[tokio::test]
+async fn a_wait_for_a_choice_is_answered_once_by_its_label() -> anyhow::Result<()> {
+    use durable_jobs::admin;
+    let db = TestDb::new().await?;
+    create_runs_table(&db.pool).await?;
+    let running = start_with(&db, fast_config());
+    let asking = Approval {
+        key: "ask".to_owned(),
+        timeout_millis: 60_000,
+        choices: true,
+    };
+    let id = enqueue(&db.pool, &asking).await?;
+    wait_until(Duration::from_secs(30), "waiting", || async {
+        Ok(state_of(&db.pool, &id).await? == "waiting")
+    })
+    .await?;
+    let waiting = admin::oldest_waiting_for(&db.pool, Approval::NAME, "approval").await?;
+    assert_eq!(waiting.map(|job| job.id), Some(id.clone()));
+    let checkpoints = admin::checkpoints(&db.pool, &id).await?;
+    let wait = checkpoints
+        .iter()
+        .find(|checkpoint| checkpoint.name == "approval")
+        .expect("the wait's checkpoint");
+    assert_eq!(wait.choices(), ["Approve", "Reject"]);
+    // Only a label of the wait's choices is an answer.
+    assert_eq!(
+        admin::answer(&db.pool, &id, "approval", "Maybe").await?,
+        Signalled::NoSuchJob
+    );
+    assert_eq!(
+        admin::answer(&db.pool, &id, "other", "Approve").await?,
+        Signalled::NoSuchJob
+    );
+    assert_eq!(
+        admin::answer(&db.pool, &id, "approval", "Reject").await?,
+        Signalled::Delivered
+    );
+    db.wait_for_status(&id, "Done", Duration::from_secs(30))
+        .await?;
+    let keys = run_keys(&db.pool).await?;
+    assert_eq!(
+        keys.iter()
+            .filter(|key| !key.contains("/url "))
+            .collect::<Vec<_>>(),
+        ["ask/rejected"]
+    );
+    // Answered: the buttons go, and a second answer is refused.
+    let checkpoints = admin::checkpoints(&db.pool, &id).await?;
+    assert!(
+        checkpoints.iter().all(|c| c.choices().is_empty()),
+        "{checkpoints:?}"
+    );
+    assert_eq!(
+        admin::answer(&db.pool, &id, "approval", "Approve").await?,
+        Signalled::WaitEnded
+    );
+    assert_eq!(
+        admin::oldest_waiting_for(&db.pool, Approval::NAME, "approval").await?,
+        None
+    );
+    stop(running).await
+}
+
+#[tokio::test]
 async fn a_signal_url_takes_one_json_body_and_refuses_the_rest() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     create_runs_table(&db.pool).await?;
@@ -300,6 +366,7 @@ async fn a_signal_url_takes_one_json_body_and_refuses_the_rest() -> anyhow::Resu
         &Approval {
             key: "url".to_owned(),
             timeout_millis: 60_000,
+            choices: false,
         },
     )
     .await?;

@@ -284,6 +284,9 @@ pub struct Approval {
     pub key: String,
     /// How long it waits.
     pub timeout_millis: u64,
+    /// Waits with `wait_for_choice` (Approve: "approved", Reject: "rejected").
+    #[serde(default)]
+    pub choices: bool,
 }
 
 impl Job for Approval {
@@ -297,9 +300,16 @@ impl Job for Approval {
         let attempt = job.attempt();
         job.step("url", async move { mark(&pool, key, attempt).await })
             .await?;
-        let approval: Option<String> = job
-            .wait_for("approval", Duration::from_millis(self.timeout_millis))
-            .await?;
+        let timeout = Duration::from_millis(self.timeout_millis);
+        let approval: Option<String> = if self.choices {
+            let choices = [
+                ("Approve", "approved".to_owned()),
+                ("Reject", "rejected".to_owned()),
+            ];
+            job.wait_for_choice("approval", timeout, &choices).await?
+        } else {
+            job.wait_for("approval", timeout).await?
+        };
         let seen = approval.clone().unwrap_or_else(|| "none".to_owned());
         mark(job.context(), format!("{}/{seen}", self.key), job.attempt()).await?;
         Ok(approval)
