@@ -358,6 +358,44 @@ async fn a_resumed_queue_starts_its_higher_priority_jobs_first() -> anyhow::Resu
 }
 
 #[tokio::test]
+async fn a_rate_limited_queue_reaches_its_rate_with_a_ten_second_poll() -> anyhow::Result<()> {
+    // Ours, and an in-process worker whose claims (one at each token) open
+    // its whole bookkeeping pool (a connection per queue and three).
+    let db = TestDb::reserving(POOL_SIZE + 17, POOL_SIZE).await?;
+    create_runs_table(&db.pool).await?;
+    // 100 jobs at 50/s (burst 5) take 2 s; without wake-ups at each token,
+    // a worker polling every 10 s would start 5 per poll.
+    admin::set_limits(
+        &db.pool,
+        LIMITED,
+        Limits::none().rate(Rate::per_second(50.0).burst(5)),
+    )
+    .await?;
+    let jobs: Vec<Limited> = (0..100).map(|n| limited("rated", n, 1)).collect();
+    let running = start_with(
+        &db,
+        WorkerConfig {
+            concurrency: 8,
+            poll_interval: Duration::from_secs(10),
+            ..fast_config()
+        },
+    );
+    // The worker's first claim (at start) finds nothing: the jobs come after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let enqueued = db_now(&db.pool).await?;
+    enqueue_limited(&db.pool, &jobs, Enqueue::new()).await?;
+    wait_until(Duration::from_secs(9), "the 100 jobs done", || async {
+        Ok(runs_done(&db.pool, "rated/%").await? >= 100)
+    })
+    .await?;
+    let started = starts(&db.pool, "rated/%").await?;
+    let took = (started[started.len() - 1] - enqueued).as_seconds_f64();
+    println!("100 starts at 50/s in {took:.2} s");
+    assert_eq!(worst_window(&started, 50.0, 5.0, 0.05), None);
+    stop(running).await
+}
+
+#[tokio::test]
 async fn a_delayed_job_is_scheduled_then_woken_on_time_with_an_hour_poll() -> anyhow::Result<()> {
     let db = TestDb::reserving(DEFAULT_RESERVE, POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
