@@ -799,3 +799,10 @@ where job_type = $1 and status = 'Pending' and suspended_for = $2 order by id li
 pub(crate) const WAIT_CHECKPOINT: &str = "
 select value from apalis.job_checkpoints where job_id = $1 and name = $2 and kind = 'wait'
 for update";
+
+/// Completes job `$1` (held by worker `$3`, attempt `$4`) with result `$2`,
+/// in a `finish_tx` step's transaction: as the settle would record it.
+pub(crate) const COMPLETE_IN_STEP: &str = "
+update apalis.jobs
+set status = 'Done', attempts = $4, last_result = $2, done_at = now(), suspended_for = null
+where id = $1 and lock_by = $3 and status in ('Queued', 'Running')";

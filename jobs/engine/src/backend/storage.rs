@@ -136,6 +136,10 @@ pub struct QueueStorage {
     /// Whether the last claim got every job it asked for (the queue may
     /// hold more): the condition for a second claim in flight.
     queue_had_more: bool,
+    /// A settle recorded results since the last empty claim: jobs of a
+    /// limited queue that were held back (their key's or the queue's slots
+    /// full) may be claimable now, so a parked worker claims again.
+    slots_freed: bool,
     /// Claimed jobs not yet handed to the worker (only for slots that were
     /// free).
     buffer: VecDeque<PgTask>,
@@ -180,6 +184,7 @@ impl QueueStorage {
             heartbeat: None,
             claims: Vec::new(),
             queue_had_more: false,
+            slots_freed: false,
             buffer: VecDeque::new(),
             running: 0,
             top_up: None,
@@ -214,8 +219,11 @@ impl QueueStorage {
                 .retain_mut(|settle| match settle.poll_unpin(cx) {
                     Poll::Pending => true,
                     Poll::Ready(result) => {
-                        if let Err(error) = result {
-                            failure.get_or_insert(error);
+                        match result {
+                            Err(error) => {
+                                failure.get_or_insert(error);
+                            }
+                            Ok(recorded) => self.slots_freed |= recorded.finished > 0,
                         }
                         false
                     }
@@ -454,9 +462,9 @@ impl Backend for QueueStorage {
             {
                 return Poll::Pending;
             }
-            if drained && !self.woken(cx) {
+            if drained && !self.woken(cx) && !std::mem::take(&mut self.slots_freed) {
                 // Parked until a notification, the poll interval, a claim
-                // in flight or a job finishing wakes the worker.
+                // in flight, a job finishing or its settle wakes the worker.
                 return Poll::Pending;
             }
             self.drain_events(cx);

