@@ -57,6 +57,15 @@ pub enum Behaviour {
     /// Abort the whole worker process (`std::process::abort`) in every
     /// attempt, after recording the run: a real crash, for crash-recovery tests.
     Abort,
+    /// Run `count` trivial checkpointed steps (`job.step`), without
+    /// recording the run (for the durable-execution benchmark).
+    Steps {
+        /// How many steps.
+        count: u32,
+    },
+    /// Record the run, then wait durably (up to a minute) for the signal
+    /// `go`: the resumed run records a second run (for the resume latency).
+    AwaitSignal,
     /// Block until the Postgres advisory lock `lock` is free (someone else
     /// holds it to keep the job running), then succeed.
     WaitForLock {
@@ -84,6 +93,13 @@ async fn run(probe: Probe, job: &durable_jobs::JobContext<'_, JobContext>) -> Re
             tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
             return Ok(());
         }
+        Behaviour::Steps { count } => {
+            for n in 0..count {
+                job.step(&format!("step-{n}"), async { Ok::<_, JobError>(n) })
+                    .await?;
+            }
+            return Ok(());
+        }
         _ => {}
     }
     let attempt = job.attempt();
@@ -97,7 +113,11 @@ async fn run(probe: Probe, job: &durable_jobs::JobContext<'_, JobContext>) -> Re
     .await?;
     tracing::info!(job.id = job.id(), job.attempt = attempt, probe = %probe.key, "probe running");
     match probe.behaviour {
-        Behaviour::Succeed | Behaviour::Noop | Behaviour::Nap { .. } => {}
+        Behaviour::Succeed | Behaviour::Noop | Behaviour::Nap { .. } | Behaviour::Steps { .. } => {}
+        Behaviour::AwaitSignal => {
+            job.wait_for::<bool>("go", std::time::Duration::from_secs(60))
+                .await?;
+        }
         Behaviour::FailFirst { failures } if attempt as usize <= failures => {
             return Err(JobError::retry(format!(
                 "probe {} failing attempt {attempt} as asked",

@@ -136,6 +136,9 @@ enum Section {
     /// rate-limited queue's achieved rate, the claim's cost over 100,000
     /// waiting jobs of 1,000 keys.
     Flow,
+    /// 9: durable execution: resume latency after a signal, a 1,000-step
+    /// job against 1,000 chained jobs.
+    Durable,
 }
 
 /// VisitMe measured against the physical limit: web throughput and latency,
@@ -208,6 +211,9 @@ async fn run(
     }
     if wanted(Section::Flow) {
         flow_control(&db, &sizes, &mut report).await?;
+    }
+    if wanted(Section::Durable) {
+        durable_execution(&db, &sizes, &mut report).await?;
     }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
     report.write(&path)?;
@@ -732,6 +738,178 @@ async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
         "pickup latency p99",
         percentile(&latencies, 0.99),
         "ms",
+    );
+    worker.terminate(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Resume latency (a signal's commit to the waiting job running again, on
+/// an idle queue, as pickup latency is measured), then a job of 1,000
+/// trivial `step`s against a workflow chain of 1,000 no-op jobs.
+async fn durable_execution(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    use jobs::probe::{Behaviour, Probe};
+    println!(
+        "9. durable execution: resume after a signal; 1,000 steps in one job vs 1,000 chained jobs"
+    );
+    sqlx::query("delete from apalis.jobs")
+        .execute(&db.pool)
+        .await?;
+    let worker = Process::started_worker(&worker_env(db, "4")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs_of = |key: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, DateTime<Utc>>(
+                "select started_at from job_probe_runs where probe = $1 order by id",
+            )
+            .bind(key)
+            .fetch_all(&pool)
+            .await
+        }
+    };
+    let mut latencies = Vec::new();
+    for n in 0..sizes.pickups.min(300) {
+        let key = format!("resume-{n}");
+        let mut tx = db.pool.begin().await?;
+        let id = jobs::enqueue(
+            &mut tx,
+            &Probe {
+                key: key.clone(),
+                behaviour: Behaviour::AwaitSignal,
+            },
+        )
+        .await?
+        .to_string();
+        tx.commit().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state: String =
+                sqlx::query_scalar("select state from apalis.job_states where id = $1")
+                    .bind(&id)
+                    .fetch_one(&db.pool)
+                    .await?;
+            if state == "waiting" {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "job {key} never waited");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut tx = db.pool.begin().await?;
+        durable_jobs::signal(&mut tx, &id, "go", &true).await?;
+        let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let resumed_at = loop {
+            if let Some(at) = runs_of(key.clone()).await?.get(1) {
+                break *at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "job {key} was not resumed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        latencies.push((resumed_at - committed_at).to_std().unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    latencies.sort_unstable();
+    report.add(
+        "durable",
+        "resume after a signal p50",
+        percentile(&latencies, 0.50),
+        "ms",
+    );
+    report.add(
+        "durable",
+        "resume after a signal p99",
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+
+    // One job of 1,000 steps, then a chain of 1,000 jobs.
+    const STEPS: u32 = 1_000;
+    let mut tx = db.pool.begin().await?;
+    let id = jobs::enqueue(
+        &mut tx,
+        &Probe {
+            key: "steps".to_owned(),
+            behaviour: Behaviour::Steps { count: STEPS },
+        },
+    )
+    .await?
+    .to_string();
+    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    db.wait_for_status(&id, "Done", Duration::from_secs(300))
+        .await?;
+    let done_at: DateTime<Utc> =
+        sqlx::query_scalar("select done_at from apalis.jobs where id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await?;
+    let steps_took = (done_at - committed_at).to_std()?.as_secs_f64();
+    report.add(
+        "durable",
+        "1,000-step job: total",
+        steps_took * 1000.0,
+        "ms",
+    );
+    report.add(
+        "durable",
+        "1,000-step job: per step",
+        steps_took * 1000.0 / f64::from(STEPS),
+        "ms",
+    );
+
+    let mut chain = durable_jobs::Workflow::new("bench-long-chain").add(
+        "step-0",
+        Probe {
+            key: "chain-0".to_owned(),
+            behaviour: Behaviour::Noop,
+        },
+    );
+    for n in 1..STEPS {
+        chain = chain.add_after(
+            format!("step-{n}"),
+            Probe {
+                key: format!("chain-{n}"),
+                behaviour: Behaviour::Noop,
+            },
+            [format!("step-{}", n - 1)],
+        );
+    }
+    let mut tx = db.pool.begin().await?;
+    chain.enqueue(&mut tx).await?;
+    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    db.wait_until_idle_polling(Duration::from_secs(600), Duration::from_millis(100))
+        .await?;
+    let last_done: DateTime<Utc> = sqlx::query_scalar(
+        "select max(done_at) from apalis.jobs where workflow_id in
+             (select id from apalis.workflows where name = 'bench-long-chain')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let chain_took = (last_done - committed_at).to_std()?.as_secs_f64();
+    report.add(
+        "durable",
+        "1,000 chained jobs: total",
+        chain_took * 1000.0,
+        "ms",
+    );
+    report.add(
+        "durable",
+        "1,000 chained jobs: per job",
+        chain_took * 1000.0 / f64::from(STEPS),
+        "ms",
+    );
+    report.add(
+        "durable",
+        "chained jobs / steps, time",
+        chain_took / steps_took,
+        "x",
     );
     worker.terminate(Duration::from_secs(30)).await?;
     Ok(())
