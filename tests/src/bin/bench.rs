@@ -163,7 +163,8 @@ struct Args {
     only: Vec<Section>,
     /// A `worker` binary built from an older commit (with `--features
     /// probes`): the queue section then runs its default-settings drain with
-    /// that binary too, alternating old and new, for a side-by-side figure.
+    /// that binary too, alternating old and new, for a side-by-side figure,
+    /// and the pickup section measures its pickup latency after this one's.
     #[arg(long)]
     baseline_worker: Option<PathBuf>,
 }
@@ -198,7 +199,7 @@ async fn run(
         queue_throughput(&db, &sizes, baseline_worker, &mut report).await?;
     }
     if wanted(Section::Pickup) {
-        pickup_latency(&db, &sizes, &mut report).await?;
+        pickup_latency(&db, &sizes, baseline_worker, &mut report).await?;
     }
     if wanted(Section::Scaling) {
         scaling(&db, &sizes, &mut report).await?;
@@ -687,24 +688,82 @@ async fn queue_throughput(
     Ok(())
 }
 
-async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+async fn pickup_latency(
+    db: &TestDb,
+    sizes: &Sizes,
+    baseline: Option<&std::path::Path>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     println!("4. pickup latency: commit to handler start, idle queue");
     sqlx::query("delete from apalis.jobs")
         .execute(&db.pool)
         .await?;
     let worker = Process::started_worker(&worker_env(db, "4")).await?;
+    let latencies = pickups(db, sizes.pickups, "pickup").await?;
+    worker.terminate(Duration::from_secs(30)).await?;
+    report.add(
+        "pickup",
+        "pickup latency p50",
+        percentile(&latencies, 0.50),
+        "ms",
+    );
+    report.add(
+        "pickup",
+        "pickup latency p99",
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+    let Some(path) = baseline else {
+        return Ok(());
+    };
+    // The baseline on a database of its own, migrated by itself.
+    let old_db = TestDb::empty().await?;
+    let mut command = tokio::process::Command::new(path);
+    let env = worker_env(&old_db, "4");
+    command
+        .envs(env.iter().copied())
+        .env(
+            "RUST_LOG",
+            "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+        )
+        .env("NO_COLOR", "1");
+    let mut worker = Process::start("worker", command)?;
+    worker.wait_until_registered(&env).await?;
+    let latencies = pickups(&old_db, sizes.pickups, "pickup").await?;
+    worker.terminate(Duration::from_secs(30)).await?;
+    report.add(
+        "pickup",
+        "pickup latency p50, baseline worker",
+        percentile(&latencies, 0.50),
+        "ms",
+    );
+    report.add(
+        "pickup",
+        "pickup latency p99, baseline worker",
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+    Ok(())
+}
+
+/// `count` pickups, one at a time, on `db`'s idle worker: each a probe
+/// inserted with the columns every schema has (a baseline's too), timed
+/// from its commit to its run's start, both by the database's clock.
+async fn pickups(db: &TestDb, count: usize, prefix: &str) -> anyhow::Result<Vec<Duration>> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
-    for n in 0..sizes.pickups {
-        let key = format!("pickup-{n}");
+    for n in 0..count {
+        let key = format!("{prefix}-{n}");
         let mut tx = db.pool.begin().await?;
-        jobs::enqueue(
-            &mut tx,
-            &jobs::probe::Probe {
-                key: key.clone(),
-                behaviour: jobs::probe::Behaviour::Succeed,
-            },
+        sqlx::query(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+             values (apalis.generate_ulid(), 'probe',
+                     convert_to(json_build_object('key', $1::text, 'behaviour',
+                                json_build_object('kind', 'succeed'))::text, 'UTF8'),
+                     'Pending', 0, 3, now(), 0)",
         )
+        .bind(&key)
+        .execute(&mut *tx)
         .await?;
         let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
             .fetch_one(&mut *tx)
@@ -727,20 +786,7 @@ async fn pickup_latency(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     latencies.sort_unstable();
-    report.add(
-        "pickup",
-        "pickup latency p50",
-        percentile(&latencies, 0.50),
-        "ms",
-    );
-    report.add(
-        "pickup",
-        "pickup latency p99",
-        percentile(&latencies, 0.99),
-        "ms",
-    );
-    worker.terminate(Duration::from_secs(30)).await?;
-    Ok(())
+    Ok(latencies)
 }
 
 /// Resume latency (a signal's commit to the waiting job running again, on
