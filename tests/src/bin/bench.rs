@@ -926,19 +926,8 @@ async fn durable_execution(db: &TestDb, sizes: &Sizes, report: &mut Report) -> a
     }
     let mut tx = db.pool.begin().await?;
     chain.enqueue(&mut tx).await?;
-    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    db.wait_until_idle_polling(Duration::from_secs(600), Duration::from_millis(100))
-        .await?;
-    let last_done: DateTime<Utc> = sqlx::query_scalar(
-        "select max(done_at) from apalis.jobs where workflow_id in
-             (select id from apalis.workflows where name = 'bench-long-chain')",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    let chain_took = (last_done - committed_at).to_std()?.as_secs_f64();
+    let chain_took =
+        commit_and_time_workflows(db, tx, "bench-long-chain", Duration::from_millis(100)).await?;
     report.add(
         "durable",
         "1,000 chained jobs: total",
@@ -959,6 +948,31 @@ async fn durable_execution(db: &TestDb, sizes: &Sizes, report: &mut Report) -> a
     );
     worker.terminate(Duration::from_secs(30)).await?;
     Ok(())
+}
+
+/// Commits `tx` (which enqueued workflows named `name`), waits until the
+/// queue is idle (polling every `poll`), and returns the seconds from the
+/// commit to the last of their jobs' ends, by the database's clock.
+async fn commit_and_time_workflows(
+    db: &TestDb,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    name: &str,
+    poll: Duration,
+) -> anyhow::Result<f64> {
+    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    db.wait_until_idle_polling(Duration::from_secs(600), poll)
+        .await?;
+    let last_done: DateTime<Utc> = sqlx::query_scalar(
+        "select max(done_at) from apalis.jobs where workflow_id in
+             (select id from apalis.workflows where name = $1)",
+    )
+    .bind(name)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok((last_done - committed_at).to_std()?.as_secs_f64())
 }
 
 async fn scaling(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
@@ -1107,19 +1121,8 @@ async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
             .enqueue(&mut tx)
             .await?;
     }
-    let committed_at: DateTime<Utc> = sqlx::query_scalar("select clock_timestamp()")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    db.wait_until_idle_polling(Duration::from_secs(600), Duration::from_millis(200))
-        .await?;
-    let last_done: DateTime<Utc> = sqlx::query_scalar(
-        "select max(done_at) from apalis.jobs where workflow_id in
-             (select id from apalis.workflows where name = 'bench-chain')",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    let elapsed = (last_done - committed_at).to_std()?.as_secs_f64();
+    let elapsed =
+        commit_and_time_workflows(db, tx, "bench-chain", Duration::from_millis(200)).await?;
     report.add(
         "workflows",
         "3-step chains completed",
