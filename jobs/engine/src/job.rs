@@ -398,9 +398,9 @@ pub struct StepOf {
 /// cancelled): `JobContext::await_result` fails with it, and the parent is
 /// then dead too unless it handles it ([`JobError::child_failure`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("child job {child} died: {error}")]
+#[error("child {child} died: {error}")]
 pub struct ChildFailed {
-    /// The child's id.
+    /// The child's id (a job's or a workflow's).
     pub child: String,
     /// Its last error.
     pub error: String,

@@ -26,7 +26,7 @@ mod workflow;
 #[cfg(feature = "dashboard")]
 pub use axum;
 pub use durable::{
-    Child, StepFuture,
+    Child, Spawn, StepFuture,
     signals::{self, Signalled, signal},
 };
 pub use enqueue::{Enqueue, enqueue, enqueue_many, enqueue_many_with, enqueue_with};
@@ -49,7 +49,7 @@ pub use runtime::{
 };
 pub use schedule::{CatchUp, Schedule, Tick};
 pub use seconds::SecondsRange;
-pub use workflow::{OnDependencyFailure, Step, Workflow};
+pub use workflow::{ChildWorkflow, OnDependencyFailure, Step, Workflow};
 
 /// Internals that the integration tests check against the real schema; not
 /// part of the API, and may change without notice.

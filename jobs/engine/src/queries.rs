@@ -515,7 +515,7 @@ select (select count(*) from requested) > 0,
 
 /// Workflow `$1`.
 pub(crate) const WORKFLOW: &str = "
-select id, name, key, created_at, cancel_requested_at from apalis.workflows where id = $1";
+select id, name, key, created_at, cancel_requested_at, parent_id from apalis.workflows where id = $1";
 
 /// The steps of workflow `$1`, in the order they were added, with their
 /// job's state once released.
@@ -533,6 +533,19 @@ from apalis.workflow_steps as step
 left join apalis.job_states as jobs on jobs.id = step.job_id
 where step.workflow_id = $1
 order by step.added_at, step.name";
+
+/// The workflows job `$1` spawned, as [`LATEST_WORKFLOWS`] counts them.
+pub(crate) const CHILD_WORKFLOWS: &str = "
+select workflows.id, workflows.name, workflows.created_at, workflows.cancel_requested_at,
+       count(steps.name) as steps,
+       count(*) filter (where steps.state = 'done') as done,
+       count(*) filter (where steps.state in ('dead', 'cancelled')) as failed,
+       count(*) filter (where steps.state in ('waiting', 'released')) as open
+from apalis.workflows
+left join apalis.workflow_steps as steps on steps.workflow_id = workflows.id
+where workflows.parent_id = $1
+group by workflows.id
+order by workflows.id";
 
 /// The newest `$1` workflows with their steps counted per state.
 pub(crate) const LATEST_WORKFLOWS: &str = "
@@ -754,6 +767,31 @@ from no_flush where id = $1";
 /// Makes job `$1` a child of job `$2`.
 pub(crate) const ADOPT: &str = "update apalis.jobs set parent_id = $2 where id = $1";
 
+/// Workflow `$1` becomes job `$2`'s child, awaited for step `$3`'s result.
+pub(crate) const ADOPT_WORKFLOW: &str =
+    "update apalis.workflows set parent_id = $2, output_step = $3 where id = $1";
+
+/// Workflow `$1` as a child: whether a step is still open, its output step's
+/// state, that step's job's result, and the error of the first step that
+/// died.
+pub(crate) const WORKFLOW_CHILD_OUTCOME: &str = "
+select exists (select 1 from apalis.workflow_steps as step
+               where step.workflow_id = wf.id and step.state in ('waiting', 'released')),
+       wf.output_step,
+       output.state,
+       output_job.last_result,
+       (select died.last_result ->> 'Err'
+        from apalis.workflow_steps as step
+        join apalis.jobs as died on died.id = step.job_id
+        where step.workflow_id = wf.id and step.state = 'dead'
+        order by step.finished_at
+        limit 1)
+from apalis.workflows as wf
+left join apalis.workflow_steps as output
+       on output.workflow_id = wf.id and output.name = wf.output_step
+left join apalis.jobs as output_job on output_job.id = output.job_id
+where wf.id = $1";
+
 /// Job `$1`'s state and result, if it exists.
 pub(crate) const CHILD_OUTCOME: &str = "
 select state, last_result from apalis.job_states where id = $1";
@@ -772,10 +810,19 @@ pub(crate) const SEND_SIGNAL: &str = "select apalis.send_signal($1, $2, $3, $4)"
 pub(crate) const WAKE_SUSPENDED: &str = "
 select apalis.wake_suspended(job.id, job.waiting_for)
 from unnest($1::text[], $2::text[]) as job(id, waiting_for)
-where exists (select 1 from apalis.job_signals as signal
-              where signal.job_id = job.id and 'signal:' || signal.name = job.waiting_for)
-   or exists (select 1 from apalis.job_states as child
-              where 'child:' || child.id = job.waiting_for and child.state in ('done', 'dead'))";
+where (job.waiting_for like 'signal:%'
+       and exists (select 1 from apalis.job_signals as signal
+                   where signal.job_id = job.id and signal.name = substr(job.waiting_for, 8)))
+   or (job.waiting_for like 'child:%'
+       and (exists (select 1 from apalis.jobs as child
+                    where child.id = substr(job.waiting_for, 7)
+                      and (child.status in ('Done', 'Killed')
+                           or (child.status = 'Failed' and child.attempts >= child.max_attempts)))
+            or exists (select 1 from apalis.workflows as child
+                       where child.id = substr(job.waiting_for, 7)
+                         and not exists (select 1 from apalis.workflow_steps as step
+                                         where step.workflow_id = child.id
+                                           and step.state in ('waiting', 'released')))))";
 
 /// Job `$1`'s checkpoints for the dashboard, oldest first.
 pub(crate) const CHECKPOINT_VIEWS: &str = "

@@ -183,6 +183,17 @@ impl Workflow {
         self
     }
 
+    /// This workflow as a job's child ([`JobContext::spawn`]): awaiting it
+    /// returns step `output_step`'s output (a step of type `J`) once every
+    /// step has ended, or fails with the first dead step's error.
+    pub fn returning<J: Job>(self, output_step: impl Into<String>) -> ChildWorkflow<J> {
+        ChildWorkflow {
+            workflow: self,
+            output_step: output_step.into(),
+            output: std::marker::PhantomData,
+        }
+    }
+
     /// Enqueues the workflow on `conn` (typically `&mut *tx`): its steps
     /// without dependencies are due at once, the others wait for theirs.
     /// Returns the workflow's id.
@@ -230,6 +241,49 @@ impl Workflow {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A [`Workflow`] to spawn as a job's child, with the step whose output the
+/// parent awaits ([`Workflow::returning`]).
+#[derive(Debug)]
+pub struct ChildWorkflow<J> {
+    pub(crate) workflow: Workflow,
+    pub(crate) output_step: String,
+    output: std::marker::PhantomData<fn() -> J>,
+}
+
+impl<J> Clone for ChildWorkflow<J> {
+    fn clone(&self) -> Self {
+        Self {
+            workflow: self.workflow.clone(),
+            output_step: self.output_step.clone(),
+            output: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<J: Job> ChildWorkflow<J> {
+    /// Refuses an output step the workflow lacks, or of another type than `J`.
+    pub(crate) fn check_output(&self) -> Result<(), Error> {
+        match self
+            .workflow
+            .steps
+            .iter()
+            .find(|step| step.name == self.output_step)
+        {
+            Some(step) if step.job_type == J::NAME => Ok(()),
+            Some(step) => Err(Error::InvalidWorkflow(format!(
+                "its output step {:?} runs {}, not {}",
+                self.output_step,
+                step.job_type,
+                J::NAME
+            ))),
+            None => Err(Error::InvalidWorkflow(format!(
+                "it has no step {:?} to return",
+                self.output_step
+            ))),
+        }
     }
 }
 

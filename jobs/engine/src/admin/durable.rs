@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::JobSummary;
+use super::{JobSummary, WorkflowSummary};
 use crate::{
     durable::signals::{self, Signalled},
     error::Error,
@@ -60,6 +60,14 @@ pub async fn checkpoints(pool: &PgPool, id: &str) -> Result<Vec<CheckpointView>,
 /// The jobs job `id` spawned, oldest first.
 pub async fn children(pool: &PgPool, id: &str) -> Result<Vec<JobSummary>, Error> {
     Ok(sqlx::query_as(queries::CHILDREN_OF)
+        .bind(id)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// The workflows job `id` spawned, oldest first.
+pub async fn child_workflows(pool: &PgPool, id: &str) -> Result<Vec<WorkflowSummary>, Error> {
+    Ok(sqlx::query_as(queries::CHILD_WORKFLOWS)
         .bind(id)
         .fetch_all(pool)
         .await?)

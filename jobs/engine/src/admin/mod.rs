@@ -11,7 +11,9 @@ use sqlx::PgPool;
 mod durable;
 mod state;
 
-pub use durable::{CheckpointView, answer, checkpoints, children, oldest_waiting_for};
+pub use durable::{
+    CheckpointView, answer, checkpoints, child_workflows, children, oldest_waiting_for,
+};
 pub use state::{JobState, UnknownState};
 
 use crate::{
@@ -215,6 +217,8 @@ pub struct WorkflowView {
     pub created_at: DateTime<Utc>,
     /// When it was asked to cancel.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The job that spawned it, if a job did (`JobContext::spawn`).
+    pub parent_id: Option<String>,
     /// Its steps, in the order they were added.
     pub steps: Vec<StepView>,
 }
@@ -288,6 +292,7 @@ struct WorkflowRow {
     key: Option<String>,
     created_at: DateTime<Utc>,
     cancel_requested_at: Option<DateTime<Utc>>,
+    parent_id: Option<String>,
 }
 
 /// Workflow `id` with its steps, or `None` if there is none (or it was pruned).
@@ -309,6 +314,7 @@ pub async fn workflow(pool: &PgPool, id: &str) -> Result<Option<WorkflowView>, E
         key: row.key,
         created_at: row.created_at,
         cancel_requested_at: row.cancel_requested_at,
+        parent_id: row.parent_id,
         steps,
     }))
 }

@@ -4,14 +4,15 @@
 
 use maud::{Markup, html};
 
-use super::{job_action_path, job_page_path, short_json, timestamp};
-use crate::admin::{CheckpointView, JobDetail, JobSummary, Suspension};
+use super::{job_action_path, job_page_path, short_json, timestamp, workflow_page_path};
+use crate::admin::{CheckpointView, JobDetail, JobSummary, Suspension, WorkflowSummary};
 
 /// Rows of the job's facts: what it waits for and until when, its parent.
 pub(super) fn facts(
     prefix: &str,
     job: &JobDetail,
     checkpoints: &[CheckpointView],
+    child_workflows: &[WorkflowSummary],
     csrf: Option<&str>,
 ) -> Markup {
     html! {
@@ -25,6 +26,9 @@ pub(super) fn facts(
                         @if let Some(wait) = checkpoints.iter().find(|c| c.kind == "wait" && c.name == name) {
                             (answers(prefix, &job.id, wait, csrf))
                         }
+                    }
+                    Suspension::Child(child) if child_workflows.iter().any(|workflow| workflow.id == child) => {
+                        "its child workflow " a href=(workflow_page_path(prefix, child)) { code { (child) } } " to end"
                     }
                     Suspension::Child(child) => {
                         "its child " a href=(job_page_path(prefix, child)) { code { (child) } } " to end"
@@ -56,6 +60,7 @@ pub(super) fn sections(
     prefix: &str,
     checkpoints: &[CheckpointView],
     children: &[JobSummary],
+    child_workflows: &[WorkflowSummary],
 ) -> Markup {
     html! {
         @if !checkpoints.is_empty() {
@@ -74,9 +79,16 @@ pub(super) fn sections(
                 }
             } }
         }
-        @if !children.is_empty() {
+        @if !children.is_empty() || !child_workflows.is_empty() {
             h2 { "Children" }
             ul #job-children {
+                @for workflow in child_workflows {
+                    li data-workflow-id=(workflow.id) {
+                        "workflow " a href=(workflow_page_path(prefix, &workflow.id)) { code { (workflow.id) } }
+                        " " (workflow.name) ": " (workflow.done) " of " (workflow.steps) " steps done"
+                        @if workflow.failed > 0 { ", " (workflow.failed) " failed" }
+                    }
+                }
                 @for child in children {
                     li data-job-id=(child.id) data-state=(child.state.as_str()) {
                         a href=(job_page_path(prefix, &child.id)) { code { (child.id) } }

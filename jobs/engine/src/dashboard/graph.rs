@@ -224,6 +224,7 @@ mod tests {
             key: None,
             created_at: Utc::now(),
             cancel_requested_at: None,
+            parent_id: None,
             steps,
         }
     }

@@ -673,6 +673,7 @@ async fn job_page(
         let durable = Durable {
             checkpoints: admin::checkpoints(pool, &id).await?,
             children: admin::children(pool, &id).await?,
+            child_workflows: admin::child_workflows(pool, &id).await?,
         };
         Ok(Some((job, errors, durable)))
     };
@@ -692,15 +693,17 @@ async fn job_page(
     (dashboard.layout)(&format!("Job {}", job.id), body).into_response()
 }
 
-/// One job's page body: state and actions, timings, worker, attempts and
-/// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
-/// its trace. Links and forms are under `prefix` (where the dashboard is
-/// nested); `csrf` as for the overview's forms.
 /// A job's durable-execution records, for its page.
 struct Durable {
     checkpoints: Vec<admin::CheckpointView>,
     children: Vec<JobSummary>,
+    child_workflows: Vec<admin::WorkflowSummary>,
 }
+
+/// One job's page body: state and actions, timings, worker, attempts and
+/// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
+/// its trace. Links and forms are under `prefix` (where the dashboard is
+/// nested); `csrf` as for the overview's forms.
 
 fn render_job(
     prefix: &str,
@@ -731,7 +734,7 @@ fn render_job(
             dt { "Last ended" } dd { @if let Some(at) = job.done_at { (timestamp(at)) } @else { "not yet" } }
             @if let Some(took) = &took { dt { "Took" } dd { (took) } }
             dt { "Worker" } dd { @if let Some(worker) = &job.lock_by { code { (worker) } } @else { "none" } }
-            (durable::facts(prefix, job, &durable.checkpoints, csrf))
+            (durable::facts(prefix, job, &durable.checkpoints, &durable.child_workflows, csrf))
             @if let Some(step) = job.workflow_step() {
                 dt { "Workflow" } dd {
                     "step " code { (step.step) } " of "
@@ -765,7 +768,7 @@ fn render_job(
             h2 { "Result" }
             pre.payload #job-result { (serde_json::to_string_pretty(&output).unwrap_or_default()) }
         }
-        (durable::sections(prefix, &durable.checkpoints, &durable.children))
+        (durable::sections(prefix, &durable.checkpoints, &durable.children, &durable.child_workflows))
         h2 { "Payload" }
         @if job.payload_is_cut() {
             p.note #job-payload-cut { (cut_note(job.payload.len(), job.payload_bytes)) }
@@ -877,6 +880,9 @@ fn render_workflow(prefix: &str, workflow: &WorkflowView, csrf: Option<&str>) ->
             dt { "Steps" } dd { (workflow.steps.len()) }
             dt { "Created" } dd { (timestamp(workflow.created_at)) }
             @if let Some(at) = workflow.cancel_requested_at { dt { "Cancel requested" } dd { (timestamp(at)) } }
+            @if let Some(parent) = &workflow.parent_id {
+                dt { "Parent" } dd { a #workflow-parent-link href=(job_page_path(prefix, parent)) { code { (parent) } } }
+            }
             @if let Some(key) = &workflow.key { dt { "Key" } dd { code { (key) } } }
         }
         h2 { "Graph" }

@@ -21,13 +21,15 @@ use std::{collections::HashMap, future::Future, pin::Pin, time::Duration};
 use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use ulid::Ulid;
 
 use crate::{
     enqueue::enqueue,
+    error::Error,
     job::{Checkpoint, ChildFailed, Job, JobContext, JobError},
     queries,
+    workflow::ChildWorkflow,
 };
 
 /// The future a [`JobContext::step_tx`] step returns: it borrows the
@@ -57,7 +59,8 @@ impl std::fmt::Display for Suspension {
 
 impl std::error::Error for Suspension {}
 
-/// A child job of type `J` that this job spawned (see [`JobContext::spawn`]).
+/// A child this job spawned (see [`JobContext::spawn`]): a job of type `J`,
+/// or a workflow ([`ChildWorkflow`]).
 #[derive(Debug)]
 pub struct Child<J> {
     id: Ulid,
@@ -73,7 +76,7 @@ impl<J> Clone for Child<J> {
 impl<J> Copy for Child<J> {}
 
 impl<J> Child<J> {
-    /// The child's job id.
+    /// The child's id: its job's, or its workflow's.
     pub fn id(&self) -> Ulid {
         self.id
     }
@@ -514,23 +517,22 @@ impl<C> JobContext<'_, C> {
     }
 
     /// Starts `child` as this job's child, once: the first call enqueues it
-    /// and records its id in the same transaction; a later attempt gets the
-    /// same child. Await it with [`JobContext::await_result`]. A child that
-    /// has not started dies with its parent (cancelled, dead).
-    pub async fn spawn<J: Job>(&self, name: &str, child: &J) -> Result<Child<J>, JobError> {
-        let value_type = format!("Child<{}>", J::NAME);
+    /// (a job, or a workflow: [`Workflow::returning`](crate::workflow::Workflow::returning)) and records its id in
+    /// the same transaction; a later attempt gets the same child. Await it
+    /// with [`JobContext::await_result`]. A child that has not started dies
+    /// with its parent (cancelled, dead); a workflow is cancelled.
+    pub async fn spawn<S: Spawn>(&self, name: &str, child: &S) -> Result<Child<S>, JobError> {
+        let value_type = child.checkpoint_type();
         let id = match self.checkpoint(name).await? {
             Some(recorded) => {
                 Self::decode::<String>(name, Self::checked(name, recorded, "spawn", &value_type)?)?
             }
             None => {
                 let mut tx = self.pool.begin().await?;
-                let id = enqueue(&mut tx, child).await?.to_string();
-                sqlx::query(queries::ADOPT)
-                    .bind(&id)
-                    .bind(self.id)
-                    .execute(&mut *tx)
-                    .await?;
+                let id = child
+                    .start(&mut tx, &self.id.to_string())
+                    .await?
+                    .to_string();
                 let value = Value::String(id.clone());
                 match self
                     .record_in(&mut tx, name, "spawn", &value_type, &value)
@@ -556,52 +558,183 @@ impl<C> JobContext<'_, C> {
         })
     }
 
-    /// Suspends until `child` ends, then returns its result; a child that
-    /// died fails this with [`ChildFailed`] (the job then dies too, unless it
+    /// Suspends until `child` ends, then returns its result (a workflow's:
+    /// its output step's, once every step has ended); a child that died
+    /// fails this with [`ChildFailed`] (the job then dies too, unless it
     /// handles the error).
-    pub async fn await_result<J: Job>(&self, child: Child<J>) -> Result<J::Output, JobError> {
+    pub async fn await_result<S: Spawn>(&self, child: Child<S>) -> Result<S::Output, JobError> {
         let name = format!("await:{}", child.id);
-        let value_type = short_type_name::<J::Output>();
+        let value_type = short_type_name::<S::Output>();
         if let Some(recorded) = self.checkpoint(&name).await? {
             return Self::decode(&name, Self::checked(&name, recorded, "await", &value_type)?);
         }
-        let ended: Option<(String, Option<Value>)> = sqlx::query_as(queries::CHILD_OUTCOME)
-            .bind(child.id.to_string())
+        let id = child.id.to_string();
+        let ended = match self.child_outcome(&id).await? {
+            ChildOutcome::Open => {
+                return Err(self.suspend(CHILD_RECHECK, format!("child:{id}")).await);
+            }
+            ChildOutcome::Gone => {
+                return Err(JobError::fatal(format!(
+                    "child {id} is gone (pruned before it was awaited?)"
+                )));
+            }
+            ChildOutcome::Died(error) => {
+                // apalis's prefix of a fatal error says nothing the state does not.
+                let error = error.strip_prefix("AbortError: ").unwrap_or(&error);
+                return Err(JobError::fatal(ChildFailed {
+                    child: id,
+                    error: error.to_owned(),
+                }));
+            }
+            ChildOutcome::Done(value) => value,
+        };
+        let output: S::Output = Self::decode(&name, ended.clone())?;
+        self.record(&name, "await", &value_type, &ended).await?;
+        Ok(output)
+    }
+
+    /// Where child `id` (a job, else a workflow) stands.
+    async fn child_outcome(&self, id: &str) -> Result<ChildOutcome, JobError> {
+        let ok_of = |result: Option<Value>| {
+            result
+                .and_then(|mut result| result.get_mut("Ok").map(Value::take))
+                .unwrap_or(Value::Null)
+        };
+        let job: Option<(String, Option<Value>)> = sqlx::query_as(queries::CHILD_OUTCOME)
+            .bind(id)
             .fetch_optional(self.pool)
             .await?;
-        match ended {
-            Some((state, result)) if state == "done" => {
-                let value = result
-                    .and_then(|mut result| result.get_mut("Ok").map(Value::take))
-                    .unwrap_or(Value::Null);
-                let output: J::Output = Self::decode(&name, value.clone())?;
-                self.record(&name, "await", &value_type, &value).await?;
-                Ok(output)
+        if let Some((state, result)) = job {
+            return Ok(match state.as_str() {
+                "done" => ChildOutcome::Done(ok_of(result)),
+                "dead" => ChildOutcome::Died(
+                    result
+                        .as_ref()
+                        .and_then(|result| result.get("Err"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("no error recorded")
+                        .to_owned(),
+                ),
+                _ => ChildOutcome::Open,
+            });
+        }
+        type WorkflowOutcome = (
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<Value>,
+            Option<String>,
+        );
+        let workflow: Option<WorkflowOutcome> = sqlx::query_as(queries::WORKFLOW_CHILD_OUTCOME)
+            .bind(id)
+            .fetch_optional(self.pool)
+            .await?;
+        Ok(match workflow {
+            None => ChildOutcome::Gone,
+            Some((true, ..)) => ChildOutcome::Open,
+            Some((false, _, Some(state), result, _)) if state == "done" => {
+                ChildOutcome::Done(ok_of(result))
             }
-            Some((state, result)) if state == "dead" => {
-                let error = result
-                    .as_ref()
-                    .and_then(|result| result.get("Err"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("no error recorded");
-                // apalis's prefix of a fatal error says nothing the state does not.
-                let error = error
-                    .strip_prefix("AbortError: ")
-                    .unwrap_or(error)
-                    .to_owned();
-                Err(JobError::fatal(ChildFailed {
-                    child: child.id.to_string(),
-                    error,
+            Some((false, output, state, _, died)) => {
+                ChildOutcome::Died(died.unwrap_or_else(|| {
+                    format!(
+                        "its step {:?} ended {}",
+                        output.unwrap_or_default(),
+                        state.as_deref().unwrap_or("without running")
+                    )
                 }))
             }
-            Some(_) => Err(self
-                .suspend(CHILD_RECHECK, format!("child:{}", child.id))
-                .await),
-            None => Err(JobError::fatal(format!(
-                "child job {} is gone (pruned before it was awaited?)",
-                child.id
-            ))),
-        }
+        })
+    }
+}
+
+/// Where an awaited child stands.
+enum ChildOutcome {
+    /// Running, waiting, or a workflow with a step still open.
+    Open,
+    /// Done: the result (a workflow's output step's).
+    Done(Value),
+    /// Died: its (or its first dead step's) error.
+    Died(String),
+    /// No such job or workflow (pruned).
+    Gone,
+}
+
+/// What [`JobContext::spawn`] starts as a child: a job (awaiting it returns
+/// its output), or a workflow with the step whose output awaiting it returns
+/// ([`Workflow::returning`](crate::workflow::Workflow::returning)). Sealed:
+/// the engine implements it.
+pub trait Spawn: Send + Sync + sealed::Sealed {
+    /// What [`JobContext::await_result`] returns for this child.
+    type Output: DeserializeOwned;
+
+    /// The type its spawn checkpoint records (a child of another kind under
+    /// the same name is refused).
+    #[doc(hidden)]
+    fn checkpoint_type(&self) -> String;
+
+    /// Enqueues the child on `conn`, as job `parent`'s; returns its id.
+    #[doc(hidden)]
+    fn start<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        parent: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Ulid, Error>> + Send + 'a>>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<J: crate::job::Job> Sealed for J {}
+    impl<J> Sealed for crate::workflow::ChildWorkflow<J> {}
+}
+
+impl<J: Job> Spawn for J {
+    type Output = J::Output;
+
+    fn checkpoint_type(&self) -> String {
+        format!("Child<{}>", J::NAME)
+    }
+
+    fn start<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        parent: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Ulid, Error>> + Send + 'a>> {
+        Box::pin(async move {
+            let id = enqueue(&mut *conn, self).await?;
+            sqlx::query(queries::ADOPT)
+                .bind(id.to_string())
+                .bind(parent)
+                .execute(&mut *conn)
+                .await?;
+            Ok(id)
+        })
+    }
+}
+
+impl<J: Job> Spawn for ChildWorkflow<J> {
+    type Output = J::Output;
+
+    fn checkpoint_type(&self) -> String {
+        format!("Workflow<{}>", J::NAME)
+    }
+
+    fn start<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        parent: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Ulid, Error>> + Send + 'a>> {
+        Box::pin(async move {
+            self.check_output()?;
+            let id = self.workflow.clone().enqueue(&mut *conn).await?;
+            sqlx::query(queries::ADOPT_WORKFLOW)
+                .bind(id.to_string())
+                .bind(parent)
+                .bind(&self.output_step)
+                .execute(&mut *conn)
+                .await?;
+            Ok(id)
+        })
     }
 }
 

@@ -472,6 +472,7 @@ async fn a_parent_awaits_its_child_and_fails_with_it_and_cancelling_it_cancels_t
         &Parent {
             key: "p".to_owned(),
             failing_child: false,
+            workflow: false,
         },
     )
     .await?;
@@ -501,6 +502,7 @@ async fn a_parent_awaits_its_child_and_fails_with_it_and_cancelling_it_cancels_t
         &Parent {
             key: "f".to_owned(),
             failing_child: true,
+            workflow: false,
         },
     )
     .await?;
@@ -520,6 +522,7 @@ async fn a_parent_awaits_its_child_and_fails_with_it_and_cancelling_it_cancels_t
         &Parent {
             key: "c".to_owned(),
             failing_child: false,
+            workflow: false,
         },
     )
     .await?;
@@ -536,5 +539,121 @@ async fn a_parent_awaits_its_child_and_fails_with_it_and_cancelling_it_cancels_t
     assert_eq!(child_state, "dead", "cancelled with its parent");
     durable_jobs::admin::resume(&db.pool, Steps::NAME).await?;
     db.wait_until_idle(Duration::from_secs(30)).await?;
+    stop(running).await
+}
+
+#[tokio::test]
+async fn a_parent_awaits_a_child_workflow_and_fails_with_it_and_cancelling_it_cancels_the_workflow()
+-> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    create_runs_table(&db.pool).await?;
+    let running = start_with(&db, fast_config());
+    let parent = |key: &str, failing_child| Parent {
+        key: key.to_owned(),
+        failing_child,
+        workflow: true,
+    };
+    let done = enqueue(&db.pool, &parent("w", false)).await?;
+    db.wait_for_status(&done, "Done", Duration::from_secs(30))
+        .await?;
+    let (result, attempts): (serde_json::Value, i32) =
+        sqlx::query_as("select last_result, attempts from apalis.jobs where id = $1")
+            .bind(&done)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(result, serde_json::json!({"Ok": 6}), "step c's result");
+    assert_eq!(attempts, 1, "waiting for the workflow used no attempt");
+    let runs = run_keys(&db.pool).await?;
+    let expected: Vec<String> = std::iter::once("w/parent".to_owned())
+        .chain(
+            ["a", "b", "c"]
+                .iter()
+                .flat_map(|step| ["one", "two", "three"].map(|part| format!("w/{step}/{part}"))),
+        )
+        .chain(std::iter::once("w/parent".to_owned()))
+        .collect();
+    assert_eq!(
+        runs, expected,
+        "the parent ran twice (spawn, then resume once every step had ended), each step once"
+    );
+    // The job page lists the workflow; the workflow page links back.
+    let children = durable_jobs::admin::child_workflows(&db.pool, &done).await?;
+    assert_eq!(children.len(), 1, "one child workflow: {children:?}");
+    assert_eq!((children[0].steps, children[0].done), (3, 3));
+    let app = axum::Router::new().nest(
+        "/jobs",
+        durable_jobs::dashboard::router(durable_jobs::dashboard::Dashboard::new(db.pool.clone())),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let job_page = reqwest::get(format!("http://{address}/jobs/jobs/{done}"))
+        .await?
+        .text()
+        .await?;
+    let child = &children[0].id;
+    assert!(
+        job_page.contains(&format!(r#"data-workflow-id="{child}""#)),
+        "the job page lists its child workflow: {job_page}"
+    );
+    let workflow_page = reqwest::get(format!("http://{address}/jobs/workflows/{child}"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        workflow_page.contains(&format!(
+            r#"id="workflow-parent-link" href="/jobs/jobs/{done}""#
+        )),
+        "the workflow page links to its parent: {workflow_page}"
+    );
+    server.abort();
+
+    let failing = enqueue(&db.pool, &parent("wf", true)).await?;
+    db.wait_for_status(&failing, "Killed", Duration::from_secs(30))
+        .await?;
+    let error = db.job_outcome(&failing).await?.1.unwrap_or_default();
+    assert!(
+        error.contains("died: the partner refused it"),
+        "the dead step's error: {error}"
+    );
+
+    // A parent waiting for a workflow that cannot start (its first step's
+    // queue paused): cancelling the parent cancels the workflow.
+    durable_jobs::admin::pause(&db.pool, Steps::NAME).await?;
+    let waiting = enqueue(&db.pool, &parent("wc", false)).await?;
+    wait_until(Duration::from_secs(30), "the parent waits", || async {
+        Ok(state_of(&db.pool, &waiting).await? == "waiting")
+    })
+    .await?;
+    durable_jobs::admin::cancel(&db.pool, &waiting).await?;
+    let steps: Vec<(String, String)> = sqlx::query_as(
+        "select step.name, coalesce(job.state, step.state)
+         from apalis.workflows as wf
+         join apalis.workflow_steps as step on step.workflow_id = wf.id
+         left join apalis.job_states as job on job.id = step.job_id
+         where wf.parent_id = $1 and wf.cancel_requested_at is not null
+         order by step.name",
+    )
+    .bind(&waiting)
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        steps,
+        [
+            ("a".to_owned(), "dead".to_owned()),
+            ("b".to_owned(), "cancelled".to_owned()),
+            ("c".to_owned(), "cancelled".to_owned())
+        ],
+        "the workflow was cancelled with its parent"
+    );
+    durable_jobs::admin::resume(&db.pool, Steps::NAME).await?;
+    db.wait_until_idle(Duration::from_secs(30)).await?;
+    assert!(
+        !run_keys(&db.pool)
+            .await?
+            .iter()
+            .any(|key| key.starts_with("wc/a")),
+        "no step of the cancelled workflow ran"
+    );
     stop(running).await
 }

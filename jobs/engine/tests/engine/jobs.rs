@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use durable_jobs::{Backoff, Job, JobContext, JobError};
+use durable_jobs::{Backoff, Job, JobContext, JobError, Step, Workflow};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -316,14 +316,18 @@ impl Job for Approval {
     }
 }
 
-/// Spawns a [`Steps`] child (or, with `failing_child`, an [`Aging`] one that
-/// dies) and returns its result.
+/// Spawns a [`Steps`] child (or, with `failing_child`, a [`Doomed`] one that
+/// dies) and returns its result; with `workflow`, a chain of three steps
+/// `a` -> `b` -> `c` (`b` a [`Doomed`] with `failing_child`) returning `c`'s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Parent {
     /// Names the child's runs.
     pub key: String,
     /// Whether the child fails for good.
     pub failing_child: bool,
+    /// Whether the child is a workflow.
+    #[serde(default)]
+    pub workflow: bool,
 }
 
 impl Job for Parent {
@@ -333,20 +337,30 @@ impl Job for Parent {
 
     async fn run(self, job: JobContext<'_, PgPool>) -> Result<u32, JobError> {
         mark(job.context(), format!("{}/parent", self.key), job.attempt()).await?;
+        let steps = |name: &str| Steps {
+            key: format!("{}/{name}", self.key),
+            kill_after_two: false,
+        };
+        if self.workflow {
+            let middle = if self.failing_child {
+                Step::new("b", &Doomed)
+            } else {
+                Step::new("b", &steps("b"))
+            };
+            let chain = Workflow::new("child chain")
+                .add("a", steps("a"))
+                .step(middle.after(["a"]))
+                .add_after("c", steps("c"), ["b"])
+                .returning::<Steps>("c");
+            let child = job.spawn("chain", &chain).await?;
+            return job.await_result(child).await;
+        }
         if self.failing_child {
             let child = job.spawn("child", &Doomed).await?;
             job.await_result(child).await?;
             return Ok(0);
         }
-        let child = job
-            .spawn(
-                "child",
-                &Steps {
-                    key: format!("{}/child", self.key),
-                    kill_after_two: false,
-                },
-            )
-            .await?;
+        let child = job.spawn("child", &steps("child")).await?;
         job.await_result(child).await
     }
 }
