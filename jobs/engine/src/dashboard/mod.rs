@@ -704,7 +704,6 @@ struct Durable {
 /// each failed attempt's error (`errors`, from [`admin::job_errors`]), payload (pretty JSON), metadata, and with `trace_ui` a link to
 /// its trace. Links and forms are under `prefix` (where the dashboard is
 /// nested); `csrf` as for the overview's forms.
-
 fn render_job(
     prefix: &str,
     job: &JobDetail,

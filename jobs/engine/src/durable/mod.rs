@@ -530,7 +530,7 @@ impl<C> JobContext<'_, C> {
             None => {
                 let mut tx = self.pool.begin().await?;
                 let id = child
-                    .start(&mut tx, &self.id.to_string())
+                    .start(&mut tx, self.id)
                     .await?
                     .to_string();
                 let value = Value::String(id.clone());
