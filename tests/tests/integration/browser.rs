@@ -775,5 +775,43 @@ async fn a_person_approves_a_large_trim_on_its_job_page_and_reads_its_workflows_
         .screenshot_to(&screenshot_path("workflow-graph-1280-light"))
         .await?;
     browser.close().await?;
+
+    // A phone's width, dark: the job page (its checkpoints, its children)
+    // and the workflow page (the graph scrolls in its own box) do not
+    // overflow.
+    let browser = Browser::start_with(Window {
+        width: 390,
+        height: 844,
+        dark: true,
+    })
+    .await?;
+    sign_in(&app, &browser.client).await?;
+    for (path, ready, name) in [
+        (
+            format!("/admin/jobs/{trim}"),
+            "#job-checkpoints",
+            "job-390-dark",
+        ),
+        (
+            format!("/admin/workflows/{workflow}"),
+            "#workflow-graph svg",
+            "workflow-graph-390-dark",
+        ),
+    ] {
+        browser.client.goto(&app.url(&path)).await?;
+        wait_for(&browser.client, ready).await?;
+        let (page, viewport) = browser.horizontal_overflow().await?;
+        assert!(page <= viewport, "{path} is {page} px wide at {viewport} px");
+        // The picture shows the durable parts, not the page's head.
+        browser
+            .client
+            .execute(
+                "document.querySelector(arguments[0]).scrollIntoView();",
+                vec![serde_json::json!(ready)],
+            )
+            .await?;
+        browser.screenshot_to(&screenshot_path(name)).await?;
+    }
+    browser.close().await?;
     app.stop().await
 }
