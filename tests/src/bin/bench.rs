@@ -663,6 +663,7 @@ async fn queue_throughput(
         sizes.default_drains, sizes.queue_jobs
     );
     default_drains(db, baseline, sizes.default_drains, report).await?;
+    claim_settle_limit(db, report).await?;
     // Claim batch = concurrency (the default), then a larger claim batch.
     for (concurrency, claim_batch) in [("10", None), ("32", None), ("10", Some("40"))] {
         let elapsed = drain_with_workers(
@@ -683,6 +684,66 @@ async fn queue_throughput(
             name,
             sizes.queue_jobs as f64 / elapsed.as_secs_f64(),
             "jobs/s",
+        );
+    }
+    Ok(())
+}
+
+/// The in-database limit of a drain: `tests/pgbench/claim_settle.sql` (the
+/// engine's claim of 100 jobs, then their settle) run by pgbench with no
+/// worker, at 1 and 2 clients; and the default drain as a fraction of it.
+async fn claim_settle_limit(db: &TestDb, report: &mut Report) -> anyhow::Result<()> {
+    const JOBS: i64 = 400_000;
+    const SECONDS: u64 = 3;
+    let script =
+        std::env::temp_dir().join(format!("visitme-claim-settle-{}.sql", std::process::id()));
+    std::fs::write(&script, include_str!("../../pgbench/claim_settle.sql"))?;
+    sqlx::query(
+        "insert into apalis.workers (id, worker_type, storage_name, layers, last_seen)
+         values ('pgbench-claimer', 'probe', 'PgStorage', '', now())
+         on conflict (id) do update set last_seen = now()",
+    )
+    .execute(&db.pool)
+    .await?;
+    for clients in [1, 2] {
+        sqlx::query("delete from apalis.jobs where job_type = 'probe'")
+            .execute(&db.pool)
+            .await?;
+        bulk_enqueue(db, JOBS, r#"{"kind":"noop"}"#, None).await?;
+        sqlx::query("vacuum analyze apalis.jobs")
+            .execute(&db.pool)
+            .await?;
+        pgbench(db, &script, clients, SECONDS).await?;
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.jobs
+             where job_type = 'probe' and status = 'Done' and lock_by = 'pgbench-claimer'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        anyhow::ensure!(
+            done < JOBS,
+            "pgbench ran out of jobs: enqueue more than {JOBS}"
+        );
+        report.add(
+            "queue",
+            format!("claim + settle by pgbench, no worker, c={clients}"),
+            done as f64 / SECONDS as f64,
+            "jobs/s",
+        );
+    }
+    sqlx::query("delete from apalis.jobs where job_type = 'probe'")
+        .execute(&db.pool)
+        .await?;
+    std::fs::remove_file(&script).ok();
+    if let (Some(drain), Some(limit)) = (
+        report.value("drain, default settings"),
+        report.value("claim + settle by pgbench, no worker, c=1"),
+    ) {
+        report.add(
+            "queue",
+            "default drain / pgbench's claim + settle c=1",
+            drain / limit,
+            "x",
         );
     }
     Ok(())

@@ -801,7 +801,10 @@ async fn a_person_approves_a_large_trim_on_its_job_page_and_reads_its_workflows_
         browser.client.goto(&app.url(&path)).await?;
         wait_for(&browser.client, ready).await?;
         let (page, viewport) = browser.horizontal_overflow().await?;
-        assert!(page <= viewport, "{path} is {page} px wide at {viewport} px");
+        assert!(
+            page <= viewport,
+            "{path} is {page} px wide at {viewport} px"
+        );
         // The picture shows the durable parts, not the page's head.
         browser
             .client

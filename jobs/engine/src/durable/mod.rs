@@ -529,10 +529,7 @@ impl<C> JobContext<'_, C> {
             }
             None => {
                 let mut tx = self.pool.begin().await?;
-                let id = child
-                    .start(&mut tx, self.id)
-                    .await?
-                    .to_string();
+                let id = child.start(&mut tx, self.id).await?.to_string();
                 let value = Value::String(id.clone());
                 match self
                     .record_in(&mut tx, name, "spawn", &value_type, &value)
