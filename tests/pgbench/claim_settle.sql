@@ -5,7 +5,8 @@
 -- (`queries::RECORD_EVENTS` for a successful attempt: status, attempts,
 -- result, end time). Two statements, two round trips, as in the worker.
 --
--- Run by `just bench` (section 3, "claim + settle by pgbench, no worker")
+-- Its sessions commit with synchronous_commit=off, as the worker's
+-- bookkeeping connections do. Run by `just bench` (section 3, "claim + settle by pgbench, no worker")
 -- against its database, after it registered the worker `pgbench-claimer`
 -- and bulk-enqueued the jobs; jobs/s = jobs done / pgbench's time.
 select string_agg(id, ',') as ids

@@ -298,14 +298,16 @@ from deleted";
 pub(crate) const LOCK_SILENT_WORKERS: &str = "
 select id from apalis.workers where last_seen < now() - interval '1 day' for update";
 
-/// Deletes workers silent for a day that hold no job. Run after
+/// Deletes workers silent for a day that hold no open job (a finished job
+/// keeps its worker's name as text). Run after
 /// `LOCK_SILENT_WORKERS`, in its transaction: a claim share-locks its
 /// worker's row (`apalis.get_jobs`), so the lock waits for a claim in
 /// flight, and this statement's snapshot then sees what it claimed.
 pub(crate) const PRUNE_WORKERS: &str = "
 delete from apalis.workers w
 where w.last_seen < now() - interval '1 day'
-  and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)";
+  and not exists (select 1 from apalis.jobs j
+                  where j.lock_by = w.id and j.status in ('Queued', 'Running'))";
 
 /// Kills pending jobs of types the whole fleet has not handled for `$2`
 /// seconds: due for that long, and no worker of any process registered or

@@ -155,7 +155,8 @@ pub struct Pruned {
 
 /// Deletes finished jobs past their retention, finished workflows past it
 /// (whole: a workflow whose steps have all ended, kept as long as its last
-/// step), then workers that have been silent for a day and hold no jobs.
+/// step), then workers that have been silent for a day and hold no open
+/// job.
 /// Safe to run from many processes.
 pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error> {
     let (done, dead): (i64, i64) = sqlx::query_as(queries::PRUNE_JOBS)
