@@ -205,6 +205,10 @@ cross join lateral (
     limit 1
 ) as due";
 
+/// Analyzes `apalis.jobs` when it has outgrown its statistics (see the
+/// engine's migration `…0014_statistics_kept_up_with_the_queue`); true if it did.
+pub(crate) const ANALYZE_JOBS_IF_OUTGROWN: &str = "select apalis.analyze_jobs_if_outgrown()";
+
 // ---- operator views and actions (admin.rs) ----
 
 /// Jobs per queue and state, in lifecycle order.

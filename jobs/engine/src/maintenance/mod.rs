@@ -1,7 +1,8 @@
 //! What every worker process runs on its own, beside its workers, so that
 //! no job is stuck however the fleet fails: attempts whose results were lost
 //! go back to the queue, jobs of types no worker of the fleet handles end
-//! dead, due jobs that no insert notified wake the workers, and the
+//! dead, due jobs that no insert notified wake the workers, the queue's
+//! statistics keep up with its size (plans stay fit for it), and the
 //! periodic prune ([`prune::PruneJobs`]) keeps finished jobs within their
 //! retention. Each is safe to run in many processes at once. Knows nothing of
 //! the runtime: it is handed plain settings.
@@ -30,7 +31,10 @@ pub(crate) struct Upkeep {
 
 /// Every `poll_interval`, wakes this process's workers (and every other's)
 /// for queues with due jobs (see `queries::WAKE_FOR_DUE`): retries and
-/// delayed jobs start when due, not at the next heartbeat.
+/// delayed jobs start when due, not at the next heartbeat. And analyzes the
+/// queue's table when it has outgrown its statistics
+/// (`queries::ANALYZE_JOBS_IF_OUTGROWN`): every session's plans made on the
+/// old ones are then made again, within a poll of a burst of jobs.
 pub(crate) async fn wake_for_due(
     pool: PgPool,
     queues: Vec<&'static str>,
@@ -51,6 +55,17 @@ pub(crate) async fn wake_for_due(
             .bind(2.0 * poll_interval.as_secs_f64())
             .execute(&pool)
             .await;
+        match sqlx::query_scalar::<_, bool>(queries::ANALYZE_JOBS_IF_OUTGROWN)
+            .fetch_one(&pool)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!("analyzed the queue's table: it had outgrown its statistics")
+            }
+            Ok(false) => {}
+            // As above: the heartbeat reports an unreachable database.
+            Err(err) => tracing::debug!(error = %err, "could not check the queue's statistics"),
+        }
     }
 }
 

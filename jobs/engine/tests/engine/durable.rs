@@ -9,7 +9,9 @@ use sqlx::PgPool;
 use crate::{
     flow::{db_now, start_with, stop},
     jobs::{Approval, InsertOnce, Parent, Sleeper, Steps, create_rows_table, create_runs_table},
-    support::{POOL_SIZE, Process, TestDb, enqueue, fast_config, fast_env, wait_until},
+    support::{
+        POOL_SIZE, Process, TestDb, enqueue, fast_config, fast_env, process_connections, wait_until,
+    },
 };
 
 /// The keys of the runs recorded, in order.
@@ -39,7 +41,7 @@ async fn send(pool: &PgPool, id: &str, value: &str) -> anyhow::Result<Signalled>
 
 #[tokio::test]
 async fn a_job_killed_after_two_of_three_steps_runs_only_the_third_again() -> anyhow::Result<()> {
-    let db = TestDb::reserving(POOL_SIZE + 2 * 17, POOL_SIZE).await?;
+    let db = TestDb::reserving(POOL_SIZE + 2 * process_connections(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     let env = fast_env();
     let mut doomed = Process::started_worker(&db, &env).await?;
@@ -75,7 +77,7 @@ async fn a_job_killed_after_two_of_three_steps_runs_only_the_third_again() -> an
 #[tokio::test]
 async fn finish_tx_inserts_and_completes_exactly_once_while_workers_are_killed()
 -> anyhow::Result<()> {
-    let db = TestDb::reserving(POOL_SIZE + 2 * 17, POOL_SIZE).await?;
+    let db = TestDb::reserving(POOL_SIZE + 2 * process_connections(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     create_rows_table(&db.pool).await?;
     let env = fast_env();
@@ -171,12 +173,45 @@ async fn ten_thousand_jobs_sleeping_five_seconds_hold_no_slot_and_use_no_attempt
             ..fast_config()
         },
     );
-    // Every connection to the test's database but this sampler's, once the
-    // worker has started and before any job: the idle figure.
+    // Every connection to the test's database but this sampler's.
     let connections = "select count(*) from pg_stat_activity
                        where datname = current_database() and pid <> pg_backend_pid()";
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle: i64 = sqlx::query_scalar(connections).fetch_one(&db.pool).await?;
+    // The idle figure: the worker's pools open connections as work needs
+    // them and keep them, so it is taken after a warm-up of sleepers that
+    // filled the 8 slots, sampled for a second (the most seen).
+    const WARM_UP: i64 = 16;
+    let warm_up: Vec<Sleeper> = (0..WARM_UP)
+        .map(|n| Sleeper {
+            key: format!("warm{n}"),
+            millis: 100,
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    durable_jobs::enqueue_many(&mut tx, &warm_up).await?;
+    tx.commit().await?;
+    let warming = std::time::Instant::now();
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.job_states
+             where job_type = $1 and state not in ('done', 'dead')",
+        )
+        .bind(Sleeper::NAME)
+        .fetch_one(&db.pool)
+        .await?;
+        if open == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            warming.elapsed() < Duration::from_secs(60),
+            "{open} warm-up sleepers still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut idle = 0i64;
+    for _ in 0..10 {
+        idle = idle.max(sqlx::query_scalar(connections).fetch_one(&db.pool).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let sleepers: Vec<Sleeper> = (0..SLEEPERS)
         .map(|n| Sleeper {
             key: format!("s{n}"),
@@ -209,7 +244,7 @@ async fn ten_thousand_jobs_sleeping_five_seconds_hold_no_slot_and_use_no_attempt
         most_running = most_running.max(running_now);
         most_connections = most_connections.max(now);
         if open == 0 {
-            assert_eq!(done, SLEEPERS, "all woke and finished");
+            assert_eq!(done, WARM_UP + SLEEPERS, "all woke and finished");
             break;
         }
         anyhow::ensure!(

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     jobs::{Aging, Limited, Record, Snoozing, create_runs_table},
     support::{
-        DEFAULT_RESERVE, POOL_SIZE, Process, TestDb, enqueue, fast_config, fast_env, wait_until,
+        POOL_SIZE, Process, TestDb, default_reserve, enqueue, fast_config, fast_env,
+        process_connections, wait_until,
     },
 };
 
@@ -140,7 +141,7 @@ fn worst_window(starts: &[DateTime<Utc>], rate: f64, burst: f64, jitter: f64) ->
 async fn limits_hold_across_three_worker_processes_concurrency_rate_and_key() -> anyhow::Result<()>
 {
     // Ours, and three worker processes (each a pool of 11, bookkeeping 6).
-    let db = TestDb::reserving(POOL_SIZE + 3 * 17, POOL_SIZE).await?;
+    let db = TestDb::reserving(POOL_SIZE + 3 * process_connections(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     let env = fast_env();
     let mut workers = Vec::new();
@@ -203,7 +204,7 @@ async fn limits_hold_across_three_worker_processes_concurrency_rate_and_key() ->
 #[tokio::test]
 async fn a_worker_killed_holding_every_slot_keeps_them_until_its_lease_ends() -> anyhow::Result<()>
 {
-    let db = TestDb::reserving(POOL_SIZE + 2 * 17, POOL_SIZE).await?;
+    let db = TestDb::reserving(POOL_SIZE + 2 * process_connections(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     let env = fast_env(); // a lease of 3 s, a heartbeat a second
     let doomed = Process::started_worker(&db, &env).await?;
@@ -361,7 +362,7 @@ async fn a_resumed_queue_starts_its_higher_priority_jobs_first() -> anyhow::Resu
 async fn a_rate_limited_queue_reaches_its_rate_with_a_ten_second_poll() -> anyhow::Result<()> {
     // Ours, and an in-process worker whose claims (one at each token) open
     // its whole bookkeeping pool (a connection per queue and three).
-    let db = TestDb::reserving(POOL_SIZE + 17, POOL_SIZE).await?;
+    let db = TestDb::reserving(POOL_SIZE + process_connections(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     // 100 jobs at 50/s (burst 5) take 2 s; without wake-ups at each token,
     // a worker polling every 10 s would start 5 per poll.
@@ -400,7 +401,7 @@ async fn a_rate_limited_queue_reaches_its_rate_with_a_ten_second_poll() -> anyho
 
 #[tokio::test]
 async fn a_delayed_job_is_scheduled_then_woken_on_time_with_an_hour_poll() -> anyhow::Result<()> {
-    let db = TestDb::reserving(DEFAULT_RESERVE, POOL_SIZE).await?;
+    let db = TestDb::reserving(default_reserve(), POOL_SIZE).await?;
     create_runs_table(&db.pool).await?;
     let running = start_with(
         &db,

@@ -373,3 +373,107 @@ async fn a_failed_attempt_waits_the_backoff_with_its_doublings_then_linear_growt
     }
     Ok(())
 }
+
+/// Rows of `apalis.jobs` read so far, every session's (by sequential scans,
+/// and fetched through its indexes), and how often it was analyzed.
+async fn job_table_reads(db: &TestDb) -> anyhow::Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "select coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0), analyze_count
+         from pg_stat_user_tables where schemaname = 'apalis' and relname = 'jobs'",
+    )
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_by_scans()
+-> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    const JOBS: i64 = 3_000;
+    let db = TestDb::new().await?;
+    crate::jobs::create_runs_table(&db.pool).await?;
+    // Statistics that say the table is empty (a queue drained and vacuumed,
+    // with no autovacuum to analyze it again), and a worker whose sessions
+    // plan their statements against them while it polls the empty queue.
+    sqlx::raw_sql("vacuum analyze apalis.jobs")
+        .execute(&db.pool)
+        .await?;
+    let (_, _, analyzed_empty) = job_table_reads(&db).await?;
+    // A lease of 30 s: the upkeep's check for lost attempts (a scan of every
+    // running job) runs at start and not again while this test measures.
+    let running = crate::flow::start_with(
+        &db,
+        durable_jobs::WorkerConfig {
+            lease: Duration::from_secs(30),
+            ..crate::support::fast_config()
+        },
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Finished jobs of another queue, which a plan fit for the table never
+    // reads, and which one made for an empty table reads on every call.
+    jobs_of(&db, "w-finished", "Done", 50_000).await?;
+    // Due in 3 s: the table is full before any claim can take a job, and
+    // the worker has that long to bring its statistics (and plans) up to date.
+    let jobs: Vec<crate::jobs::Record> = (0..JOBS)
+        .map(|n| crate::jobs::Record {
+            key: format!("r{n}"),
+            sleep_millis: 0,
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    durable_jobs::enqueue_many_with(
+        &mut tx,
+        &jobs,
+        durable_jobs::Enqueue::default().delay(Duration::from_secs(3)),
+    )
+    .await?;
+    tx.commit().await?;
+    let enqueued = Instant::now();
+    let mut analyzed = analyzed_empty;
+    while analyzed == analyzed_empty && enqueued.elapsed() < Duration::from_millis(1_500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (_, _, analyzed) = job_table_reads(&db).await?;
+    }
+    // What the sessions read until then, reported (at most once a second),
+    // is not the drain's.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (scanned_before, fetched_before, _) = job_table_reads(&db).await?;
+    loop {
+        // The runs' table, not the queue's: this wait reads no job row.
+        let ran: i64 = sqlx::query_scalar("select count(*) from engine_test_runs")
+            .fetch_one(&db.pool)
+            .await?;
+        if ran >= JOBS {
+            break;
+        }
+        anyhow::ensure!(
+            enqueued.elapsed() < Duration::from_secs(120),
+            "{ran} of {JOBS} jobs ran after {:?}",
+            enqueued.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained = enqueued.elapsed();
+    // Sessions report their statistics at most once a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (scanned, fetched, _) = job_table_reads(&db).await?;
+    let (scanned, fetched) = (scanned - scanned_before, fetched - fetched_before);
+    crate::flow::stop(running).await?;
+    println!(
+        "{JOBS} jobs due 3 s after their enqueue drained {drained:?} after it; from their due \
+         time, job rows read: {scanned} by sequential scans, {fetched} through indexes"
+    );
+    assert!(
+        analyzed > analyzed_empty,
+        "the worker analyzed the queue's table once it outgrew its statistics"
+    );
+    // A claim or a settle that walks the table (or a whole index) reads
+    // its 53,000 rows once per batch; by index, a job's row is read a few
+    // times in all, and the finished ones not at all.
+    assert!(
+        scanned + fetched < 20 * JOBS,
+        "claims and settles find their rows by index, not by walking the queue: \
+         {scanned} rows scanned and {fetched} fetched through indexes to drain {JOBS} jobs"
+    );
+    Ok(())
+}

@@ -41,7 +41,7 @@ async fn budget() -> &'static (Semaphore, u32) {
                 Some(total) => total,
                 None => server_max_connections()
                     .await
-                    .map_or(90, |max| max.saturating_sub(10).max(DEFAULT_RESERVE)),
+                    .map_or(90, |max| max.saturating_sub(10).max(default_reserve())),
             };
             (Semaphore::new(total as usize), total)
         })
@@ -58,8 +58,24 @@ async fn server_max_connections() -> anyhow::Result<u32> {
 }
 
 /// What most tests reserve: a pool of [`POOL_SIZE`] and one in-process
-/// worker's bookkeeping pool (a connection per queue and three).
-pub const DEFAULT_RESERVE: u32 = 12;
+/// worker's bookkeeping pool.
+pub fn default_reserve() -> u32 {
+    POOL_SIZE + bookkeeping_connections()
+}
+
+/// The most connections a worker of the test registry opens beside the pool
+/// it is given: its bookkeeping pool, one per queue (the engine's prune
+/// among them) and three (see `WorkerConfig::bookkeeping_pool`). Under-reserved,
+/// tests beside each other fill the server and time out on connecting.
+pub fn bookkeeping_connections() -> u32 {
+    u32::try_from(crate::jobs::registry().queues().len()).expect("a few queues") + 3
+}
+
+/// The most connections a worker process of [`fast_env`] opens: its pool
+/// (`WorkerConfig::connections_needed`) and its bookkeeping.
+pub fn process_connections() -> u32 {
+    fast_config().connections_needed() + bookkeeping_connections()
+}
 
 /// The test pool's size unless a test asks for more.
 pub const POOL_SIZE: u32 = 5;
@@ -101,9 +117,9 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A migrated database, reserving [`DEFAULT_RESERVE`] connections.
+    /// A migrated database, reserving [`default_reserve`] connections.
     pub async fn new() -> anyhow::Result<Self> {
-        Self::reserving(DEFAULT_RESERVE, POOL_SIZE).await
+        Self::reserving(default_reserve(), POOL_SIZE).await
     }
 
     /// A migrated database whose test opens at most `reserve` connections in
