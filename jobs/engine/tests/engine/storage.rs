@@ -477,3 +477,45 @@ async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_claim_of_100_reads_its_100_rows_with_100_000_waiting() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    jobs_of(&db, "w-claimer", "Done", 0).await?;
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
+         select apalis.generate_ulid(), 'engine_test_a', '\\x7b7d', 'Pending', 0, 3,
+                now() - interval '1 second'
+         from generate_series(1, 100000)",
+    )
+    .execute(&db.pool)
+    .await?;
+    sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
+    // As the worker's bookkeeping sessions plan it: once, for any limit.
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("set local plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await?;
+    for _ in 0..3 {
+        let claimed: i64 = sqlx::query_scalar(
+            "select count(*) from apalis.get_jobs('w-claimer', 'engine_test_a', 100)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        assert_eq!(claimed, 100);
+    }
+    let (scanned, fetched): (i64, i64) = sqlx::query_as(
+        "select coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0)
+         from pg_stat_xact_user_tables where schemaname = 'apalis' and relname = 'jobs'",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    // A plan that takes the limit for a tenth of the table joins the claimed
+    // ids to all of it (a hash of a sequential scan).
+    assert!(
+        scanned == 0 && fetched <= 3 * 100 * 4,
+        "three claims of 100 read {scanned} rows by sequential scans and {fetched} through indexes"
+    );
+    Ok(())
+}
