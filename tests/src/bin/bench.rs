@@ -473,22 +473,31 @@ async fn pgbench(
         })
 }
 
+/// Empties the queue's table for the next figure, as a new deployment's:
+/// no dead rows, and statistics that know nothing (`TRUNCATE` leaves
+/// `reltuples` unknown and makes every session plan again). A `DELETE`
+/// left the dead rows of every earlier drain (this machine's Postgres runs
+/// no autovacuum), and a `VACUUM` of the emptied table left statistics that
+/// say it is empty: a worker's plans made on them walk the whole table once
+/// it fills, for good on a worker without the engine's own check (a
+/// baseline's drains after it ran at 160-2,800 jobs/s; see the engine's
+/// INTERNALS.md, "Statistics that keep up").
+async fn empty_jobs(db: &TestDb) -> anyhow::Result<()> {
+    sqlx::query("truncate apalis.jobs cascade")
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
 /// Bulk-enqueues `count` probe jobs of `behaviour` (raw SQL, one statement).
 /// Inserts `count` due probes; with `keys`, their concurrency keys cycle
-/// through that many (`key-0` ..). The table is analyzed before the commit,
-/// as autovacuum would soon after: the workers' plans made on the empty
-/// queue are made again at the commit, a baseline's as well as this
-/// commit's. (This machine's Postgres runs no autovacuum; a worker of this
-/// commit analyzes the table itself within a poll, see the engine's
-/// INTERNALS.md, "Statistics that keep up", and a baseline's never did:
-/// its drains after a vacuum of the empty queue ran at 160-2,800 jobs/s.)
+/// through that many (`key-0` ..).
 async fn bulk_enqueue(
     db: &TestDb,
     count: i64,
     behaviour: &str,
     keys: Option<i64>,
 ) -> anyhow::Result<()> {
-    let mut tx = db.pool.begin().await?;
     match keys {
         // Only the columns every schema has: a baseline worker's database
         // (older migrations) has no `concurrency_key`.
@@ -502,7 +511,7 @@ async fn bulk_enqueue(
             )
             .bind(count)
             .bind(behaviour)
-            .execute(&mut *tx)
+            .execute(&db.pool)
             .await?;
         }
         Some(keys) => {
@@ -517,12 +526,10 @@ async fn bulk_enqueue(
             .bind(count)
             .bind(behaviour)
             .bind(keys)
-            .execute(&mut *tx)
+            .execute(&db.pool)
             .await?;
         }
     }
-    sqlx::query("analyze apalis.jobs").execute(&mut *tx).await?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -588,9 +595,7 @@ async fn drain_measured(
         .fetch_one(&db.pool)
         .await?;
     if migrated {
-        sqlx::query("delete from apalis.jobs")
-            .execute(&db.pool)
-            .await?;
+        empty_jobs(db).await?;
     }
     let mut workers = Vec::new();
     for _ in 0..processes {
@@ -778,10 +783,9 @@ async fn claim_settle_limit(db: &TestDb, report: &mut Report) -> anyhow::Result<
     .execute(&db.pool)
     .await?;
     for clients in [1, 2] {
-        sqlx::query("delete from apalis.jobs where job_type = 'probe'")
-            .execute(&db.pool)
-            .await?;
+        empty_jobs(db).await?;
         bulk_enqueue(db, JOBS, r#"{"kind":"noop"}"#, None).await?;
+        // Statistics that know the jobs: pgbench's sessions plan on them.
         sqlx::query("vacuum analyze apalis.jobs")
             .execute(&db.pool)
             .await?;
@@ -805,14 +809,9 @@ async fn claim_settle_limit(db: &TestDb, report: &mut Report) -> anyhow::Result<
             "jobs/s",
         );
     }
-    sqlx::query("delete from apalis.jobs where job_type = 'probe'")
-        .execute(&db.pool)
-        .await?;
     // The 400,000 dead rows would otherwise slow the next drains' claims
     // (measured: 300 jobs/s instead of 4,600 at c=10).
-    sqlx::query("vacuum analyze apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     std::fs::remove_file(&script).ok();
     if let (Some(drain), Some(limit)) = (
         report.value("drain, default settings"),
@@ -835,9 +834,7 @@ async fn pickup_latency(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     println!("4. pickup latency: commit to handler start, idle queue");
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     let worker = Process::started_worker(&worker_env(db, "4")).await?;
     let latencies = pickups(db, sizes.pickups, "pickup").await?;
     worker.terminate(Duration::from_secs(30)).await?;
@@ -937,9 +934,7 @@ async fn durable_execution(db: &TestDb, sizes: &Sizes, report: &mut Report) -> a
     println!(
         "9. durable execution: resume after a signal; 1,000 steps in one job vs 1,000 chained jobs"
     );
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     let worker = Process::started_worker(&worker_env(db, "4")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let runs_of = |key: String| {
@@ -1191,9 +1186,7 @@ async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
         "7. workflows: {} fan-ins of 100, {} 3-step chains, a trim of {} old visits; one worker process",
         sizes.fan_ins, sizes.chains, sizes.backlog
     );
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     let worker = Process::started_worker(&worker_env(db, "10")).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -1413,9 +1406,7 @@ async fn flow_control(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow
         Limits::none().rate(Rate::per_second(limit).burst(10)),
     )
     .await?;
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     let worker = Process::started_worker(&defaults).await?;
     bulk_enqueue(
         db,
@@ -1448,9 +1439,7 @@ async fn flow_control(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow
     );
 
     // The claim alone (no worker): 100,000 waiting jobs of 1,000 keys.
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     bulk_enqueue(db, 100_000, noop, Some(1_000)).await?;
     sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
     sqlx::query(
@@ -1511,9 +1500,7 @@ async fn flow_control(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow
         "ms",
     );
     admin::reset_limits(&db.pool, "probe").await?;
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     Ok(())
 }
 
@@ -1531,12 +1518,7 @@ async fn queue_at_depth(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
     let noop = r#"{"kind":"noop"}"#;
     let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
     for held_back in [false, true] {
-        sqlx::query("delete from apalis.jobs")
-            .execute(&db.pool)
-            .await?;
-        sqlx::query("vacuum analyze apalis.jobs")
-            .execute(&db.pool)
-            .await?;
+        empty_jobs(db).await?;
         // A transaction with an xid, open until the drain ends.
         let mut holder = db.pool.acquire().await?;
         if held_back {
@@ -1590,12 +1572,7 @@ async fn queue_at_depth(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
             );
         }
     }
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
-    sqlx::query("vacuum analyze apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
 
     let probes: Vec<jobs::probe::Probe> = (0..sizes.enqueue_many)
         .map(|n| probe(format!("many-{n}"), jobs::probe::Behaviour::Noop))
@@ -1611,8 +1588,6 @@ async fn queue_at_depth(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyh
         sizes.enqueue_many as f64 / took.as_secs_f64(),
         "jobs/s",
     );
-    sqlx::query("delete from apalis.jobs")
-        .execute(&db.pool)
-        .await?;
+    empty_jobs(db).await?;
     Ok(())
 }
