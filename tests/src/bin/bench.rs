@@ -498,38 +498,35 @@ async fn bulk_enqueue(
     behaviour: &str,
     keys: Option<i64>,
 ) -> anyhow::Result<()> {
-    match keys {
-        // Only the columns every schema has: a baseline worker's database
-        // (older migrations) has no `concurrency_key`.
-        None => {
-            sqlx::query(
-                "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
-                 select apalis.generate_ulid(), 'probe',
-                        convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
-                        'Pending', 0, 3, now() - interval '1 second', 0
-                 from generate_series(1, $1) as n",
-            )
-            .bind(count)
-            .bind(behaviour)
-            .execute(&db.pool)
-            .await?;
-        }
-        Some(keys) => {
-            sqlx::query(
-                "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority,
-                                          concurrency_key)
-                 select apalis.generate_ulid(), 'probe',
-                        convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
-                        'Pending', 0, 3, now() - interval '1 second', 0, 'key-' || (n % $3::bigint)
-                 from generate_series(1, $1) as n",
-            )
-            .bind(count)
-            .bind(behaviour)
-            .bind(keys)
-            .execute(&db.pool)
-            .await?;
-        }
-    }
+    // Without keys, only the columns every schema has: a baseline worker's
+    // database (older migrations) has no `concurrency_key`.
+    let Some(keys) = keys else {
+        sqlx::query(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+             select apalis.generate_ulid(), 'probe',
+                    convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
+                    'Pending', 0, 3, now() - interval '1 second', 0
+             from generate_series(1, $1) as n",
+        )
+        .bind(count)
+        .bind(behaviour)
+        .execute(&db.pool)
+        .await?;
+        return Ok(());
+    };
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority,
+                                  concurrency_key)
+         select apalis.generate_ulid(), 'probe',
+                convert_to(format('{\"key\":\"bulk-%s\",\"behaviour\":%s}', n, $2::text), 'UTF8'),
+                'Pending', 0, 3, now() - interval '1 second', 0, 'key-' || (n % $3::bigint)
+         from generate_series(1, $1) as n",
+    )
+    .bind(count)
+    .bind(behaviour)
+    .bind(keys)
+    .execute(&db.pool)
+    .await?;
     Ok(())
 }
 

@@ -189,24 +189,7 @@ async fn ten_thousand_jobs_sleeping_five_seconds_hold_no_slot_and_use_no_attempt
     let mut tx = db.pool.begin().await?;
     durable_jobs::enqueue_many(&mut tx, &warm_up).await?;
     tx.commit().await?;
-    let warming = std::time::Instant::now();
-    loop {
-        let open: i64 = sqlx::query_scalar(
-            "select count(*) from apalis.job_states
-             where job_type = $1 and state not in ('done', 'dead')",
-        )
-        .bind(Sleeper::NAME)
-        .fetch_one(&db.pool)
-        .await?;
-        if open == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            warming.elapsed() < Duration::from_secs(60),
-            "{open} warm-up sleepers still open"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_until_idle(Duration::from_secs(60)).await?;
     let mut idle = 0i64;
     for _ in 0..10 {
         idle = idle.max(sqlx::query_scalar(connections).fetch_one(&db.pool).await?);

@@ -438,21 +438,14 @@ async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_
     // is not the drain's.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let (scanned_before, fetched_before, _) = job_table_reads(&db).await?;
-    loop {
-        // The runs' table, not the queue's: this wait reads no job row.
+    // The runs' table, not the queue's: this wait reads no job row.
+    crate::support::wait_until(Duration::from_secs(120), "every job ran", || async {
         let ran: i64 = sqlx::query_scalar("select count(*) from engine_test_runs")
             .fetch_one(&db.pool)
             .await?;
-        if ran >= JOBS {
-            break;
-        }
-        anyhow::ensure!(
-            enqueued.elapsed() < Duration::from_secs(120),
-            "{ran} of {JOBS} jobs ran after {:?}",
-            enqueued.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(ran >= JOBS)
+    })
+    .await?;
     let drained = enqueued.elapsed();
     // Sessions report their statistics at most once a second.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -481,6 +474,7 @@ async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_
 #[tokio::test]
 async fn a_claim_of_100_reads_its_100_rows_with_100_000_waiting() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
+    // The claimer's worker row (a claim without one claims nothing).
     jobs_of(&db, "w-claimer", "Done", 0).await?;
     sqlx::query(
         "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at)
