@@ -43,8 +43,11 @@ set status = 'Killed', done_at = now(), lock_by = null, lock_at = null,
 from unnest($1::text[], $2::text[]) as rejected(id, reason)
 where jobs.id = rejected.id and jobs.lock_by = $3";
 
-/// Records a round of task events in one statement: results (by id, if this
-/// worker still holds the job) and starts (`Queued` → `Running`, likewise).
+/// Records a round of task events in one statement (`apalis.record_events`,
+/// in `20261204000016_workflow_steps_settled_together.sql`): results (by id,
+/// if this worker still holds the job) and starts (`Queued` → `Running`,
+/// likewise), then the workflow steps among the jobs that ended, all
+/// together (their release, set by set).
 ///
 /// `lock_by` is compared with `IS NOT DISTINCT FROM` on purpose: that operator
 /// cannot use the `lock_by` index, so the planner finds the rows by primary
@@ -67,37 +70,9 @@ where jobs.id = rejected.id and jobs.lock_by = $3";
 /// attempts and last result as they were).
 /// Returns the numbers of results and starts recorded.
 pub const RECORD_EVENTS: &str = "
-with finished as (
-    update apalis.jobs as jobs
-    set status = case when result.suspended_for is null then result.status else 'Pending' end,
-        attempts = case when result.suspended_for is null then result.attempt else jobs.attempts end,
-        last_result = case when result.suspended_for is null then result.outcome else jobs.last_result end,
-        done_at = case when result.suspended_for is null then now() end,
-        lock_by = case when result.suspended_for is null then jobs.lock_by end,
-        lock_at = case when result.suspended_for is null then jobs.lock_at end,
-        suspended_for = result.suspended_for,
-        run_at = case
-            when result.suspended_for is not null
-            then clock_timestamp() + make_interval(secs => result.retry_in)
-            when result.status = 'Failed'
-            then clock_timestamp() + make_interval(secs => coalesce(result.retry_in,
-                least($7 * case when result.attempt - 1 <= $10
-                                then power(2, greatest(result.attempt - 1, 0))
-                                else power(2, $10) * (result.attempt - $10) end, $8)
-                * (0.9 + 0.2 * random())))
-            else jobs.run_at end
-    from unnest($1::text[], $2::int4[], $3::text[], $4::jsonb[], $9::float8[], $11::text[])
-         as result(id, attempt, status, outcome, retry_in, suspended_for)
-    where jobs.id = result.id and jobs.lock_by is not distinct from $6
-      and jobs.status in ('Queued', 'Running')
-    returning jobs.id
-), started as (
-    update apalis.jobs
-    set status = 'Running', lock_at = now()
-    where id = any($5) and lock_by is not distinct from $6 and status = 'Queued'
-    returning id
-)
-select (select count(*) from finished), (select count(*) from started)";
+select finished, started
+from apalis.record_events($1::text[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6,
+                          $7, $8, $9::float8[], $10, $11::text[])";
 
 /// Registers a worker; a worker name is unique per process start (see
 /// `worker::worker_name`), so an existing row is an error.

@@ -203,9 +203,32 @@ fn state_of<'a>(workflow: &'a admin::WorkflowView, step: &str) -> &'a str {
         .map_or("missing", |s| s.state.as_str())
 }
 
+/// How the parts of a fan-in end in [`fan_in_released_exactly_once`].
+#[derive(Debug, Clone, Copy)]
+enum Ender {
+    /// One `UPDATE` per part: the row trigger ends each step on its own (a
+    /// recovery's or an operator's write does this).
+    RowByRow,
+    /// A worker's settle (`RECORD_EVENTS`) of all its parts at once:
+    /// `apalis.end_workflow_steps` ends them together.
+    WorkerSettle,
+}
+
 #[tokio::test]
 async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once_200_times()
 -> anyhow::Result<()> {
+    fan_in_released_exactly_once(Ender::RowByRow).await
+}
+
+#[tokio::test]
+async fn fifty_dependencies_settled_at_once_by_ten_workers_release_their_fan_in_exactly_once_200_times()
+-> anyhow::Result<()> {
+    fan_in_released_exactly_once(Ender::WorkerSettle).await
+}
+
+/// 200 times: a fan-in of 50 parts whose parts end in ten transactions
+/// committing at the same instant is released exactly once.
+async fn fan_in_released_exactly_once(ender: Ender) -> anyhow::Result<()> {
     const WIDTH: usize = 50;
     const ROUNDS: usize = 200;
     // Transactions open at once, each ending WIDTH / ENDERS parts: ten
@@ -240,19 +263,54 @@ async fn fifty_dependencies_completing_at_once_release_their_fan_in_exactly_once
             .map(|chunk| {
                 let (pool, barrier, chunk) = (pool.clone(), barrier.clone(), chunk.to_vec());
                 tokio::spawn(async move {
+                    // Each chunk is held by a worker of its own, as a claim
+                    // leaves it, so that its settle may end it.
+                    let worker = format!("ender-{}", chunk[0]);
+                    if let Ender::WorkerSettle = ender {
+                        sqlx::query(
+                            "update apalis.jobs set status = 'Running', lock_by = $2, lock_at = now()
+                             where id = any($1)",
+                        )
+                        .bind(&chunk)
+                        .bind(&worker)
+                        .execute(&pool)
+                        .await?;
+                    }
                     let mut tx = pool.begin().await?;
                     // A missing connection fails the test instead of hanging it.
                     tokio::time::timeout(Duration::from_secs(30), barrier.wait())
                         .await
                         .context("not every transaction began")?;
-                    for job in chunk {
-                        sqlx::query(
-                            r#"update apalis.jobs set status = 'Done', done_at = now(),
-                                   last_result = '{"Ok": 0}' where id = $1"#,
-                        )
-                        .bind(&job)
-                        .execute(&mut *tx)
-                        .await?;
+                    match ender {
+                        Ender::RowByRow => {
+                            for job in &chunk {
+                                sqlx::query(
+                                    r#"update apalis.jobs set status = 'Done', done_at = now(),
+                                           last_result = '{"Ok": 0}' where id = $1"#,
+                                )
+                                .bind(job)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                        }
+                        Ender::WorkerSettle => {
+                            let (finished, _started): (i64, i64) =
+                                sqlx::query_as(durable_jobs::internals::RECORD_EVENTS)
+                                    .bind(&chunk)
+                                    .bind(vec![1_i32; chunk.len()])
+                                    .bind(vec!["Done"; chunk.len()])
+                                    .bind(vec![serde_json::json!({"Ok": 0}); chunk.len()])
+                                    .bind(Vec::<String>::new())
+                                    .bind(&worker)
+                                    .bind(1.0_f64)
+                                    .bind(60.0_f64)
+                                    .bind(vec![None::<f64>; chunk.len()])
+                                    .bind(5_i32)
+                                    .bind(vec![None::<String>; chunk.len()])
+                                    .fetch_one(&mut *tx)
+                                    .await?;
+                            anyhow::ensure!(finished == chunk.len() as i64, "settled {finished}");
+                        }
                     }
                     tx.commit().await?;
                     anyhow::Ok(())
