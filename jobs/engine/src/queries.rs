@@ -67,12 +67,13 @@ where jobs.id = rejected.id and jobs.lock_by = $3";
 /// retry delay in seconds (NULL: the backoff's), `$10` the backoff's doublings,
 /// `$11` what each suspended job waits for (NULL: not suspended; then `$9`
 /// is how long until it is due, and the job is waiting again with its
-/// attempts and last result as they were).
+/// attempts and last result as they were), `$12` each workflow step's
+/// attempt's traceparent (NULL: not a step), recorded on its step.
 /// Returns the numbers of results and starts recorded.
 pub const RECORD_EVENTS: &str = "
 select finished, started
 from apalis.record_events($1::text[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6,
-                          $7, $8, $9::float8[], $10, $11::text[])";
+                          $7, $8, $9::float8[], $10, $11::text[], $12::text[])";
 
 /// Registers a worker; a worker name is unique per process start (see
 /// `worker::worker_name`), so an existing row is an error.
@@ -441,18 +442,6 @@ pub(crate) const WORKFLOW_BY_KEY: &str = "select id from apalis.workflows where 
 pub(crate) const ADD_WORKFLOW_STEPS: &str = "
 select apalis.add_workflow_steps($1, $2, $3, $4, hstore($5::text[], $6::text[]))";
 
-/// Records that step `$2` of workflow `$1` starts an attempt traced as `$3`.
-/// It commits without waiting for the disk flush (`set_config(.., true)`
-/// lasts until this statement's own commit): a flush per step start cost a
-/// 3-step chain two thirds of its throughput (measured), and a start lost in
-/// a crash only costs a later fan-in one span link.
-pub(crate) const STEP_STARTED: &str = "
-with no_flush as (select set_config('synchronous_commit', 'off', true))
-update apalis.workflow_steps
-set started_at = coalesce(started_at, now()), traceparent = coalesce($3, traceparent)
-from no_flush
-where workflow_id = $1 and name = $2";
-
 /// Results of the dependencies of step `$2` (workflow `$1`) whose job type is
 /// `$3`, by name: `(name, status, last_result)`. Unfinished ones have no result.
 pub(crate) const DEPENDENCY_RESULTS: &str = "
@@ -505,7 +494,9 @@ select step.name, step.job_id, step.job_type, step.depends_on, step.on_dependenc
        case when step.state = 'released' then coalesce(jobs.state, 'released') else step.state end
            as state,
        coalesce(jobs.attempts, 0) as attempts, step.max_attempts,
-       step.added_at, step.released_at, step.started_at,
+       step.added_at, step.released_at,
+       coalesce(step.started_at, case when jobs.state = 'running' then jobs.lock_at end)
+           as started_at,
        coalesce(step.finished_at, case when jobs.state in ('done', 'dead') then jobs.done_at end)
            as finished_at,
        jobs.last_result -> 'Ok' as result, jobs.last_result ->> 'Err' as error,

@@ -179,7 +179,8 @@ struct Args {
     /// A `worker` binary built from an older commit (with `--features
     /// probes`): the queue section then runs its default-settings drain with
     /// that binary too, alternating old and new, for a side-by-side figure,
-    /// and the pickup section measures its pickup latency after this one's.
+    /// the pickup section measures its pickup latency after this one's, and
+    /// the workflows section its fan-in latency and chains before this one's.
     #[arg(long)]
     baseline_worker: Option<PathBuf>,
 }
@@ -223,7 +224,7 @@ async fn run(
         trim_cost(&db, &sizes, &mut report).await?;
     }
     if wanted(Section::Workflows) {
-        workflows(&db, &sizes, &mut report).await?;
+        workflows(&db, &sizes, baseline_worker, &mut report).await?;
     }
     if wanted(Section::Flow) {
         flow_control(&db, &sizes, &mut report).await?;
@@ -608,22 +609,7 @@ async fn drain_measured(
     }
     let mut workers = Vec::new();
     for _ in 0..processes {
-        let mut worker = match binary {
-            None => Process::spawn("worker", env)?,
-            Some(path) => {
-                let mut command = tokio::process::Command::new(path);
-                command
-                    .envs(env.iter().copied())
-                    .env(
-                        "RUST_LOG",
-                        "info,sqlx::postgres::notice=warn,opentelemetry=warn",
-                    )
-                    .env("NO_COLOR", "1");
-                Process::start("worker", command)?
-            }
-        };
-        worker.wait_until_registered(env).await?;
-        workers.push(worker);
+        workers.push(worker_of(binary, env).await?);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     bulk_enqueue(db, count, behaviour, keys).await?;
@@ -875,17 +861,7 @@ async fn pickup_latency(
     };
     // The baseline on a database of its own, migrated by itself.
     let old_db = TestDb::empty().await?;
-    let mut command = tokio::process::Command::new(path);
-    let env = worker_env(&old_db, "4");
-    command
-        .envs(env.iter().copied())
-        .env(
-            "RUST_LOG",
-            "info,sqlx::postgres::notice=warn,opentelemetry=warn",
-        )
-        .env("NO_COLOR", "1");
-    let mut worker = Process::start("worker", command)?;
-    worker.wait_until_registered(&env).await?;
+    let worker = worker_of(Some(path), &worker_env(&old_db, "4")).await?;
     let latencies = pickups(&old_db, sizes.pickups, "pickup").await?;
     worker.terminate(Duration::from_secs(30)).await?;
     report.add(
@@ -1199,21 +1175,36 @@ fn probe(key: String, behaviour: jobs::probe::Behaviour) -> jobs::probe::Probe {
     jobs::probe::Probe { key, behaviour }
 }
 
-async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+/// A `worker` process of `binary` (none: this commit's) with `env`.
+async fn worker_of(
+    binary: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let mut worker = match binary {
+        None => Process::spawn("worker", env)?,
+        Some(path) => {
+            let mut command = tokio::process::Command::new(path);
+            command
+                .envs(env.iter().copied())
+                .env(
+                    "RUST_LOG",
+                    "info,sqlx::postgres::notice=warn,opentelemetry=warn",
+                )
+                .env("NO_COLOR", "1");
+            Process::start("worker", command)?
+        }
+    };
+    worker.wait_until_registered(env).await?;
+    Ok(worker)
+}
+
+/// Fan-in latency: from the last of 100 dependencies recorded done to the
+/// fan-in's handler starting, one workflow at a time, `fan_ins` times.
+async fn fan_in_latencies(db: &TestDb, fan_ins: usize) -> anyhow::Result<Vec<Duration>> {
     use durable_jobs::Workflow;
     use jobs::probe::Behaviour;
-    println!(
-        "7. workflows: {} fan-ins of 100, {} 3-step chains, a trim of {} old visits; one worker process",
-        sizes.fan_ins, sizes.chains, sizes.backlog
-    );
-    empty_jobs(db).await?;
-    let worker = Process::started_worker(&worker_env(db, "10")).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    // Fan-in latency: from the last of 100 dependencies recorded done to the
-    // fan-in's handler starting, one workflow at a time.
     let mut latencies = Vec::new();
-    for round in 0..sizes.fan_ins {
+    for round in 0..fan_ins {
         let mut workflow = Workflow::new("bench-fan-in");
         for n in 0..100 {
             workflow = workflow.add(
@@ -1250,23 +1241,17 @@ async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
         latencies.push((started_at - last_done).to_std().unwrap_or_default());
     }
     latencies.sort_unstable();
-    report.add(
-        "workflows",
-        "fan-in latency p50 (100-way)",
-        percentile(&latencies, 0.50),
-        "ms",
-    );
-    report.add(
-        "workflows",
-        "fan-in latency p99 (100-way)",
-        percentile(&latencies, 0.99),
-        "ms",
-    );
+    Ok(latencies)
+}
 
-    // Throughput: many 3-step chains at once.
+/// Throughput: `chains` 3-step chains enqueued in one transaction, completed
+/// per second.
+async fn chains_per_second(db: &TestDb, chains: usize) -> anyhow::Result<f64> {
+    use durable_jobs::Workflow;
+    use jobs::probe::Behaviour;
     db.wait_until_idle(Duration::from_secs(60)).await?;
     let mut tx = db.pool.begin().await?;
-    for n in 0..sizes.chains {
+    for n in 0..chains {
         Workflow::new("bench-chain")
             .add("a", probe(format!("chain-{n}-a"), Behaviour::Noop))
             .add_after("b", probe(format!("chain-{n}-b"), Behaviour::Noop), ["a"])
@@ -1276,13 +1261,75 @@ async fn workflows(db: &TestDb, sizes: &Sizes, report: &mut Report) -> anyhow::R
     }
     let elapsed =
         commit_and_time_workflows(db, tx, "bench-chain", Duration::from_millis(200)).await?;
-    report.add(
-        "workflows",
-        "3-step chains completed",
-        sizes.chains as f64 / elapsed,
-        "workflows/s",
-    );
+    Ok(chains as f64 / elapsed)
+}
 
+async fn workflows(
+    db: &TestDb,
+    sizes: &Sizes,
+    baseline: Option<&std::path::Path>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    println!(
+        "7. workflows: {} fan-ins of 100, {} 3-step chains, a trim of {} old visits; one worker process",
+        sizes.fan_ins, sizes.chains, sizes.backlog
+    );
+    // The baseline first, on a database of its own that it migrates itself,
+    // then this commit's worker; each figure is the same run of each.
+    let old_db = match baseline {
+        Some(_) => Some(TestDb::empty().await?),
+        None => None,
+    };
+    let mut runs: Vec<(Option<&std::path::Path>, &TestDb, &str)> = Vec::new();
+    if let (Some(path), Some(old_db)) = (baseline, &old_db) {
+        runs.push((Some(path), old_db, ", baseline worker"));
+    }
+    runs.push((None, db, ""));
+    for (binary, db, label) in runs {
+        if binary.is_none() {
+            empty_jobs(db).await?;
+        }
+        let worker = worker_of(binary, &worker_env(db, "10")).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let latencies = fan_in_latencies(db, sizes.fan_ins).await?;
+        report.add(
+            "workflows",
+            format!("fan-in latency p50 (100-way){label}"),
+            percentile(&latencies, 0.50),
+            "ms",
+        );
+        report.add(
+            "workflows",
+            format!("fan-in latency p99 (100-way){label}"),
+            percentile(&latencies, 0.99),
+            "ms",
+        );
+        let chains = chains_per_second(db, sizes.chains).await?;
+        report.add(
+            "workflows",
+            format!("3-step chains completed{label}"),
+            chains,
+            "workflows/s",
+        );
+        if binary.is_some() {
+            worker.terminate(Duration::from_secs(30)).await?;
+        } else {
+            if let Some(old) = report.value("3-step chains completed, baseline worker") {
+                report.add("workflows", "3-step chains / baseline's", chains / old, "x");
+            }
+            return workflow_trim(db, sizes, worker, report).await;
+        }
+    }
+    Ok(())
+}
+
+/// The rest of the workflows section, with this commit's `worker` running.
+async fn workflow_trim(
+    db: &TestDb,
+    sizes: &Sizes,
+    worker: Process,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     // A backlog trimmed by one job: as one DELETE (before), then as a
     // workflow of TRIM_CHUNK-sized steps (now). Each DELETE statement on
     // visits records how long its transaction had run when it ended.

@@ -65,6 +65,7 @@ use crate::{
     durable::Suspension,
     job::{Backoff, RetryAfter},
     queries,
+    workflow::WORKFLOW_ID_KEY,
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -203,7 +204,7 @@ impl QueueStorage {
     /// its slot.
     fn drain_events(&mut self, cx: &mut Context<'_>) {
         while let Poll::Ready(Some(event)) = self.events.poll_recv(cx) {
-            if matches!(event.0, TaskEvent::Complete(_)) {
+            if matches!(event.event, TaskEvent::Complete(_)) {
                 self.running = self.running.saturating_sub(1);
             }
             self.unsettled.push(event);
@@ -598,7 +599,11 @@ where
         if let Some(task_id) = task_id.clone() {
             // A closed channel means the backend is gone; the result is then
             // lost as after a crash, and the lease returns the job.
-            let _ = sender.send((TaskEvent::Lock { task_id }, Resume::Backoff));
+            let _ = sender.send(Event {
+                event: TaskEvent::Lock { task_id },
+                resume: Resume::Backoff,
+                trace: None,
+            });
         }
         let run = self.inner.call(task);
         Box::pin(async move {
@@ -614,15 +619,21 @@ where
                     Some(error) => Resume::of(&**error),
                     None => Resume::Backoff,
                 };
-                let _ = sender.send((
-                    TaskEvent::Complete(TaskResult {
+                // A workflow step's attempt: its span, for its dependents' links.
+                let trace = ctx
+                    .data()
+                    .get::<AttemptTrace>()
+                    .and_then(|trace| trace.0.get().cloned());
+                let _ = sender.send(Event {
+                    event: TaskEvent::Complete(TaskResult {
                         task_id,
                         attempt: ctx.attempt(),
                         status: ctx.status(),
                         result: outcome,
                     }),
-                    retry_in,
-                ));
+                    resume: retry_in,
+                    trace,
+                });
             }
             result
         })
@@ -698,6 +709,7 @@ async fn record_round(
             .bind(&round.retry_in)
             .bind(i32::try_from(backoff.doublings()).unwrap_or(30))
             .bind(&round.suspended_for)
+            .bind(&round.traceparents)
             .fetch_one(pool)
             .await;
         match settled {
@@ -849,6 +861,7 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, String> {
     }
     let status = Status::from_str(&column::<String>(row, "status")?)
         .map_err(|err| format!("status: {err}"))?;
+    let step = entries.contains_key(WORKFLOW_ID_KEY);
     let mut task = TaskBuilder::new(payload)
         .task_id(TaskId::from_ulid(ulid))
         .queue(queue.into())
@@ -863,6 +876,9 @@ fn task_from_row(row: &PgRow) -> Result<PgTask, String> {
         .with_metadata(MetadataStore::from_map(entries));
     if let Some(key) = idempotency_key {
         task = task.idempotency_key(key);
+    }
+    if step {
+        task = task.data(AttemptTrace::default());
     }
     Ok(task.build())
 }
@@ -904,11 +920,27 @@ struct EventRound {
     retry_in: Vec<Option<f64>>,
     /// What each suspended job waits for (NULL: not suspended).
     suspended_for: Vec<Option<String>>,
+    /// Each workflow step's attempt's traceparent (NULL: not a step).
+    traceparents: Vec<Option<String>>,
     started_ids: Vec<String>,
 }
 
-/// A start mark or result from the [`SettleLayer`], with how the job goes on.
-type Event = (TaskEvent<Value>, Resume);
+/// A start mark or result from the [`SettleLayer`].
+#[derive(Debug)]
+struct Event {
+    event: TaskEvent<Value>,
+    /// How the job goes on (for a result).
+    resume: Resume,
+    /// A workflow step's attempt's traceparent (for a result; see [`AttemptTrace`]).
+    trace: Option<String>,
+}
+
+/// Where a workflow step's attempt leaves the traceparent of its span (set
+/// by `JobSpanLayer`, read by the [`SettleLayer`] with the result), so that
+/// the settle that ends the step records it for its dependents' links, with
+/// no write of its own at the attempt's start.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AttemptTrace(pub(crate) std::sync::Arc<std::sync::OnceLock<String>>);
 
 /// When a finished attempt's job is due again.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -951,7 +983,11 @@ impl From<Vec<TaskEvent<Value>>> for EventRound {
     fn from(events: Vec<TaskEvent<Value>>) -> Self {
         events
             .into_iter()
-            .map(|event| (event, Resume::Backoff))
+            .map(|event| Event {
+                event,
+                resume: Resume::Backoff,
+                trace: None,
+            })
             .collect::<Vec<Event>>()
             .into()
     }
@@ -962,18 +998,24 @@ impl From<Vec<Event>> for EventRound {
     /// order; a job that started and finished in the same round needs no
     /// start mark.
     fn from(events: Vec<Event>) -> Self {
-        let mut results: Vec<(TaskResult<Value>, Resume)> = Vec::new();
+        let mut results: Vec<(TaskResult<Value>, Resume, Option<String>)> = Vec::new();
         let mut started_ids = Vec::new();
-        for (event, retry_in) in events {
+        for Event {
+            event,
+            resume,
+            trace,
+        } in events
+        {
             match event {
-                TaskEvent::Complete(result) => results.push((result, retry_in)),
+                TaskEvent::Complete(result) => results.push((result, resume, trace)),
                 TaskEvent::Lock { task_id } => started_ids.push(task_id.to_string()),
                 _ => {}
             }
         }
-        results.sort_by_key(|(result, _)| result.task_id.to_string());
+        results.sort_by_key(|(result, _, _)| result.task_id.to_string());
         let mut round = Self::default();
-        for (result, resume) in results {
+        for (result, resume, trace) in results {
+            round.traceparents.push(trace);
             let (retry_in, suspended_for) = match resume {
                 Resume::Backoff => (None, None),
                 Resume::After(delay) => (Some(delay.as_secs_f64()), None),

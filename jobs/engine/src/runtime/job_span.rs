@@ -18,6 +18,7 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use crate::{
+    backend::storage::AttemptTrace,
     durable::PREVIOUS_RUN_KEY,
     workflow::{WORKFLOW_ID_KEY, WORKFLOW_LINKS_KEY, WORKFLOW_STEP_KEY},
 };
@@ -111,6 +112,13 @@ where
         }
         let run = {
             let _entered = span.enter();
+            // A workflow step's attempt: its span's traceparent goes with
+            // its result to the settle, for its dependents' links.
+            if let Some(trace) = ctx.data().get::<AttemptTrace>()
+                && let Some(traceparent) = observability::inject_current().remove("traceparent")
+            {
+                let _ = trace.0.set(traceparent);
+            }
             self.inner.call(task)
         };
         Box::pin(

@@ -18,7 +18,6 @@ use crate::{
     enqueue::decode,
     job::{Checkpoints, Job, JobContext, StepOf},
     maintenance::prune::{PruneContext, PruneJobs},
-    queries,
     runtime::{
         config::WorkerConfig, durability::DurabilityLayer, health::Activity, job_span::JobSpanLayer,
     },
@@ -168,8 +167,9 @@ struct EnginePool {
 }
 
 /// The handler of every job type: decodes the stored JSON (a row nobody can
-/// decode fails only its own job, dead with the reason) and runs it. A
-/// workflow step first records its attempt's trace, for its dependents' links.
+/// decode fails only its own job, dead with the reason) and runs it. (A
+/// workflow step's attempt's trace, for its dependents' links, goes with its
+/// result: see `AttemptTrace`.)
 async fn handle<J: Job>(
     payload: Vec<u8>,
     context: Data<J::Context>,
@@ -191,19 +191,6 @@ async fn handle<J: Job>(
         }),
         _ => None,
     };
-    if let Some(step) = &step {
-        let traceparent = observability::inject_current().remove("traceparent");
-        // Only the links of a later fan-in depend on it: never fail the step.
-        if let Err(err) = sqlx::query(queries::STEP_STARTED)
-            .bind(&step.workflow)
-            .bind(&step.step)
-            .bind(traceparent)
-            .execute(&pool.pool)
-            .await
-        {
-            tracing::warn!(job.id = %id, error = %err, "could not record the workflow step's start");
-        }
-    }
     let run = JobContext {
         id: &id,
         worker: worker.name(),

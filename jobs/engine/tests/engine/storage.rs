@@ -152,6 +152,7 @@ async fn results_are_found_by_id_however_many_jobs_the_worker_finished() -> anyh
         .bind(vec![None::<f64>; queued.len()])
         .bind(30_i32)
         .bind(vec![None::<String>; queued.len()])
+        .bind(vec![None::<String>; queued.len()])
         .fetch_one(&mut *tx)
         .await?;
     assert_eq!((finished, started), (10, 0));

@@ -307,6 +307,7 @@ async fn fan_in_released_exactly_once(ender: Ender) -> anyhow::Result<()> {
                                     .bind(vec![None::<f64>; chunk.len()])
                                     .bind(5_i32)
                                     .bind(vec![None::<String>; chunk.len()])
+                                    .bind(vec![None::<String>; chunk.len()])
                                     .fetch_one(&mut *tx)
                                     .await?;
                             anyhow::ensure!(finished == chunk.len() as i64, "settled {finished}");
