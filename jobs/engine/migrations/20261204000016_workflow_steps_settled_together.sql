@@ -57,6 +57,7 @@ DECLARE
     ended_workflows text[];
     ended_names text[];
     ended_outcomes text[];
+    parents_to_wake text[];
     zero_workflows text[];
     zero_names text[];
     zero_cancelled boolean[];
@@ -68,11 +69,11 @@ BEGIN
         SELECT ended.id, ended.traceparent, ended.started,
                CASE WHEN ended.status = 'Done' THEN 'done'
                     WHEN workflows.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                    ELSE 'dead' END AS outcome
+                    ELSE 'dead' END AS outcome,
+               workflows.parent_id IS NOT NULL AS has_parent
         FROM unnest(job_ids, statuses, workflow_ids, traceparents, started)
              AS ended(id, status, workflow_id, traceparent, started)
-        LEFT JOIN apalis.workflows
-          ON ended.status <> 'Done' AND workflows.id = ended.workflow_id
+        JOIN apalis.workflows ON workflows.id = ended.workflow_id
     ), marked AS (
         UPDATE apalis.workflow_steps AS steps
         SET state = ended.outcome, finished_at = now(),
@@ -80,26 +81,30 @@ BEGIN
             started_at = coalesce(steps.started_at, ended.started)
         FROM ended
         WHERE steps.job_id = ended.id AND steps.state = 'released'
-        RETURNING steps.workflow_id, steps.name, ended.outcome
+        RETURNING steps.workflow_id, steps.name, ended.outcome, ended.has_parent
     )
     SELECT array_agg(workflow_id ORDER BY workflow_id, name),
            array_agg(name ORDER BY workflow_id, name),
-           array_agg(outcome ORDER BY workflow_id, name)
-    INTO ended_workflows, ended_names, ended_outcomes
+           array_agg(outcome ORDER BY workflow_id, name),
+           array_agg(DISTINCT workflow_id) FILTER (WHERE has_parent)
+    INTO ended_workflows, ended_names, ended_outcomes, parents_to_wake
     FROM marked;
     IF ended_workflows IS NULL THEN
         RETURN;
     END IF;
 
     -- Steps that died or were cancelled: their dependents go on or are
-    -- cancelled step by step, as before.
-    FOR failed IN
-        SELECT e.workflow_id, e.name, e.outcome
-        FROM unnest(ended_workflows, ended_names, ended_outcomes) AS e(workflow_id, name, outcome)
-        WHERE e.outcome <> 'done'
-    LOOP
-        PERFORM apalis.workflow_step_ended(failed.workflow_id, failed.name, failed.outcome);
-    END LOOP;
+    -- cancelled step by step, as before. (Each IF below is a plain
+    -- expression: a settle with nothing of the kind runs no statement.)
+    IF ended_outcomes <> array_fill('done'::text, ARRAY[cardinality(ended_outcomes)]) THEN
+        FOR failed IN
+            SELECT e.workflow_id, e.name, e.outcome
+            FROM unnest(ended_workflows, ended_names, ended_outcomes) AS e(workflow_id, name, outcome)
+            WHERE e.outcome <> 'done'
+        LOOP
+            PERFORM apalis.workflow_step_ended(failed.workflow_id, failed.name, failed.outcome);
+        END LOOP;
+    END IF;
 
     -- Steps that succeeded: each waiting dependent counts off as many of
     -- its dependencies as ended here; those at zero are due.
@@ -139,15 +144,17 @@ BEGIN
 
     IF zero_workflows IS NOT NULL THEN
         -- At zero in a cancelled workflow: cancelled, and so on down the graph.
-        FOR zero IN
-            SELECT z.workflow_id, z.name
-            FROM unnest(zero_workflows, zero_names, zero_cancelled) AS z(workflow_id, name, cancelled)
-            WHERE z.cancelled
-        LOOP
-            UPDATE apalis.workflow_steps SET state = 'cancelled', finished_at = now()
-            WHERE workflow_id = zero.workflow_id AND name = zero.name;
-            PERFORM apalis.workflow_step_ended(zero.workflow_id, zero.name, 'cancelled');
-        END LOOP;
+        IF true = ANY (zero_cancelled) THEN
+            FOR zero IN
+                SELECT z.workflow_id, z.name
+                FROM unnest(zero_workflows, zero_names, zero_cancelled) AS z(workflow_id, name, cancelled)
+                WHERE z.cancelled
+            LOOP
+                UPDATE apalis.workflow_steps SET state = 'cancelled', finished_at = now()
+                WHERE workflow_id = zero.workflow_id AND name = zero.name;
+                PERFORM apalis.workflow_step_ended(zero.workflow_id, zero.name, 'cancelled');
+            END LOOP;
+        END IF;
 
         -- Released, as `release_workflow_step` releases one: due now or after
         -- its delay, carrying its dependencies' traceparents.
@@ -180,13 +187,11 @@ BEGIN
     END IF;
 
     -- A workflow with a parent wakes it when its last open step ended.
-    FOR parent_wf IN
-        SELECT id FROM apalis.workflows
-        WHERE id = ANY (ended_workflows) AND parent_id IS NOT NULL
-        ORDER BY id
-    LOOP
-        PERFORM apalis.wake_parent_of_ended_workflow(parent_wf);
-    END LOOP;
+    IF parents_to_wake IS NOT NULL THEN
+        FOREACH parent_wf IN ARRAY parents_to_wake LOOP
+            PERFORM apalis.wake_parent_of_ended_workflow(parent_wf);
+        END LOOP;
+    END IF;
 END;
 $$;
 
@@ -279,11 +284,14 @@ BEGIN
     FROM steps;
     PERFORM set_config('apalis.steps_ended_by_caller', 'off', true);
 
-    UPDATE apalis.jobs
-    SET status = 'Running', lock_at = now()
-    WHERE id = ANY (record_events.started_ids)
-      AND lock_by IS NOT DISTINCT FROM record_events.worker AND status = 'Queued';
-    GET DIAGNOSTICS started = ROW_COUNT;
+    started := 0;
+    IF cardinality(record_events.started_ids) > 0 THEN
+        UPDATE apalis.jobs
+        SET status = 'Running', lock_at = now()
+        WHERE id = ANY (record_events.started_ids)
+          AND lock_by IS NOT DISTINCT FROM record_events.worker AND status = 'Queued';
+        GET DIAGNOSTICS started = ROW_COUNT;
+    END IF;
 
     -- A step's attempt that did not end it (it will be tried again, or it
     -- is suspended): its trace and start, as an ending attempt's below.
