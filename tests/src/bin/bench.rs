@@ -1276,51 +1276,56 @@ async fn workflows(
     );
     // The baseline first, on a database of its own that it migrates itself,
     // then this commit's worker; each figure is the same run of each.
-    let old_db = match baseline {
-        Some(_) => Some(TestDb::empty().await?),
-        None => None,
-    };
-    let mut runs: Vec<(Option<&std::path::Path>, &TestDb, &str)> = Vec::new();
-    if let (Some(path), Some(old_db)) = (baseline, &old_db) {
-        runs.push((Some(path), old_db, ", baseline worker"));
+    if let Some(path) = baseline {
+        let old_db = TestDb::empty().await?;
+        let worker =
+            fan_ins_and_chains(&old_db, Some(path), sizes, ", baseline worker", report).await?;
+        worker.terminate(Duration::from_secs(30)).await?;
     }
-    runs.push((None, db, ""));
-    for (binary, db, label) in runs {
-        if binary.is_none() {
-            empty_jobs(db).await?;
-        }
-        let worker = worker_of(binary, &worker_env(db, "10")).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let latencies = fan_in_latencies(db, sizes.fan_ins).await?;
-        report.add(
-            "workflows",
-            format!("fan-in latency p50 (100-way){label}"),
-            percentile(&latencies, 0.50),
-            "ms",
-        );
-        report.add(
-            "workflows",
-            format!("fan-in latency p99 (100-way){label}"),
-            percentile(&latencies, 0.99),
-            "ms",
-        );
-        let chains = chains_per_second(db, sizes.chains).await?;
-        report.add(
-            "workflows",
-            format!("3-step chains completed{label}"),
-            chains,
-            "workflows/s",
-        );
-        if binary.is_some() {
-            worker.terminate(Duration::from_secs(30)).await?;
-        } else {
-            if let Some(old) = report.value("3-step chains completed, baseline worker") {
-                report.add("workflows", "3-step chains / baseline's", chains / old, "x");
-            }
-            return workflow_trim(db, sizes, worker, report).await;
-        }
+    empty_jobs(db).await?;
+    let worker = fan_ins_and_chains(db, None, sizes, "", report).await?;
+    if let (Some(old), Some(new)) = (
+        report.value("3-step chains completed, baseline worker"),
+        report.value("3-step chains completed"),
+    ) {
+        report.add("workflows", "3-step chains / baseline's", new / old, "x");
     }
-    Ok(())
+    workflow_trim(db, sizes, worker, report).await
+}
+
+/// Fan-in latency and chains per second with a `worker` of `binary` (none:
+/// this commit's) on `db`, reported with `label`; returns the worker, still
+/// running.
+async fn fan_ins_and_chains(
+    db: &TestDb,
+    binary: Option<&std::path::Path>,
+    sizes: &Sizes,
+    label: &str,
+    report: &mut Report,
+) -> anyhow::Result<Process> {
+    let worker = worker_of(binary, &worker_env(db, "10")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let latencies = fan_in_latencies(db, sizes.fan_ins).await?;
+    report.add(
+        "workflows",
+        format!("fan-in latency p50 (100-way){label}"),
+        percentile(&latencies, 0.50),
+        "ms",
+    );
+    report.add(
+        "workflows",
+        format!("fan-in latency p99 (100-way){label}"),
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+    let chains = chains_per_second(db, sizes.chains).await?;
+    report.add(
+        "workflows",
+        format!("3-step chains completed{label}"),
+        chains,
+        "workflows/s",
+    );
+    Ok(worker)
 }
 
 /// The rest of the workflows section, with this commit's `worker` running.
