@@ -21,11 +21,13 @@ pub(crate) const MIGRATION_HISTORY_EXISTS: &str =
 
 // ---- the worker's bookkeeping (storage.rs) ----
 
-/// The claim: a batch of due jobs, marked `Queued` for `$1`.
+/// The claim: a batch of `$3` due jobs of queue `$2`, marked `Queued` for
+/// `$1`; looking first past the claim order's key `$4` (priority), `$5`
+/// (`run_at`), `$6` (id) when they are given (`storage::ClaimKey`).
 pub(crate) const CLAIM: &str = "
 select id, job, job_type, status, attempts, max_attempts, run_at, lock_at, lock_by,
        done_at, priority, idempotency_key, metadata
-from apalis.get_jobs($1, $2, $3)";
+from apalis.get_jobs($1, $2, $3, $4, $5, $6)";
 
 /// The claim of [`CLAIM`], row by row, ending each row that cannot be
 /// updated alone (see the engine's migration `…0006_claim_isolates_bad_rows`):
@@ -89,14 +91,21 @@ on conflict (id) do nothing";
 /// Unlike apalis-postgres's `reenqueue_orphaned`, which this replaces, a
 /// failure here is never a worker's death: recovery is retried at the next
 /// heartbeat (see `storage::recover_orphans`).
+///
+/// The silent workers are found first, then their jobs by `lock_by`: a join
+/// planned the other way round walked the whole `lock_by` index at every
+/// heartbeat of every queue, which, with a transaction held open elsewhere,
+/// holds an entry for every job claimed since (400,000 entries read in a
+/// drain of 4,000 jobs, `storage::with_a_transaction_held_open_…`).
 pub(crate) const RECOVER_ORPHANS: &str = r#"
 with lost as (
     select jobs.id
     from apalis.jobs
-    join apalis.workers on jobs.lock_by = workers.id
-    where jobs.status in ('Queued', 'Running')
-      and workers.worker_type = $2
-      and now() - workers.last_seen >= make_interval(secs => $1)
+    where jobs.lock_by = any (array(
+            select workers.id from apalis.workers
+            where workers.worker_type = $2
+              and now() - workers.last_seen >= make_interval(secs => $1)))
+      and jobs.status in ('Queued', 'Running')
     for update of jobs skip locked
 )
 update apalis.jobs as jobs

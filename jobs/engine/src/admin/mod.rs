@@ -193,7 +193,7 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, Error>
 ///
 /// Cheaper than [`queue_status`], which groups every row by its computed
 /// state: pending and retrying rows are found through apalis's claim index
-/// (`idx_apalis_jobs_fetch_partial`, whose predicate this repeats), and only
+/// (`jobs_claim_order`, whose predicate this repeats), and only
 /// claimed and running rows are counted, so nothing is grouped or sorted but
 /// them. Finding those is still a sequential scan (no index covers `status`):
 /// 36 ms against 87 ms for [`queue_status`] over 300,000 finished jobs. Call

@@ -109,8 +109,55 @@ const CLAIMS_IN_FLIGHT: usize = 2;
 /// locked in different orders by the two statements), and were no faster.
 const SETTLES_IN_FLIGHT: usize = 1;
 
-/// A claim in flight: the tasks it claimed.
-type Claim = BoxSyncFuture<Result<Vec<PgTask>, Error>>;
+/// How often a worker claims from the whole queue while its claims start
+/// past the last job it claimed (see [`ClaimKey`]): jobs that sort before
+/// that key and were due without a notification (handed back by a stopping
+/// worker, taken back from a lost one, skipped as locked by a claim that
+/// then failed) wait at most this long.
+const FULL_CLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How soon after a notification (an enqueue, a resume, a release) a claim
+/// is from the whole queue again: the new jobs may sort before the key (a
+/// higher priority, an enqueue that committed late). Not at once: a worker
+/// notified many times a second would walk the whole queue each time.
+const FULL_CLAIM_AFTER_NOTICE: Duration = Duration::from_millis(100);
+
+/// A claim in flight: the tasks it claimed, and the last of them in the
+/// claim order.
+type Claim = BoxSyncFuture<Result<Claimed, Error>>;
+
+/// What a claim returned.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The claimed jobs, as tasks (rows that cannot be one are dead).
+    pub tasks: Vec<PgTask>,
+    /// The last claimed job in the claim order (including rows that could
+    /// not be tasks): where the next claim may start.
+    pub last: Option<ClaimKey>,
+}
+
+/// A job's place in the claim order, the claim index's (`priority DESC,
+/// run_at, id`; see the engine's migration
+/// `…0017_claims_start_past_what_they_claimed`). A claim given the key of the
+/// last job its worker claimed first looks past it, so that it does not walk
+/// the entries of every job claimed before, which a transaction held open
+/// elsewhere keeps from being removed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClaimKey {
+    priority: std::cmp::Reverse<i32>,
+    run_at: DateTime<Utc>,
+    id: String,
+}
+
+impl ClaimKey {
+    fn of(row: &PgRow) -> Option<Self> {
+        Some(Self {
+            priority: std::cmp::Reverse(row.try_get("priority").ok()?),
+            run_at: row.try_get("run_at").ok()?,
+            id: row.try_get("id").ok()?,
+        })
+    }
+}
 
 /// A queue's backend for apalis workers. Build it with [`QueueStorage::new`];
 /// see the module documentation for what it does.
@@ -148,6 +195,13 @@ pub struct QueueStorage {
     running: usize,
     /// Set while a small claim waits for more free slots (see [`TOP_UP_DELAY`]).
     top_up: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where the next claim starts: the last job claimed, while claims get
+    /// every job they ask for (see [`ClaimKey`]).
+    claim_after: Option<ClaimKey>,
+    /// When the last claim from the whole queue started.
+    last_full_claim: tokio::time::Instant,
+    /// A notification arrived since then.
+    notified_since_full_claim: bool,
     unsettled: Vec<Event>,
     settles: Vec<BoxSyncFuture<Result<Recorded, Error>>>,
     hand_back: Option<BoxSyncFuture<Result<u64, Error>>>,
@@ -189,6 +243,9 @@ impl QueueStorage {
             buffer: VecDeque::new(),
             running: 0,
             top_up: None,
+            claim_after: None,
+            last_full_claim: tokio::time::Instant::now(),
+            notified_since_full_claim: false,
             unsettled: Vec::new(),
             settles: Vec::new(),
             hand_back: None,
@@ -353,6 +410,29 @@ impl QueueStorage {
         woken
     }
 
+    /// Where the next claim starts: past the last job claimed, or (`None`)
+    /// at the beginning of the queue, when a notification came at least
+    /// [`FULL_CLAIM_AFTER_NOTICE`] ago or the last such claim was
+    /// [`FULL_CLAIM_EVERY`] ago. Reads the notifications that arrived: the
+    /// claim it precedes finds their jobs (or the next full one does).
+    fn claim_start(&mut self, cx: &mut Context<'_>) -> Option<ClaimKey> {
+        while let Poll::Ready(Some(())) = futures::Stream::poll_next(Pin::new(&mut self.wakeup), cx)
+        {
+            self.notified_since_full_claim = true;
+        }
+        let since = self.last_full_claim.elapsed();
+        if self.claim_after.is_none()
+            || since >= FULL_CLAIM_EVERY
+            || (self.notified_since_full_claim && since >= FULL_CLAIM_AFTER_NOTICE)
+        {
+            self.claim_after = None;
+            self.notified_since_full_claim = false;
+            self.last_full_claim = tokio::time::Instant::now();
+            return None;
+        }
+        self.claim_after.clone()
+    }
+
     fn fail(&mut self, error: Error) -> Error {
         tracing::warn!(queue = %self.config.queue, error = %error, "queue bookkeeping failed; the worker stops");
         self.dead = true;
@@ -444,9 +524,16 @@ impl Backend for QueueStorage {
                         let (_, asked) = self.claims.swap_remove(index);
                         match result {
                             Err(error) => return Poll::Ready(Some(Err(self.fail(error)))),
-                            Ok(tasks) => {
+                            Ok(Claimed { tasks, last }) => {
                                 drained |= tasks.is_empty();
                                 self.queue_had_more = tasks.len() >= asked;
+                                // A short claim read the whole queue: the
+                                // next starts from the beginning too.
+                                self.claim_after = if self.queue_had_more {
+                                    self.claim_after.take().max(last)
+                                } else {
+                                    None
+                                };
                                 self.buffer.extend(tasks);
                             }
                         }
@@ -472,13 +559,14 @@ impl Backend for QueueStorage {
             let Some(count) = self.demand(cx) else {
                 return Poll::Pending;
             };
+            let after = self.claim_start(cx);
             let (pool, config, name) = (self.pool.clone(), self.config.clone(), worker.name());
             let name = name.to_owned();
             // Polled on the worker's own task, which waits for it anyway: a
             // spawned claim cost each pickup a wake-up across threads.
             self.claims.push((
                 BoxSyncFuture::new(Box::pin(async move {
-                    claim(&pool, &config, &name, count).await
+                    claim(&pool, &config, &name, count, after.as_ref()).await
                 })),
                 count,
             ));
@@ -500,7 +588,7 @@ impl Backend for QueueStorage {
                 Poll::Ready(result) => {
                     self.claims.swap_remove(index);
                     // A failed claim claimed nothing (one statement).
-                    self.buffer.extend(result.unwrap_or_default());
+                    self.buffer.extend(result.unwrap_or_default().tasks);
                 }
             }
         }
@@ -766,15 +854,21 @@ pub async fn claim(
     config: &Config,
     worker: &str,
     count: usize,
-) -> Result<Vec<PgTask>, Error> {
+    after: Option<&ClaimKey>,
+) -> Result<Claimed, Error> {
     let claim = |statement| {
         sqlx::query(statement)
             .bind(worker)
             .bind(config.queue.as_ref())
             .bind(i32::try_from(count).unwrap_or(i32::MAX))
-            .fetch_all(pool)
     };
-    let rows = match claim(queries::CLAIM).await {
+    let claimed = claim(queries::CLAIM)
+        .bind(after.map(|key| key.priority.0))
+        .bind(after.map(|key| key.run_at))
+        .bind(after.map(|key| key.id.as_str()))
+        .fetch_all(pool)
+        .await;
+    let rows = match claimed {
         Ok(rows) => rows,
         // One row that breaks a constraint (one added NOT VALID over it)
         // fails the batch's UPDATE: claim row by row, ending such rows.
@@ -783,12 +877,15 @@ pub async fn claim(
                 && !error.message().contains("is not registered") =>
         {
             tracing::warn!(queue = %config.queue, error = %error, "the claim failed on a job row that breaks a constraint; claiming row by row");
-            claim(queries::CLAIM_ISOLATING_BAD_ROWS).await?
+            claim(queries::CLAIM_ISOLATING_BAD_ROWS)
+                .fetch_all(pool)
+                .await?
         }
         Err(error) => return Err(error.into()),
     };
     let mut tasks = Vec::with_capacity(rows.len());
     let (mut rejected_ids, mut reasons) = (Vec::new(), Vec::new());
+    let last = rows.iter().filter_map(ClaimKey::of).max();
     for row in &rows {
         match task_from_row(row) {
             Ok(task) => tasks.push(task),
@@ -810,7 +907,7 @@ pub async fn claim(
             .execute(pool)
             .await?;
     }
-    Ok(tasks)
+    Ok(Claimed { tasks, last })
 }
 
 /// Whether `error` is an integrity violation (SQLSTATE class 23): a check,
