@@ -359,6 +359,83 @@ async fn a_resumed_queue_starts_its_higher_priority_jobs_first() -> anyhow::Resu
 }
 
 #[tokio::test]
+async fn a_higher_priority_job_enqueued_during_a_backlog_starts_within_a_few_jobs()
+-> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    create_runs_table(&db.pool).await?;
+    // A backlog a worker of one slot takes seconds over, so that its
+    // claims start past the last job they claimed (`storage::ClaimKey`): a
+    // job that sorts before that key is found by a claim from the whole
+    // queue, which a notification brings within 100 ms: 0 backlog jobs
+    // started before each in three rounds, measured; with the timer of one
+    // second alone, [34, 54, 8] and [29, 47, 2].
+    let low: Vec<Record> = (0..600)
+        .map(|n| Record {
+            key: format!("low/{n:04}"),
+            sleep_millis: 10,
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    durable_jobs::enqueue_many(&mut tx, &low).await?;
+    tx.commit().await?;
+    let running = start_with(
+        &db,
+        WorkerConfig {
+            concurrency: 1,
+            ..fast_config()
+        },
+    );
+    let mut enqueued = Vec::new();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let mut tx = db.pool.begin().await?;
+        durable_jobs::enqueue_with(
+            &mut tx,
+            &Record {
+                key: format!("high/{round}"),
+                sleep_millis: 0,
+            },
+            Enqueue::new().priority(5),
+        )
+        .await?;
+        tx.commit().await?;
+        enqueued.push(db_now(&db.pool).await?);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the three jobs of priority 5 ran",
+        || async { Ok(starts(&db.pool, "high/%").await?.len() >= 3) },
+    )
+    .await?;
+    let high = starts(&db.pool, "high/%").await?;
+    admin::purge(&db.pool, Record::NAME).await?;
+    db.wait_until_idle(Duration::from_secs(30)).await?;
+    let low = starts(&db.pool, "low/%").await?;
+    let before: Vec<usize> = enqueued
+        .iter()
+        .zip(&high)
+        .map(|(enqueued, started)| {
+            low.iter()
+                .filter(|low| *low > enqueued && *low < started)
+                .count()
+        })
+        .collect();
+    println!(
+        "jobs of the backlog started between each enqueue of priority 5 and its start: {before:?} ({} of the backlog ran)",
+        low.len()
+    );
+    assert!(
+        low.len() < 600,
+        "the backlog was still there when the last job of priority 5 ran"
+    );
+    assert!(
+        before.iter().all(|&count| count < 25),
+        "each job of priority 5 started within a few jobs of the backlog: {before:?}"
+    );
+    stop(running).await
+}
+
+#[tokio::test]
 async fn a_rate_limited_queue_reaches_its_rate_with_a_ten_second_poll() -> anyhow::Result<()> {
     // Ours, and an in-process worker whose claims (one at each token) open
     // its whole bookkeeping pool (a connection per queue and three).
