@@ -141,7 +141,11 @@ pub struct Claimed {
 /// `…0017_claims_start_past_what_they_claimed`). A claim given the key of the
 /// last job its worker claimed first looks past it, so that it does not walk
 /// the entries of every job claimed before, which a transaction held open
-/// elsewhere keeps from being removed.
+/// elsewhere keeps from being removed. Any claimed job's key is a safe start
+/// (every job before it in the order was claimed, or locked by another
+/// claim), so it does not matter that this type orders ids by bytes and
+/// Postgres by the column's collation: the later of two keys is only the
+/// shorter walk.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClaimKey {
     priority: std::cmp::Reverse<i32>,
