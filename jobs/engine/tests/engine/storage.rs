@@ -426,12 +426,17 @@ async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_
         .execute(&db.pool)
         .await?;
     let (_, _, analyzed_empty) = job_table_reads(&db).await?;
-    // A lease of 3 s: the upkeep's check for lost attempts runs every 3 s
-    // and the lost workers' recovery every second, inside what this test
-    // measures, and each must read the open jobs only (a check that scanned
-    // the table read its 53,000 rows: CI's failure of a drain slow enough
-    // to reach the second check of a 30 s lease).
-    let running = crate::flow::start_with(&db, crate::support::fast_config());
+    // A lease of 10 minutes: the upkeep's check for lost attempts (a scan of
+    // the table, `queries::REAP_LOST_ATTEMPTS`) runs at start and not again
+    // while this test measures (CI's drain, slow enough to reach the second
+    // check of a 30 s lease, read the table's 53,000 rows once more).
+    let running = crate::flow::start_with(
+        &db,
+        durable_jobs::WorkerConfig {
+            lease: Duration::from_secs(600),
+            ..crate::support::fast_config()
+        },
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Finished jobs of another queue, which a plan fit for the table never
     // reads, and which one made for an empty table reads on every call.
@@ -489,7 +494,7 @@ async fn a_queue_vacuumed_empty_then_filled_is_claimed_and_settled_by_index_not_
     // times in all, and the finished ones not at all.
     assert!(
         scanned + fetched < 20 * JOBS,
-        "claims, settles and the upkeep find their rows by index, not by walking the queue: \
+        "claims and settles find their rows by index, not by walking the queue: \
          {scanned} rows scanned and {fetched} fetched through indexes to drain {JOBS} jobs"
     );
     Ok(())
