@@ -576,6 +576,58 @@ async fn with_a_transaction_held_open_each_claim_starts_past_what_the_last_one_c
 }
 
 #[tokio::test]
+async fn a_worker_over_100_000_jobs_not_yet_due_reads_none_of_them_while_it_waits()
+-> anyhow::Result<()> {
+    use std::time::Duration;
+    let db = TestDb::new().await?;
+    crate::jobs::create_runs_table(&db.pool).await?;
+    let jobs: Vec<crate::jobs::Record> = (0..100_000)
+        .map(|n| crate::jobs::Record {
+            key: format!("later{n}"),
+            sleep_millis: 0,
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    durable_jobs::enqueue_many_with(
+        &mut tx,
+        &jobs,
+        durable_jobs::Enqueue::default().delay(Duration::from_secs(3_600)),
+    )
+    .await?;
+    tx.commit().await?;
+    sqlx::query("analyze apalis.jobs").execute(&db.pool).await?;
+    // Polls every 50 ms: its claims and the due-job waker run 20 times a
+    // second. What the upkeep checks at start and then once a lease (lost
+    // attempts, jobs of types no worker handles: scans of the table) is
+    // over before we count.
+    let running = crate::flow::start_with(
+        &db,
+        durable_jobs::WorkerConfig {
+            lease: Duration::from_secs(600),
+            ..crate::support::fast_config()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (scanned_before, fetched_before, _) = job_table_reads(&db).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (scanned, fetched, _) = job_table_reads(&db).await?;
+    crate::flow::stop(running).await?;
+    let (scanned, fetched) = (scanned - scanned_before, fetched - fetched_before);
+    let ran: i64 = sqlx::query_scalar("select count(*) from engine_test_runs")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(ran, 0, "no job is due for an hour");
+    // A waker that scanned the table read its 100,000 rows per poll
+    // (8,000,000 in the four seconds).
+    assert!(
+        scanned + fetched < 10_000,
+        "waiting for 100,000 jobs due in an hour, the worker read {scanned} of their rows \
+         by sequential scans and {fetched} through indexes in four seconds"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_claim_of_100_reads_its_100_rows_with_100_000_waiting() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     // The claimer's worker row (a claim without one claims nothing).
