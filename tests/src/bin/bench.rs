@@ -1244,23 +1244,22 @@ async fn fan_in_latencies(db: &TestDb, fan_ins: usize) -> anyhow::Result<Vec<Dur
     Ok(latencies)
 }
 
-/// Throughput: `chains` 3-step chains enqueued in one transaction, completed
-/// per second.
-async fn chains_per_second(db: &TestDb, chains: usize) -> anyhow::Result<f64> {
+/// Throughput: `chains` 3-step chains named `name` enqueued in one
+/// transaction, completed per second.
+async fn chains_per_second(db: &TestDb, name: &str, chains: usize) -> anyhow::Result<f64> {
     use durable_jobs::Workflow;
     use jobs::probe::Behaviour;
     db.wait_until_idle(Duration::from_secs(60)).await?;
     let mut tx = db.pool.begin().await?;
     for n in 0..chains {
-        Workflow::new("bench-chain")
-            .add("a", probe(format!("chain-{n}-a"), Behaviour::Noop))
-            .add_after("b", probe(format!("chain-{n}-b"), Behaviour::Noop), ["a"])
-            .add_after("c", probe(format!("chain-{n}-c"), Behaviour::Noop), ["b"])
+        Workflow::new(name)
+            .add("a", probe(format!("{name}-{n}-a"), Behaviour::Noop))
+            .add_after("b", probe(format!("{name}-{n}-b"), Behaviour::Noop), ["a"])
+            .add_after("c", probe(format!("{name}-{n}-c"), Behaviour::Noop), ["b"])
             .enqueue(&mut tx)
             .await?;
     }
-    let elapsed =
-        commit_and_time_workflows(db, tx, "bench-chain", Duration::from_millis(200)).await?;
+    let elapsed = commit_and_time_workflows(db, tx, name, Duration::from_millis(200)).await?;
     Ok(chains as f64 / elapsed)
 }
 
@@ -1281,16 +1280,64 @@ async fn workflows(
         let worker =
             fan_ins_and_chains(&old_db, Some(path), sizes, ", baseline worker", report).await?;
         worker.terminate(Duration::from_secs(30)).await?;
+        chains_at_default_settings(&old_db, Some(path), sizes, ", baseline worker", report).await?;
     }
     empty_jobs(db).await?;
+    chains_at_default_settings(db, None, sizes, "", report).await?;
     let worker = fan_ins_and_chains(db, None, sizes, "", report).await?;
-    if let (Some(old), Some(new)) = (
-        report.value("3-step chains completed, baseline worker"),
-        report.value("3-step chains completed"),
+    for (new, old, ratio) in [
+        (
+            "3-step chains completed",
+            "3-step chains completed, baseline worker",
+            "3-step chains / baseline's",
+        ),
+        (
+            "3-step chains completed, default settings",
+            "3-step chains completed, default settings, baseline worker",
+            "3-step chains, default settings / baseline's",
+        ),
+    ] {
+        if let (Some(old), Some(new)) = (report.value(old), report.value(new)) {
+            report.add("workflows", ratio, new / old, "x");
+        }
+    }
+    if let (Some(chains), Some(drain)) = (
+        report.value("3-step chains completed, default settings"),
+        report.value("drain, default settings"),
     ) {
-        report.add("workflows", "3-step chains / baseline's", new / old, "x");
+        // What the goal compares: a step's cost beside a plain
+        // job's, both at default settings (0.4x: a step at most 2.5 jobs).
+        report.add(
+            "workflows",
+            "steps/s at default settings / plain drain",
+            chains * 3.0 / drain,
+            "x",
+        );
     }
     workflow_trim(db, sizes, worker, report).await
+}
+
+/// Chains per second with a `worker` of `binary` at default settings (its
+/// concurrency 128, as the plain drain's), five times the section's chains
+/// so that the run lasts long enough to time.
+async fn chains_at_default_settings(
+    db: &TestDb,
+    binary: Option<&std::path::Path>,
+    sizes: &Sizes,
+    label: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let worker = worker_of(binary, &[("DATABASE_URL", db.url.as_str())]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let chains = chains_per_second(db, "bench-chain-default", sizes.chains * 5).await?;
+    report.add(
+        "workflows",
+        format!("3-step chains completed, default settings{label}"),
+        chains,
+        "workflows/s",
+    );
+    worker.terminate(Duration::from_secs(30)).await?;
+    Ok(())
 }
 
 /// Fan-in latency and chains per second with a `worker` of `binary` (none:
@@ -1318,7 +1365,7 @@ async fn fan_ins_and_chains(
         percentile(&latencies, 0.99),
         "ms",
     );
-    let chains = chains_per_second(db, sizes.chains).await?;
+    let chains = chains_per_second(db, "bench-chain", sizes.chains).await?;
     report.add(
         "workflows",
         format!("3-step chains completed{label}"),
