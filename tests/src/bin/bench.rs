@@ -1282,8 +1282,8 @@ async fn workflows(
         worker.terminate(Duration::from_secs(30)).await?;
         chains_at_default_settings(&old_db, Some(path), sizes, ", baseline worker", report).await?;
     }
-    empty_jobs(db).await?;
     chains_at_default_settings(db, None, sizes, "", report).await?;
+    empty_jobs(db).await?;
     let worker = fan_ins_and_chains(db, None, sizes, "", report).await?;
     for (new, old, ratio) in [
         (
@@ -1317,9 +1317,10 @@ async fn workflows(
     workflow_trim(db, sizes, worker, report).await
 }
 
-/// Chains per second with a `worker` of `binary` at default settings (its
-/// concurrency 128, as the plain drain's), five times the section's chains
-/// so that the run lasts long enough to time.
+/// Chains per second with a `worker` of `binary` at default settings (no
+/// `WORKER_CONCURRENCY`, as the plain drain's), five times the section's
+/// chains so that the run lasts long enough to time. The table is emptied
+/// first, so that old and new start alike whatever ran before.
 async fn chains_at_default_settings(
     db: &TestDb,
     binary: Option<&std::path::Path>,
@@ -1327,6 +1328,7 @@ async fn chains_at_default_settings(
     label: &str,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    empty_jobs(db).await?;
     let worker = worker_of(binary, &[("DATABASE_URL", db.url.as_str())]).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let chains = chains_per_second(db, "bench-chain-default", sizes.chains * 5).await?;
